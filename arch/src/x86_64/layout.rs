@@ -74,3 +74,19 @@ pub const ACPI_PM_PORT: u16 = 0x600;
 pub const VIRTIO_IRQ_FIRST: u32 = 5;
 /// Last IRQ line handed to virtio-mmio devices (IOAPIC has 24 pins).
 pub const VIRTIO_IRQ_LAST: u32 = 23;
+
+/// ACPI hardware-reduced registers, one byte each at `ACPI_PM_PORT + offset`.
+/// FADT SLEEP_CONTROL_REG: the guest writes `(SLP_TYP << 2) | SLP_EN` here to power off.
+pub const ACPI_SLEEP_CONTROL_OFFSET: u16 = 0;
+/// FADT SLEEP_STATUS_REG.
+pub const ACPI_SLEEP_STATUS_OFFSET: u16 = 1;
+/// FADT RESET_REG: writing `ACPI_RESET_VALUE` here resets the VM.
+pub const ACPI_RESET_OFFSET: u16 = 2;
+/// Number of ports the ACPI PM device decodes.
+pub const ACPI_PM_PORT_LEN: u16 = 3;
+/// Value the FADT tells the guest to write to the reset register.
+pub const ACPI_RESET_VALUE: u8 = 1;
+/// SLP_TYP value the DSDT's `_S5_` object advertises for soft-off.
+pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
+/// SLP_EN bit in the sleep control register.
+pub const ACPI_SLEEP_ENABLE_BIT: u8 = 1 << 5;
