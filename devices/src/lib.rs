@@ -1,2 +1,14 @@
-//! Placeholder.
+//! Device models for Kiln guests.
+//!
+//! - [`bus`]: the address buses (port I/O and MMIO) a vCPU exit is dispatched on.
+//! - [`exit`]: the single channel through which any device asks the VM to stop.
+//! - [`legacy`]: the few PC-compatible devices a microVM still needs (COM1 serial,
+//!   i8042 reset, pvpanic, ACPI power management, boot timer).
 #![deny(missing_docs)]
+
+pub mod bus;
+pub mod exit;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use exit::{ExitNotifier, StopReason};
