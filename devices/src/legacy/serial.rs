@@ -198,6 +198,18 @@ impl SerialDevice {
     }
 }
 
+impl std::fmt::Debug for SerialDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The UART's output writer is not `Debug`; its register state is.
+        f.debug_struct("SerialDevice")
+            .field("uart", &self.uart.state())
+            .field("pending_input", &self.pending_input.len())
+            .field("dropped_input_bytes", &self.dropped_input_bytes)
+            .field("lost_output_bytes", &self.lost_output_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Maps a bus offset to a UART register index.
 fn register_index(offset: u64) -> Option<u8> {
     (offset < SERIAL_REGISTER_COUNT).then_some(offset as u8)
