@@ -1,9 +1,12 @@
 //! x86_64 boot state: one module per piece of machine state the guest expects at entry.
 
 pub mod boot_params;
+pub mod cpuid;
 pub mod gdt;
+pub mod interrupts;
 pub mod layout;
 pub mod memory;
+pub mod msr;
 pub mod paging;
 pub mod regs;
 
