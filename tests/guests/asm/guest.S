@@ -1,0 +1,578 @@
+/*
+ * Kiln micro test guests: one tiny x86-64 ELF per KIND (chosen with -DKIND=n by build.rs).
+ *
+ * Two ways in, one common 64-bit path:
+ *   - e_entry (_start64): Linux-style 64-bit entry as Kiln does it: long mode, paging on with
+ *     the first 1 GiB identity-mapped, RSI = boot_params ("zero page").
+ *   - the PVH note (pvh_start32): 32-bit protected mode, paging off, EBX = hvm_start_info,
+ *     as QEMU's -kernel does it. The stub switches to long mode on the guest's own tables.
+ *
+ * Ring 0 only sets up (GDT + TSS, a 33-entry IDT, its own user-accessible page tables) and
+ * then drops to ring 3 with IOPL = 3: on a PVM host ring-0 code is emulated (~0.7 M instr/s)
+ * while ring-3 code runs natively, so every loop runs in ring 3.
+ *
+ * Parameters come from the kernel command line ("n=1000 m=64 port=0x80 addr=0xd0100000").
+ *
+ * Ending the VM: an i8042 reset (0xfe to port 0x64; Kiln and QEMU q35 stop there), then a
+ * triple fault as a fallback (QEMU microvm has no i8042; with -no-reboot it exits on it).
+ *
+ * Output on COM1: `hello` prints KILN-GUEST-HELLO; the loop kinds print
+ * "KILN-GUEST-DONE n=<n> m=<m>" when they finished, so a crash (which also ends in a reset)
+ * is never mistaken for success. An unexpected exception prints KILN-GUEST-FAULT with the
+ * vector, error code and RIP, writes the pvpanic port and ends the VM.
+ */
+
+#define KIND_EXIT 0
+#define KIND_HELLO 1
+#define KIND_PIO_LOOP 2
+#define KIND_MMIO_LOOP 3
+#define KIND_TOUCH 4
+
+#ifndef KIND
+#error "build with -DKIND=<0..4>"
+#endif
+
+#define COM1_DATA 0x3f8
+#define COM1_LSR (COM1_DATA + 5)
+#define LSR_THR_EMPTY 0x20
+#define I8042_COMMAND 0x64
+#define I8042_CMD_RESET 0xfe
+#define PVPANIC_PORT 0x505
+#define PVPANIC_PANICKED 1
+
+/* boot_params.hdr.cmd_line_ptr (Linux x86 boot protocol). */
+#define ZERO_PAGE_CMD_LINE_PTR 0x228
+/* struct hvm_start_info. */
+#define PVH_START_MAGIC 0x336ec578
+#define PVH_CMDLINE_PADDR 24
+
+#define KERNEL_CS 0x08
+#define KERNEL_DS 0x10
+#define USER_DS (0x18 | 3)
+#define USER_CS (0x20 | 3)
+#define TSS_SELECTOR 0x28
+#define TSS_SIZE 104
+
+/* IOPL = 3 (ring 3 may use in/out), reserved bit 1, IF = 0. */
+#define RFLAGS_USER 0x3002
+
+#define CR0_PE 0x1
+#define CR0_PG 0x80000000
+#define CR4_PAE 0x20
+#define CR4_SMEP (1 << 20)
+#define CR4_SMAP (1 << 21)
+#define MSR_EFER 0xc0000080
+#define EFER_LME 0x100
+
+/* Vectors 0..31 report faults; vector 32 is the ring-3 "end the VM" gate. */
+#define FAULT_VECTORS 32
+#define END_VM_VECTOR 32
+#define IDT_ENTRIES 33
+#define FAULT_STUB_SIZE 16
+#define GATE_INTERRUPT_DPL0 0x8e
+#define GATE_INTERRUPT_DPL3 0xee
+
+/* Page-table entry bits. */
+#define PTE_PRESENT 0x1
+#define PTE_WRITABLE 0x2
+#define PTE_USER 0x4
+#define PTE_HUGE 0x80
+#define TABLE_FLAGS (PTE_PRESENT | PTE_WRITABLE | PTE_USER)
+
+/* `touch` writes from 2 MiB up; the image must end below (checked by the linker script). */
+#define TOUCH_START 0x200000
+/* Our tables map 4 GiB; touching stops below the 32-bit MMIO gap at 0xd0000000. */
+#define TOUCH_MAX_MIB ((0xd0000000 - TOUCH_START) >> 20)
+
+#define DEFAULT_N 1000
+#define DEFAULT_M 16
+#define DEFAULT_PORT 0x80
+#define DEFAULT_MMIO_ADDR 0xd0100000
+
+/* ------------------------------------------------------------------------------------------ */
+/* PVH entry note: QEMU reads an 8-byte descriptor, linux-loader the low 4 bytes.             */
+/* ------------------------------------------------------------------------------------------ */
+    .section .note.Xen, "a"
+    .p2align 2
+    .long 4                         /* n_namesz: "Xen\0" */
+    .long 8                         /* n_descsz */
+    .long 18                        /* XEN_ELFNOTE_PHYS32_ENTRY */
+    .asciz "Xen"
+    .quad pvh_start32
+
+    .section .note.GNU-stack, "", @progbits
+
+    .text
+
+/* ------------------------------------------------------------------------------------------ */
+/* Linux-style 64-bit entry (Kiln).                                                           */
+/* ------------------------------------------------------------------------------------------ */
+    .code64
+    .globl _start64
+_start64:
+    cli
+#if KIND == KIND_EXIT
+    jmp end_vm
+#else
+    movl ZERO_PAGE_CMD_LINE_PTR(%rsi), %eax
+    movq %rax, cmdline_ptr(%rip)
+    jmp common64
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* PVH entry (QEMU): 32-bit protected mode, paging off, EBX = hvm_start_info.                 */
+/* ------------------------------------------------------------------------------------------ */
+    .code32
+pvh_start32:
+    cli
+#if KIND == KIND_EXIT
+    movb $I8042_CMD_RESET, %al
+    outb %al, $I8042_COMMAND
+    lidt null_idt_ptr
+    int3
+1:  hlt
+    jmp 1b
+#else
+    xorl %eax, %eax
+    cmpl $PVH_START_MAGIC, (%ebx)
+    jne 1f
+    movl PVH_CMDLINE_PADDR(%ebx), %eax
+1:  movl %eax, cmdline_ptr
+
+    movl $CR4_PAE, %eax
+    movl %eax, %cr4
+    movl $pml4, %eax
+    movl %eax, %cr3
+    movl $MSR_EFER, %ecx
+    rdmsr
+    orl $EFER_LME, %eax
+    wrmsr
+    movl %cr0, %eax
+    orl $(CR0_PE | CR0_PG), %eax
+    movl %eax, %cr0
+    lgdt gdt_ptr
+    ljmp $KERNEL_CS, $common64
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* Common ring-0 setup, then ring 3.                                                          */
+/* ------------------------------------------------------------------------------------------ */
+    .code64
+common64:
+    lgdt gdt_ptr(%rip)
+    movw $KERNEL_DS, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+    leaq kernel_stack_top(%rip), %rsp
+    pushq $KERNEL_CS
+    leaq 1f(%rip), %rax
+    pushq %rax
+    lretq
+1:
+    /* Fill in the TSS descriptor's base (the TSS holds RSP0 for faults taken in ring 3). */
+    leaq tss(%rip), %rax
+    leaq gdt_tss(%rip), %rdi
+    movw %ax, 2(%rdi)
+    shrq $16, %rax
+    movb %al, 4(%rdi)
+    movb %ah, 7(%rdi)
+    shrq $16, %rax
+    movl %eax, 8(%rdi)
+    movw $TSS_SELECTOR, %ax
+    ltr %ax
+
+    /* IDT: 32 fault reporters, then the DPL-3 gate ring 3 uses to end the VM. */
+    leaq idt(%rip), %rdi
+    leaq fault_stubs(%rip), %rax
+    movl $FAULT_VECTORS, %ecx
+    movb $GATE_INTERRUPT_DPL0, %dl
+2:  call set_gate
+    addq $16, %rdi
+    addq $FAULT_STUB_SIZE, %rax
+    decl %ecx
+    jnz 2b
+    leaq end_vm(%rip), %rax
+    movb $GATE_INTERRUPT_DPL3, %dl
+    call set_gate
+    lidt idt_ptr(%rip)
+
+    /* Our own page tables: 4 GiB identity-mapped with 2 MiB user-accessible pages. */
+    movq %cr4, %rax
+    andq $~(CR4_SMEP | CR4_SMAP), %rax
+    orq $CR4_PAE, %rax
+    movq %rax, %cr4
+    leaq pml4(%rip), %rax
+    movq %rax, %cr3
+
+    pushq $USER_DS
+    leaq user_stack_top(%rip), %rax
+    pushq %rax
+    pushq $RFLAGS_USER
+    pushq $USER_CS
+    leaq user_main(%rip), %rax
+    pushq %rax
+    iretq
+
+/* Writes the 64-bit interrupt gate at RDI for handler RAX with type/attributes DL. */
+set_gate:
+    movw %ax, (%rdi)
+    movw $KERNEL_CS, 2(%rdi)
+    movb $0, 4(%rdi)
+    movb %dl, 5(%rdi)
+    movq %rax, %r8
+    shrq $16, %r8
+    movw %r8w, 6(%rdi)
+    shrq $16, %r8
+    movl %r8d, 8(%rdi)
+    movl $0, 12(%rdi)
+    ret
+
+/* One 16-byte stub per fault vector; each pushes a dummy error code where the CPU has none. */
+    .p2align 4
+fault_stubs:
+    .set vector, 0
+    .rept FAULT_VECTORS
+    .p2align 4
+    .if (vector == 8) || ((vector >= 10) && (vector <= 14)) || (vector == 17) || (vector == 21) || (vector == 29) || (vector == 30)
+    .else
+    pushq $0
+    .endif
+    pushq $vector
+    jmp fault_common
+    .set vector, vector + 1
+    .endr
+
+/* Stack: vector, error code, RIP, CS, RFLAGS, RSP, SS. */
+fault_common:
+    leaq fault_msg(%rip), %rsi
+    call puts
+    movq (%rsp), %rax
+    call put_hex
+    leaq fault_error_msg(%rip), %rsi
+    call puts
+    movq 8(%rsp), %rax
+    call put_hex
+    leaq fault_rip_msg(%rip), %rsi
+    call puts
+    movq 16(%rsp), %rax
+    call put_hex
+    movb $'\n', %al
+    call putc
+    movb $PVPANIC_PANICKED, %al
+    movw $PVPANIC_PORT, %dx
+    outb %al, %dx
+    /* fall through */
+
+/* Ends the VM from ring 0 (also the handler of the ring-3 END_VM_VECTOR gate). */
+end_vm:
+    movb $I8042_CMD_RESET, %al
+    outb %al, $I8042_COMMAND
+    lidt null_idt_ptr(%rip)
+    int3
+1:  hlt
+    jmp 1b
+
+/* ------------------------------------------------------------------------------------------ */
+/* Ring 3: the workload.                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+user_main:
+    call parse_cmdline
+
+#if KIND == KIND_HELLO
+    leaq hello_msg(%rip), %rsi
+    call puts
+#elif KIND == KIND_PIO_LOOP
+    movq param_n(%rip), %rcx
+    movq param_port(%rip), %rdx
+    xorl %eax, %eax
+    testq %rcx, %rcx
+    jz 2f
+1:  outb %al, %dx
+    decq %rcx
+    jnz 1b
+2:
+#elif KIND == KIND_MMIO_LOOP
+    movq param_n(%rip), %rcx
+    movq param_addr(%rip), %rbx
+    testq %rcx, %rcx
+    jz 2f
+1:  movl (%rbx), %eax
+    decq %rcx
+    jnz 1b
+2:
+#elif KIND == KIND_TOUCH
+    movq param_m(%rip), %rcx
+    cmpq $TOUCH_MAX_MIB, %rcx
+    jbe 1f
+    movq $TOUCH_MAX_MIB, %rcx
+    movq %rcx, param_m(%rip)
+1:  shlq $8, %rcx                   /* MiB -> 4 KiB pages */
+    movl $TOUCH_START, %edi
+    testq %rcx, %rcx
+    jz 3f
+2:  movb $1, (%rdi)
+    addq $4096, %rdi
+    decq %rcx
+    jnz 2b
+3:
+#endif
+
+#if KIND != KIND_HELLO
+    leaq done_msg(%rip), %rsi
+    call puts
+    movq param_n(%rip), %rax
+    call put_dec
+    leaq done_m_msg(%rip), %rsi
+    call puts
+    movq param_m(%rip), %rax
+    call put_dec
+    movb $'\n', %al
+    call putc
+#endif
+
+    movb $I8042_CMD_RESET, %al
+    outb %al, $I8042_COMMAND
+    int $END_VM_VECTOR
+1:  jmp 1b
+
+/* Reads "n=", "m=", "port=" and "addr=" (decimal or 0x-hex) from the command line. */
+parse_cmdline:
+    movq cmdline_ptr(%rip), %rsi
+    testq %rsi, %rsi
+    jz 9f
+1:  movb (%rsi), %al                /* at a token start: skip blanks */
+    testb %al, %al
+    jz 9f
+    cmpb $' ', %al
+    jne 2f
+    incq %rsi
+    jmp 1b
+2:  leaq key_n(%rip), %rdi
+    leaq param_n(%rip), %rbx
+    call parse_key
+    leaq key_m(%rip), %rdi
+    leaq param_m(%rip), %rbx
+    call parse_key
+    leaq key_port(%rip), %rdi
+    leaq param_port(%rip), %rbx
+    call parse_key
+    leaq key_addr(%rip), %rdi
+    leaq param_addr(%rip), %rbx
+    call parse_key
+3:  movb (%rsi), %al                /* skip the rest of the token */
+    testb %al, %al
+    jz 9f
+    cmpb $' ', %al
+    je 1b
+    incq %rsi
+    jmp 3b
+9:  ret
+
+/*
+ * If the token at RSI starts with the NUL-terminated key at RDI, parses the number after it
+ * into (RBX) and advances RSI past the digits; otherwise leaves RSI alone.
+ */
+parse_key:
+    movq %rsi, %r9
+1:  movb (%rdi), %al
+    testb %al, %al
+    jz 2f
+    cmpb (%r9), %al
+    jne 9f
+    incq %rdi
+    incq %r9
+    jmp 1b
+2:  movq %r9, %rsi
+    call parse_number
+    movq %rax, (%rbx)
+9:  ret
+
+/* Parses a decimal or 0x-prefixed hex number at RSI into RAX; RSI ends past its digits. */
+parse_number:
+    xorl %eax, %eax
+    cmpb $'0', (%rsi)
+    jne 5f
+    movb 1(%rsi), %cl
+    orb $0x20, %cl
+    cmpb $'x', %cl
+    jne 5f
+    addq $2, %rsi
+1:  movzbl (%rsi), %ecx
+    leal -'0'(%rcx), %edx
+    cmpl $9, %edx
+    jbe 2f
+    orl $0x20, %ecx
+    leal -'a'(%rcx), %edx
+    cmpl $5, %edx
+    ja 9f
+    addl $10, %edx
+2:  shlq $4, %rax
+    addq %rdx, %rax
+    incq %rsi
+    jmp 1b
+5:  movzbl (%rsi), %ecx
+    leal -'0'(%rcx), %edx
+    cmpl $9, %edx
+    ja 9f
+    imulq $10, %rax
+    addq %rdx, %rax
+    incq %rsi
+    jmp 5b
+9:  ret
+
+/* ------------------------------------------------------------------------------------------ */
+/* COM1 output by polling (works in ring 0 and in ring 3 with IOPL = 3).                      */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Writes the byte in AL; clobbers DX. */
+putc:
+    pushq %rax
+    movw $COM1_LSR, %dx
+1:  inb %dx, %al
+    testb $LSR_THR_EMPTY, %al
+    jz 1b
+    popq %rax
+    movw $COM1_DATA, %dx
+    outb %al, %dx
+    ret
+
+/* Writes the NUL-terminated string at RSI; clobbers RAX, RDX, RSI. */
+puts:
+1:  movb (%rsi), %al
+    testb %al, %al
+    jz 2f
+    call putc
+    incq %rsi
+    jmp 1b
+2:  ret
+
+/* Writes RAX in hex ("0x..."); clobbers RAX, RCX, RDX, RSI, R8. */
+put_hex:
+    movq %rax, %r8
+    leaq hex_prefix(%rip), %rsi
+    call puts
+    movl $60, %ecx
+1:  movq %r8, %rax
+    shrq %cl, %rax
+    andl $0xf, %eax
+    leaq hex_digits(%rip), %rsi
+    movb (%rsi,%rax), %al
+    call putc
+    subl $4, %ecx
+    jns 1b
+    ret
+
+/* Writes RAX in decimal; clobbers RAX, RCX, RDX, RSI, R8. */
+put_dec:
+    leaq dec_buffer_end(%rip), %rsi
+    movq $10, %r8
+1:  xorl %edx, %edx
+    divq %r8
+    addb $'0', %dl
+    decq %rsi
+    movb %dl, (%rsi)
+    testq %rax, %rax
+    jnz 1b
+    jmp puts
+
+/* ------------------------------------------------------------------------------------------ */
+/* Read-only data.                                                                            */
+/* ------------------------------------------------------------------------------------------ */
+    .section .rodata
+hello_msg:       .asciz "KILN-GUEST-HELLO\n"
+done_msg:        .asciz "KILN-GUEST-DONE n="
+done_m_msg:      .asciz " m="
+fault_msg:       .asciz "KILN-GUEST-FAULT vector="
+fault_error_msg: .asciz " error="
+fault_rip_msg:   .asciz " rip="
+hex_prefix:      .asciz "0x"
+hex_digits:      .ascii "0123456789abcdef"
+key_n:           .asciz "n="
+key_m:           .asciz "m="
+key_port:        .asciz "port="
+key_addr:        .asciz "addr="
+
+/* ------------------------------------------------------------------------------------------ */
+/* Data (file-backed so it is valid whatever the loader does with .bss).                      */
+/* ------------------------------------------------------------------------------------------ */
+    .data
+    .p2align 3
+cmdline_ptr: .quad 0
+param_n:     .quad DEFAULT_N
+param_m:     .quad DEFAULT_M
+param_port:  .quad DEFAULT_PORT
+param_addr:  .quad DEFAULT_MMIO_ADDR
+dec_buffer:  .fill 24, 1, 0
+dec_buffer_end: .byte 0
+
+    .p2align 4
+gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff        /* 0x08: ring-0 64-bit code */
+    .quad 0x00cf92000000ffff        /* 0x10: ring-0 data */
+    .quad 0x00cff2000000ffff        /* 0x18: ring-3 data */
+    .quad 0x00affa000000ffff        /* 0x20: ring-3 64-bit code */
+gdt_tss:                            /* 0x28: 64-bit TSS (base filled in at run time) */
+    .word TSS_SIZE - 1, 0
+    .byte 0, 0x89, 0, 0
+    .long 0, 0
+gdt_end:
+
+    .p2align 3
+gdt_ptr:
+    .word gdt_end - gdt - 1
+    .quad gdt
+idt_ptr:
+    .word IDT_ENTRIES * 16 - 1
+    .quad idt
+null_idt_ptr:
+    .word 0
+    .quad 0
+
+    .p2align 4
+tss:
+    .long 0
+    .quad kernel_stack_top          /* RSP0 */
+    .quad 0, 0                      /* RSP1, RSP2 */
+    .quad 0
+    .fill 7, 8, 0                   /* IST1..7 */
+    .quad 0
+    .word 0
+    .word TSS_SIZE                  /* no I/O permission bitmap: IOPL decides */
+
+    .p2align 4
+idt:
+    .fill IDT_ENTRIES * 16, 1, 0
+
+/* PML4 -> one PDPT -> four page directories of 2 MiB pages: 0..4 GiB, user-accessible. */
+    .p2align 12
+pml4:
+    .quad pdpt + TABLE_FLAGS
+    .fill 511, 8, 0
+pdpt:
+    .quad pd + TABLE_FLAGS
+    .quad pd + 0x1000 + TABLE_FLAGS
+    .quad pd + 0x2000 + TABLE_FLAGS
+    .quad pd + 0x3000 + TABLE_FLAGS
+    .fill 508, 8, 0
+pd:
+    .set page, 0
+    .rept 2048
+    .quad page + TABLE_FLAGS + PTE_HUGE
+    .set page, page + 0x200000
+    .endr
+
+/* ------------------------------------------------------------------------------------------ */
+/* Stacks.                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+    .bss
+    .p2align 12
+kernel_stack:
+    .skip 16384
+kernel_stack_top:
+user_stack:
+    .skip 16384
+user_stack_top:
