@@ -7,14 +7,20 @@
  *   - the PVH note (pvh_start32): 32-bit protected mode, paging off, EBX = hvm_start_info,
  *     as QEMU's -kernel does it. The stub switches to long mode on the guest's own tables.
  *
- * Ring 0 only sets up (GDT + TSS, a 33-entry IDT, its own user-accessible page tables) and
- * then drops to ring 3 with IOPL = 3: on a PVM host ring-0 code is emulated (~0.7 M instr/s)
- * while ring-3 code runs natively, so every loop runs in ring 3.
+ * Ring 0 sets up (GDT + TSS, a 32-entry IDT, its own user-accessible page tables) and drops
+ * to ring 3, which parses the command line and runs the memory-bound loops (`mmio-loop`,
+ * `touch`): on a PVM host ring-0 code is emulated (~0.7 M instr/s) while ring-3 code runs
+ * natively. Ring 3 then returns to ring 0 with a `ud2` at a known address (PVM turns `int n`
+ * in guest ring 3 into #UD, so an exception is the one way back that works everywhere) for
+ * all port I/O: PVM does not honour IOPL for guest ring 3 (an `in` there raises #GP), so the
+ * serial output and the `pio-loop` (unrolled 16 times to keep the emulated loop overhead
+ * small) run in ring 0.
  *
  * Parameters come from the kernel command line ("n=1000 m=64 port=0x80 addr=0xd0100000").
  *
- * Ending the VM: an i8042 reset (0xfe to port 0x64; Kiln and QEMU q35 stop there), then a
- * triple fault as a fallback (QEMU microvm has no i8042; with -no-reboot it exits on it).
+ * Ending the VM, first that works wins: an i8042 reset (0xfe to port 0x64: Kiln, QEMU q35),
+ * an ACPI GED poweroff (0x34 to MMIO 0xfea00200: QEMU microvm, which has no i8042; QEMU stops
+ * the vCPU a little later, so the guest spins a while), then a triple fault.
  *
  * Output on COM1: `hello` prints KILN-GUEST-HELLO; the loop kinds print
  * "KILN-GUEST-DONE n=<n> m=<m>" when they finished, so a crash (which also ends in a reset)
@@ -39,6 +45,9 @@
 #define I8042_CMD_RESET 0xfe
 #define PVPANIC_PORT 0x505
 #define PVPANIC_PANICKED 1
+/* QEMU microvm's ACPI GED sleep control register; SLP_EN | SLP_TYP 5 powers off. */
+#define GED_SLEEP_CONTROL 0xfea00200
+#define GED_POWEROFF 0x34
 
 /* boot_params.hdr.cmd_line_ptr (Linux x86 boot protocol). */
 #define ZERO_PAGE_CMD_LINE_PTR 0x228
@@ -53,8 +62,8 @@
 #define TSS_SELECTOR 0x28
 #define TSS_SIZE 104
 
-/* IOPL = 3 (ring 3 may use in/out), reserved bit 1, IF = 0. */
-#define RFLAGS_USER 0x3002
+/* Reserved bit 1 only: IF = 0, IOPL = 0 (PVM would not honour IOPL = 3 anyway). */
+#define RFLAGS_USER 0x0002
 
 #define CR0_PE 0x1
 #define CR0_PG 0x80000000
@@ -64,13 +73,13 @@
 #define MSR_EFER 0xc0000080
 #define EFER_LME 0x100
 
-/* Vectors 0..31 report faults; vector 32 is the ring-3 "end the VM" gate. */
-#define FAULT_VECTORS 32
-#define END_VM_VECTOR 32
-#define IDT_ENTRIES 33
+/* Vectors 0..31 report faults, except the #UD at user_return, which resumes ring 0. */
+#define IDT_ENTRIES 32
+#define VECTOR_UD 6
 #define FAULT_STUB_SIZE 16
 #define GATE_INTERRUPT_DPL0 0x8e
-#define GATE_INTERRUPT_DPL3 0xee
+/* Iterations to wait for QEMU to act on the GED poweroff before the triple fault. */
+#define POWEROFF_SPINS 0x10000
 
 /* Page-table entry bits. */
 #define PTE_PRESENT 0x1
@@ -88,6 +97,8 @@
 #define DEFAULT_M 16
 #define DEFAULT_PORT 0x80
 #define DEFAULT_MMIO_ADDR 0xd0100000
+/* pio-loop writes this many times per loop iteration. */
+#define PIO_UNROLL 16
 
 /* ------------------------------------------------------------------------------------------ */
 /* PVH entry note: QEMU reads an 8-byte descriptor, linux-loader the low 4 bytes.             */
@@ -112,6 +123,9 @@
 _start64:
     cli
 #if KIND == KIND_EXIT
+    /* Our tables first: the GED register lies above the 1 GiB Kiln maps. */
+    leaq pml4(%rip), %rax
+    movq %rax, %cr3
     jmp end_vm
 #else
     movl ZERO_PAGE_CMD_LINE_PTR(%rsi), %eax
@@ -128,6 +142,11 @@ pvh_start32:
 #if KIND == KIND_EXIT
     movb $I8042_CMD_RESET, %al
     outb %al, $I8042_COMMAND
+    movb $GED_POWEROFF, GED_SLEEP_CONTROL
+    movl $POWEROFF_SPINS, %ecx
+2:  pause
+    decl %ecx
+    jnz 2b
     lidt null_idt_ptr
     int3
 1:  hlt
@@ -184,19 +203,16 @@ common64:
     movw $TSS_SELECTOR, %ax
     ltr %ax
 
-    /* IDT: 32 fault reporters, then the DPL-3 gate ring 3 uses to end the VM. */
+    /* IDT: one reporter per exception vector. */
     leaq idt(%rip), %rdi
     leaq fault_stubs(%rip), %rax
-    movl $FAULT_VECTORS, %ecx
+    movl $IDT_ENTRIES, %ecx
     movb $GATE_INTERRUPT_DPL0, %dl
 2:  call set_gate
     addq $16, %rdi
     addq $FAULT_STUB_SIZE, %rax
     decl %ecx
     jnz 2b
-    leaq end_vm(%rip), %rax
-    movb $GATE_INTERRUPT_DPL3, %dl
-    call set_gate
     lidt idt_ptr(%rip)
 
     /* Our own page tables: 4 GiB identity-mapped with 2 MiB user-accessible pages. */
@@ -234,7 +250,7 @@ set_gate:
     .p2align 4
 fault_stubs:
     .set vector, 0
-    .rept FAULT_VECTORS
+    .rept IDT_ENTRIES
     .p2align 4
     .if (vector == 8) || ((vector >= 10) && (vector <= 14)) || (vector == 17) || (vector == 21) || (vector == 29) || (vector == 30)
     .else
@@ -247,6 +263,12 @@ fault_stubs:
 
 /* Stack: vector, error code, RIP, CS, RFLAGS, RSP, SS. */
 fault_common:
+    cmpq $VECTOR_UD, (%rsp)
+    jne 1f
+    leaq user_return(%rip), %rax
+    cmpq %rax, 16(%rsp)
+    je kernel_resume
+1:
     leaq fault_msg(%rip), %rsi
     call puts
     movq (%rsp), %rax
@@ -266,35 +288,28 @@ fault_common:
     outb %al, %dx
     /* fall through */
 
-/* Ends the VM from ring 0 (also the handler of the ring-3 END_VM_VECTOR gate). */
+/* Ends the VM from ring 0 (with the guest's own page tables loaded). */
 end_vm:
     movb $I8042_CMD_RESET, %al
     outb %al, $I8042_COMMAND
+    movl $GED_SLEEP_CONTROL, %edi
+    movb $GED_POWEROFF, (%rdi)
+    movl $POWEROFF_SPINS, %ecx
+2:  pause
+    decl %ecx
+    jnz 2b
     lidt null_idt_ptr(%rip)
     int3
 1:  hlt
     jmp 1b
 
 /* ------------------------------------------------------------------------------------------ */
-/* Ring 3: the workload.                                                                      */
+/* Ring 3: command line and the memory-bound workloads.                                       */
 /* ------------------------------------------------------------------------------------------ */
 user_main:
     call parse_cmdline
 
-#if KIND == KIND_HELLO
-    leaq hello_msg(%rip), %rsi
-    call puts
-#elif KIND == KIND_PIO_LOOP
-    movq param_n(%rip), %rcx
-    movq param_port(%rip), %rdx
-    xorl %eax, %eax
-    testq %rcx, %rcx
-    jz 2f
-1:  outb %al, %dx
-    decq %rcx
-    jnz 1b
-2:
-#elif KIND == KIND_MMIO_LOOP
+#if KIND == KIND_MMIO_LOOP
     movq param_n(%rip), %rcx
     movq param_addr(%rip), %rbx
     testq %rcx, %rcx
@@ -319,6 +334,35 @@ user_main:
     jnz 2b
 3:
 #endif
+user_return:
+    ud2
+
+/* ------------------------------------------------------------------------------------------ */
+/* Ring 0 again (from the #UD at user_return): port I/O, the done line, the end.             */
+/* ------------------------------------------------------------------------------------------ */
+kernel_resume:
+#if KIND == KIND_HELLO
+    leaq hello_msg(%rip), %rsi
+    call puts
+#elif KIND == KIND_PIO_LOOP
+    movq param_port(%rip), %rdx
+    xorl %eax, %eax
+    movq param_n(%rip), %rcx
+    shrq $4, %rcx                   /* n / PIO_UNROLL (16) */
+    jz 2f
+1:  .rept PIO_UNROLL
+    outb %al, %dx
+    .endr
+    decq %rcx
+    jnz 1b
+2:  movq param_n(%rip), %rcx
+    andq $(PIO_UNROLL - 1), %rcx
+    jz 4f
+3:  outb %al, %dx
+    decq %rcx
+    jnz 3b
+4:
+#endif
 
 #if KIND != KIND_HELLO
     leaq done_msg(%rip), %rsi
@@ -332,11 +376,7 @@ user_main:
     movb $'\n', %al
     call putc
 #endif
-
-    movb $I8042_CMD_RESET, %al
-    outb %al, $I8042_COMMAND
-    int $END_VM_VECTOR
-1:  jmp 1b
+    jmp end_vm
 
 /* Reads "n=", "m=", "port=" and "addr=" (decimal or 0x-hex) from the command line. */
 parse_cmdline:
@@ -424,7 +464,7 @@ parse_number:
 9:  ret
 
 /* ------------------------------------------------------------------------------------------ */
-/* COM1 output by polling (works in ring 0 and in ring 3 with IOPL = 3).                      */
+/* COM1 output by polling (ring 0).                                                          */
 /* ------------------------------------------------------------------------------------------ */
 
 /* Writes the byte in AL; clobbers DX. */
@@ -541,7 +581,7 @@ tss:
     .fill 7, 8, 0                   /* IST1..7 */
     .quad 0
     .word 0
-    .word TSS_SIZE                  /* no I/O permission bitmap: IOPL decides */
+    .word TSS_SIZE                  /* no I/O permission bitmap: ring 3 does no port I/O */
 
     .p2align 4
 idt:
