@@ -1,1 +1,229 @@
-fn main() {}
+//! `kiln`: the command line over the kiln-vmm library.
+//!
+//! It only turns arguments into a `VmConfig` and the VM's outcome into an exit status.
+
+mod logger;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use kiln_vmm::config::parse_memory_mib;
+use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
+
+/// Exit status when the guest kernel panicked.
+const EXIT_GUEST_PANIC: u8 = 3;
+/// Exit status for Kiln's own errors (bad config, KVM problems, vCPU failures).
+const EXIT_KILN_ERROR: u8 = 1;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Kiln: a KVM microVM monitor")]
+struct Cli {
+    /// Log level for Kiln's own messages on stderr: error, warn, info, debug, trace.
+    #[arg(long, global = true, default_value = "info", env = "KILN_LOG", value_parser = parse_log_level)]
+    log_level: log::LevelFilter,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a Linux guest and run it until it powers off, reboots or panics.
+    ///
+    /// Exit status: 0 when the guest powers off or reboots, 3 when its kernel panics,
+    /// 1 for Kiln errors, 2 for usage errors, 128+N when stopped by signal N.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Guest kernel: an ELF vmlinux or a bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs to load.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Extra kernel arguments, appended to Kiln's defaults.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long)]
+    cpus: Option<u8>,
+    /// Guest memory, e.g. 512M or 2G (a bare number is MiB) [default: 512M].
+    #[arg(long, value_parser = parse_memory_arg)]
+    memory: Option<u32>,
+    /// Serial console: stdio, none, or file=PATH [default: stdio].
+    #[arg(long)]
+    console: Option<ConsoleConfig>,
+    /// JSON VM config; flags given on the command line override its fields.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn parse_log_level(text: &str) -> Result<log::LevelFilter, String> {
+    text.parse()
+        .map_err(|_| format!("'{text}' is not one of off, error, warn, info, debug, trace"))
+}
+
+fn parse_memory_arg(text: &str) -> Result<u32, String> {
+    parse_memory_mib(text).map_err(|err| err.to_string())
+}
+
+impl RunArgs {
+    fn into_config(self) -> Result<VmConfig, kiln_vmm::Error> {
+        let mut config = match &self.config {
+            Some(path) => VmConfig::from_json_file(path)?,
+            None => VmConfig::new(PathBuf::new()),
+        };
+        if let Some(kernel) = self.kernel {
+            config.kernel = kernel;
+        }
+        if self.initrd.is_some() {
+            config.initrd = self.initrd;
+        }
+        if self.cmdline.is_some() {
+            config.cmdline = self.cmdline;
+        }
+        if let Some(cpus) = self.cpus {
+            config.cpus = cpus;
+        }
+        if let Some(memory) = self.memory {
+            config.memory_mib = memory;
+        }
+        if let Some(console) = self.console {
+            config.console = console;
+        }
+        Ok(config)
+    }
+}
+
+fn exit_status(outcome: VmOutcome) -> ExitCode {
+    match outcome {
+        VmOutcome::PowerOff | VmOutcome::Reset => ExitCode::SUCCESS,
+        VmOutcome::Panic => ExitCode::from(EXIT_GUEST_PANIC),
+        VmOutcome::Signal(signum) => ExitCode::from(128u8.saturating_add(signum as u8)),
+    }
+}
+
+fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, kiln_vmm::Error> {
+    let config = args.into_config()?;
+    let vm = Vm::new(config, start)?;
+    let outcome = vm.run()?;
+    log::info!("guest ended: {}", describe(outcome));
+    Ok(outcome)
+}
+
+fn describe(outcome: VmOutcome) -> String {
+    match outcome {
+        VmOutcome::PowerOff => "powered off".into(),
+        VmOutcome::Reset => "rebooted".into(),
+        VmOutcome::Panic => "kernel panic".into(),
+        VmOutcome::Signal(signum) => format!("stopped by signal {signum}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = Cli::parse();
+    logger::init(cli.log_level);
+    match cli.command {
+        Command::Run(args) => match run(args, start) {
+            Ok(outcome) => exit_status(outcome),
+            Err(err) => {
+                log::error!("{err}");
+                ExitCode::from(EXIT_KILN_ERROR)
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kiln").chain(args.iter().copied()))
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        match parse(args).expect("valid arguments").command {
+            Command::Run(run) => run,
+        }
+    }
+
+    #[test]
+    fn flags_become_a_config() {
+        let config = run_args(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--cmdline",
+            "quiet",
+            "--cpus",
+            "4",
+            "--memory",
+            "1G",
+            "--console",
+            "none",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(config.kernel, PathBuf::from("/k"));
+        assert_eq!(config.initrd, Some(PathBuf::from("/i")));
+        assert_eq!(config.cmdline.as_deref(), Some("quiet"));
+        assert_eq!(config.cpus, 4);
+        assert_eq!(config.memory_mib, 1024);
+        assert_eq!(config.console, ConsoleConfig::None);
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let config = run_args(&["run", "--kernel", "/k"]).into_config().unwrap();
+        assert_eq!(config, VmConfig::new("/k"));
+    }
+
+    #[test]
+    fn flags_override_the_config_file() {
+        let path = std::env::temp_dir().join(format!("kiln-cli-{}.json", std::process::id()));
+        std::fs::write(
+            &path,
+            r#"{"kernel": "/from-file", "cpus": 2, "memory_mib": 256}"#,
+        )
+        .unwrap();
+        let config = run_args(&["run", "--config", path.to_str().unwrap(), "--cpus", "3"])
+            .into_config()
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(config.kernel, PathBuf::from("/from-file"));
+        assert_eq!(config.cpus, 3);
+        assert_eq!(config.memory_mib, 256);
+    }
+
+    #[test]
+    fn bad_flags_are_usage_errors() {
+        for args in [
+            &["run", "--kernel", "/k", "--memory", "lots"][..],
+            &["run", "--kernel", "/k", "--cpus", "-1"],
+            &["run", "--kernel", "/k", "--cpus", "999"],
+            &["run", "--kernel", "/k", "--console", "tty"],
+            &["run", "--bogus"],
+            &["fly"],
+        ] {
+            let err = parse(args)
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} parsed"));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn outcomes_map_to_documented_statuses() {
+        assert_eq!(exit_status(VmOutcome::PowerOff), ExitCode::SUCCESS);
+        assert_eq!(exit_status(VmOutcome::Reset), ExitCode::SUCCESS);
+        assert_eq!(exit_status(VmOutcome::Panic), ExitCode::from(3));
+        assert_eq!(exit_status(VmOutcome::Signal(15)), ExitCode::from(143));
+    }
+}

@@ -8,7 +8,7 @@
 use std::io;
 use std::sync::{Arc, OnceLock};
 
-use log::{error, info, warn};
+use log::{debug, error};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Why a VM is stopping.
@@ -51,7 +51,7 @@ impl ExitNotifier {
     pub fn notify(&self, reason: StopReason) {
         match self.reason.set(reason) {
             Ok(()) => {
-                info!("VM stop requested: {reason:?}");
+                debug!("VM stop requested: {reason:?}");
                 if let Err(err) = self.eventfd.write(1) {
                     // Only possible if the counter would overflow, i.e. never in practice;
                     // the reason is recorded either way.
@@ -60,7 +60,7 @@ impl ExitNotifier {
             }
             Err(_) => {
                 if let Some(first) = self.reason() {
-                    warn!(
+                    debug!(
                         "VM already stopping ({first:?}); ignoring later stop request {reason:?}"
                     );
                 }

@@ -1,2 +1,78 @@
-//! Placeholder.
+//! Kiln's VMM library: a validated [`VmConfig`] becomes a running microVM.
+//!
+//! ```no_run
+//! use kiln_vmm::{Vm, VmConfig, VmOutcome};
+//! let mut config = VmConfig::new("/path/to/vmlinux");
+//! config.cpus = 2;
+//! let outcome = Vm::new(config, std::time::Instant::now())?.run()?;
+//! assert_eq!(outcome, VmOutcome::PowerOff);
+//! # Ok::<(), kiln_vmm::Error>(())
+//! ```
 #![deny(missing_docs)]
+
+pub mod config;
+pub mod event_loop;
+pub mod kvm;
+pub mod loader;
+pub mod memory;
+pub mod signals;
+pub mod terminal;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{ConfigError, ConsoleConfig, VmConfig};
+pub use vm::{Vm, VmOutcome};
+
+/// Everything that can stop Kiln from building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration was refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// KVM is missing or unusable.
+    #[error(transparent)]
+    Kvm(#[from] kvm::KvmError),
+    /// A KVM ioctl failed.
+    #[error("KVM could not {0}: {1}")]
+    KvmIoctl(&'static str, kvm_ioctls::Error),
+    /// More vCPUs than this host's KVM allows.
+    #[error("{asked} vCPUs asked for, but this host's KVM allows at most {max}")]
+    TooManyCpus {
+        /// Asked for.
+        asked: u8,
+        /// KVM's maximum.
+        max: usize,
+    },
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// The kernel, initrd or command line could not be loaded.
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    /// The x86 boot state could not be written.
+    #[error("cannot {0}: {1}")]
+    Arch(&'static str, String),
+    /// A device could not be placed on its bus.
+    #[error("cannot place the {0} on its bus: {1}")]
+    Bus(&'static str, kiln_devices::bus::BusError),
+    /// The console output file could not be created.
+    #[error("cannot create console file '{path}': {source}")]
+    ConsoleFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A host resource (eventfd, signal handler) could not be set up.
+    #[error("cannot {0}: {1}")]
+    Io(&'static str, std::io::Error),
+    /// The event loop failed.
+    #[error("event loop failed: {0:?}")]
+    EventLoop(event_manager::Error),
+    /// A vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    /// A Kiln bug: should never be seen.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}

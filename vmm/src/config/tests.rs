@@ -1,0 +1,169 @@
+use super::*;
+
+fn existing_file() -> PathBuf {
+    std::env::current_exe().expect("test binary path")
+}
+
+fn valid_config() -> VmConfig {
+    VmConfig::new(existing_file())
+}
+
+#[test]
+fn memory_sizes_parse() {
+    assert_eq!(parse_memory_mib("512"), Ok(512));
+    assert_eq!(parse_memory_mib("512M"), Ok(512));
+    assert_eq!(parse_memory_mib("512MiB"), Ok(512));
+    assert_eq!(parse_memory_mib("2G"), Ok(2048));
+    assert_eq!(parse_memory_mib("2Gi"), Ok(2048));
+    assert_eq!(parse_memory_mib("131072K"), Ok(128));
+    assert_eq!(parse_memory_mib(" 64m "), Ok(64));
+}
+
+#[test]
+fn bad_memory_sizes_are_refused() {
+    for bad in [
+        "",
+        "M",
+        "-5M",
+        "1.5G",
+        "lots",
+        "12X",
+        "99999999999999999999G",
+    ] {
+        assert_eq!(
+            parse_memory_mib(bad),
+            Err(ConfigError::InvalidMemorySize(bad.to_string())),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(
+        parse_memory_mib("1000K"),
+        Err(ConfigError::MemoryNotWholeMib("1000K".to_string()))
+    );
+}
+
+#[test]
+fn console_forms_parse() {
+    assert_eq!("stdio".parse(), Ok(ConsoleConfig::Stdio));
+    assert_eq!("none".parse(), Ok(ConsoleConfig::None));
+    assert_eq!(
+        "file=/tmp/x.log".parse(),
+        Ok(ConsoleConfig::File(PathBuf::from("/tmp/x.log")))
+    );
+    assert_eq!(
+        "file=".parse::<ConsoleConfig>(),
+        Err(ConfigError::InvalidConsole("file=".into()))
+    );
+    assert_eq!(
+        "tty".parse::<ConsoleConfig>(),
+        Err(ConfigError::InvalidConsole("tty".into()))
+    );
+}
+
+#[test]
+fn valid_config_passes() {
+    assert_eq!(valid_config().validate(Some(1024)), Ok(()));
+}
+
+#[test]
+fn missing_kernel_is_named() {
+    let config = VmConfig::new("/nonexistent/vmlinux");
+    let err = config.validate(None).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "kernel image '/nonexistent/vmlinux' does not exist"
+    );
+    assert_eq!(
+        VmConfig::new("").validate(None),
+        Err(ConfigError::MissingKernel)
+    );
+}
+
+#[test]
+fn directory_kernel_and_missing_initrd_are_refused() {
+    let config = VmConfig::new("/tmp");
+    assert!(config
+        .validate(None)
+        .unwrap_err()
+        .to_string()
+        .contains("is a directory"));
+    let mut config = valid_config();
+    config.initrd = Some(PathBuf::from("/nonexistent/initrd"));
+    assert!(matches!(
+        config.validate(None),
+        Err(ConfigError::BadFile { what: "initrd", .. })
+    ));
+}
+
+#[test]
+fn cpu_counts_are_bounded() {
+    let mut config = valid_config();
+    config.cpus = 0;
+    assert_eq!(config.validate(None), Err(ConfigError::InvalidCpus(0)));
+    config.cpus = 255;
+    assert_eq!(config.validate(None), Err(ConfigError::InvalidCpus(255)));
+    config.cpus = 4;
+    assert_eq!(config.validate(None), Ok(()));
+}
+
+#[test]
+fn memory_is_bounded() {
+    let mut config = valid_config();
+    config.memory_mib = 31;
+    assert_eq!(config.validate(None), Err(ConfigError::MemoryTooSmall(31)));
+    config.memory_mib = 4096;
+    assert_eq!(
+        config.validate(Some(2048)),
+        Err(ConfigError::MemoryTooLarge {
+            asked: 4096,
+            host: 2048
+        })
+    );
+}
+
+#[test]
+fn cmdline_is_appended_and_bounded() {
+    let mut config = valid_config();
+    config.cmdline = Some("  quiet init=/bin/sh ".into());
+    assert_eq!(
+        config.full_cmdline(),
+        format!("{DEFAULT_KERNEL_CMDLINE} quiet init=/bin/sh")
+    );
+    config.cmdline = Some("x".repeat(2100));
+    assert!(matches!(
+        config.validate(None),
+        Err(ConfigError::CmdlineTooLong { max: 2047, .. })
+    ));
+    config.cmdline = Some("a\u{e9}".into());
+    assert_eq!(config.validate(None), Err(ConfigError::CmdlineInvalid));
+}
+
+#[test]
+fn json_fills_defaults() {
+    let config = VmConfig::from_json_str(r#"{"kernel": "/k"}"#).unwrap();
+    assert_eq!(config, VmConfig::new("/k"));
+    let config = VmConfig::from_json_str(
+        r#"{"kernel": "/k", "cpus": 4, "memory_mib": 256, "console": {"file": "/tmp/c"}}"#,
+    )
+    .unwrap();
+    assert_eq!(config.cpus, 4);
+    assert_eq!(config.memory_mib, 256);
+    assert_eq!(config.console, ConsoleConfig::File("/tmp/c".into()));
+}
+
+#[test]
+fn json_unknown_fields_and_wrong_types_name_the_field() {
+    let err = VmConfig::from_json_str(r#"{"kernel": "/k", "vcpus": 2}"#).unwrap_err();
+    assert!(err.contains("unknown field `vcpus`"), "{err}");
+    let err = VmConfig::from_json_str(r#"{"kernel": "/k", "cpus": "two"}"#).unwrap_err();
+    assert!(err.contains("invalid type"), "{err}");
+    let err = VmConfig::from_json_str(r#"{"cpus": 2}"#).unwrap_err();
+    assert!(err.contains("missing field `kernel`"), "{err}");
+}
+
+#[test]
+fn json_file_errors_name_the_file() {
+    let err = VmConfig::from_json_file(Path::new("/nonexistent/vm.json")).unwrap_err();
+    assert!(matches!(err, ConfigError::ReadFile { .. }));
+    assert!(err.to_string().contains("/nonexistent/vm.json"));
+}

@@ -1,0 +1,113 @@
+//! The VMM thread's event loop: console input, the guest's stop requests, stop signals.
+//!
+//! Devices that need their own file descriptors watched (virtio queues, backends) subscribe here
+//! too; vCPU threads reach the loop through its remote endpoint.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
+
+use kiln_devices::legacy::serial::SerialDevice;
+
+/// A subscriber the loop can share with other threads.
+pub type SharedSubscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// Kiln's event manager.
+pub type EventLoop = EventManager<SharedSubscriber>;
+
+/// Watches the eventfds that end the VM: the guest's (devices, vCPUs) and the signals'.
+pub struct StopWatcher {
+    guest_exit: RawFd,
+    signal: RawFd,
+    stopping: bool,
+}
+
+impl StopWatcher {
+    /// Watches the two eventfds; they must outlive the loop.
+    pub fn new(guest_exit: &EventFd, signal: &EventFd) -> Self {
+        Self {
+            guest_exit: guest_exit.as_raw_fd(),
+            signal: signal.as_raw_fd(),
+            stopping: false,
+        }
+    }
+
+    /// True once either eventfd fired.
+    pub fn stopping(&self) -> bool {
+        self.stopping
+    }
+}
+
+impl MutEventSubscriber for StopWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let mut counter = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live buffer from an eventfd we watch; errors
+        // (EAGAIN) are harmless.
+        unsafe { libc::read(events.fd(), counter.as_mut_ptr().cast(), counter.len()) };
+        self.stopping = true;
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [self.guest_exit, self.signal] {
+            if let Err(err) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("cannot watch stop eventfd {fd}: {err:?}");
+            }
+        }
+    }
+}
+
+/// Feeds bytes read from Kiln's stdin into the guest's serial port.
+pub struct ConsoleInput {
+    fd: RawFd,
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+impl ConsoleInput {
+    /// Reads from `fd` (normally 0) into `serial`.
+    pub fn new(fd: RawFd, serial: Arc<Mutex<SerialDevice>>) -> Self {
+        Self { fd, serial }
+    }
+
+    fn stop_watching(&self, ops: &mut EventOps) {
+        // Errors only mean it was never registered.
+        let _ = ops.remove(Events::new_raw(self.fd, EventSet::IN));
+    }
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 1024];
+        // SAFETY: the descriptor is owned by the process for its lifetime (stdin), and File is
+        // wrapped in ManuallyDrop so it is never closed here.
+        let mut input = std::mem::ManuallyDrop::new(unsafe {
+            <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(self.fd)
+        });
+        match input.read(&mut buf) {
+            Ok(0) => {
+                log::debug!("console input closed");
+                self.stop_watching(ops);
+            }
+            Ok(n) => {
+                let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+                serial.queue_input(&buf[..n]);
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => {
+                log::warn!("console input failed, no more input goes to the guest: {err}");
+                self.stop_watching(ops);
+            }
+        }
+        if events.event_set().contains(EventSet::HANG_UP) {
+            self.stop_watching(ops);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // epoll refuses regular files and /dev/null: then there is simply no input.
+        if let Err(err) = ops.add(Events::new_raw(self.fd, EventSet::IN)) {
+            log::debug!("console input not watched ({err:?}); the guest gets no input");
+        }
+    }
+}

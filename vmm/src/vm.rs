@@ -1,0 +1,334 @@
+//! A microVM from a [`VmConfig`]: built by [`Vm::new`], run to its end by [`Vm::run`].
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::SubscriberOps;
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::VmFd;
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use kiln_arch::layout;
+use kiln_devices::bus::Bus;
+use kiln_devices::exit::{ExitNotifier, StopReason};
+use kiln_devices::legacy::acpi_pm::AcpiPmDevice;
+use kiln_devices::legacy::boot_timer::BootTimer;
+use kiln_devices::legacy::i8042::I8042Device;
+use kiln_devices::legacy::pvpanic::PvPanicDevice;
+use kiln_devices::legacy::serial::{EventFdTrigger, SerialDevice};
+
+use crate::config::{host_memory_mib, ConsoleConfig, VmConfig};
+use crate::event_loop::{ConsoleInput, EventLoop, StopWatcher};
+use crate::kvm::{open_kvm, KvmHost, KVM_DEVICE};
+use crate::loader::{load_cmdline, load_initrd, load_kernel, LoadedKernel};
+use crate::memory::{create_guest_memory, register_guest_memory, GuestMemory};
+use crate::signals::StopSignals;
+use crate::terminal::RawTerminal;
+use crate::vcpu::{install_kick_handler, Vcpu, VcpuThreads};
+use crate::Error;
+
+/// How a guest ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest powered itself off (ACPI S5, `poweroff`).
+    PowerOff,
+    /// The guest rebooted (i8042 reset, ACPI reset, triple fault). Kiln does not restart it.
+    Reset,
+    /// The guest kernel panicked (pvpanic).
+    Panic,
+    /// Kiln received this signal and stopped the guest.
+    Signal(i32),
+}
+
+/// Devices the VM keeps a handle to after building the buses.
+struct LegacyDevices {
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+/// A built microVM, not yet running.
+pub struct Vm {
+    config: VmConfig,
+    // Field order is drop order: vCPUs and the VM fd go before the memory they point into.
+    vcpus: Vec<Vcpu>,
+    _vm_fd: VmFd,
+    _kvm: KvmHost,
+    _memory: GuestMemory,
+    exit: ExitNotifier,
+    devices: LegacyDevices,
+    _serial_irq: EventFd,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("config", &self.config).finish()
+    }
+}
+
+impl Vm {
+    /// Builds the VM: checks the config, opens KVM, maps memory, loads the guest, creates devices
+    /// and vCPUs. `start` is when the process started (the boot timer measures from it).
+    pub fn new(config: VmConfig, start: Instant) -> Result<Self, Error> {
+        config.validate(host_memory_mib())?;
+        let kvm = open_kvm(KVM_DEVICE)?;
+        if usize::from(config.cpus) > kvm.max_vcpus {
+            return Err(Error::TooManyCpus {
+                asked: config.cpus,
+                max: kvm.max_vcpus,
+            });
+        }
+        let vm_fd = kvm
+            .kvm
+            .create_vm()
+            .map_err(|e| Error::KvmIoctl("create the VM", e))?;
+        vm_fd
+            .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(|e| Error::KvmIoctl("set the TSS address", e))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| Error::KvmIoctl("create the in-kernel irqchip", e))?;
+        let pit_config = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd
+            .create_pit2(pit_config)
+            .map_err(|e| Error::KvmIoctl("create the in-kernel PIT", e))?;
+
+        let memory = create_guest_memory(config.memory_bytes())?;
+        register_guest_memory(&vm_fd, &memory)?;
+
+        let kernel = load_kernel(&memory, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(load_initrd(&memory, path, kernel.end)?),
+            None => None,
+        };
+        let cmdline = config.full_cmdline();
+        let cmdline_size = load_cmdline(&memory, &cmdline)?;
+        log::debug!("kernel command line: {cmdline}");
+        configure_platform(&memory, &config, &kernel, initrd, cmdline_size)?;
+
+        let exit = ExitNotifier::new().map_err(|e| Error::Io("create the exit eventfd", e))?;
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| Error::Io("create the serial interrupt eventfd", e))?;
+        vm_fd
+            .register_irqfd(&serial_irq, layout::SERIAL_IRQ)
+            .map_err(|e| Error::KvmIoctl("connect the serial interrupt", e))?;
+        let serial_trigger = EventFdTrigger::new(
+            serial_irq
+                .try_clone()
+                .map_err(|e| Error::Io("clone the serial interrupt eventfd", e))?,
+        );
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            serial_trigger,
+            console_output(&config.console)?,
+        )));
+        let (io_bus, mmio_bus) = build_buses(&exit, &serial, start)?;
+
+        let vcpus = create_vcpus(
+            &kvm, &vm_fd, &memory, &config, &kernel, io_bus, mmio_bus, &exit,
+        )?;
+
+        Ok(Self {
+            config,
+            vcpus,
+            _vm_fd: vm_fd,
+            _kvm: kvm,
+            _memory: memory,
+            exit,
+            devices: LegacyDevices { serial },
+            _serial_irq: serial_irq,
+        })
+    }
+
+    /// Runs the guest until it powers off, resets, panics, or Kiln gets a stop signal.
+    pub fn run(mut self) -> Result<VmOutcome, Error> {
+        install_kick_handler().map_err(|e| Error::Io("install the vCPU kick handler", e))?;
+        let signals =
+            StopSignals::install().map_err(|e| Error::Io("install signal handlers", e))?;
+        let mut event_loop = EventLoop::new().map_err(Error::EventLoop)?;
+        let watcher = Arc::new(Mutex::new(StopWatcher::new(
+            self.exit.eventfd(),
+            signals.eventfd(),
+        )));
+        event_loop.add_subscriber(watcher.clone());
+
+        let _raw_terminal = if self.config.console == ConsoleConfig::Stdio {
+            event_loop.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
+                libc::STDIN_FILENO,
+                self.devices.serial.clone(),
+            ))));
+            RawTerminal::enable(libc::STDIN_FILENO).unwrap_or_else(|err| {
+                log::warn!("cannot switch the terminal to raw mode: {err}");
+                None
+            })
+        } else {
+            None
+        };
+
+        let stop = Arc::new(AtomicBool::new(false));
+        for vcpu in &mut self.vcpus {
+            vcpu.stop = stop.clone();
+        }
+        let mut threads = VcpuThreads::start(std::mem::take(&mut self.vcpus), stop)?;
+
+        let loop_result = loop {
+            if watcher.lock().unwrap_or_else(|p| p.into_inner()).stopping() {
+                break Ok(());
+            }
+            if let Err(err) = event_loop.run() {
+                break Err(Error::EventLoop(err));
+            }
+        };
+        let vcpu_error = threads.stop_all();
+        if let Err(err) = std::io::stdout().flush() {
+            log::debug!("cannot flush the console: {err}");
+        }
+        loop_result?;
+
+        if let Some(signum) = signals.received() {
+            log::info!("stopped by signal {signum}");
+            return Ok(VmOutcome::Signal(signum));
+        }
+        match self.exit.reason() {
+            Some(StopReason::PowerOff) => Ok(VmOutcome::PowerOff),
+            Some(StopReason::Reset) => Ok(VmOutcome::Reset),
+            Some(StopReason::Panic) => Ok(VmOutcome::Panic),
+            Some(StopReason::VcpuError) | None => Err(vcpu_error
+                .map(Error::Vcpu)
+                .unwrap_or(Error::Internal("the VM stopped without a reason"))),
+        }
+    }
+}
+
+fn console_output(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, Error> {
+    Ok(match console {
+        ConsoleConfig::Stdio => Box::new(std::io::stdout()),
+        ConsoleConfig::None => Box::new(std::io::sink()),
+        ConsoleConfig::File(path) => {
+            Box::new(File::create(path).map_err(|source| Error::ConsoleFile {
+                path: path.clone(),
+                source,
+            })?)
+        }
+    })
+}
+
+fn configure_platform(
+    memory: &GuestMemory,
+    config: &VmConfig,
+    kernel: &LoadedKernel,
+    initrd: Option<(GuestAddress, usize)>,
+    cmdline_size: usize,
+) -> Result<(), Error> {
+    kiln_arch::mptable::setup_mptable(memory, config.cpus).map_err(arch("write the MP table"))?;
+    let acpi = kiln_arch::acpi::AcpiConfig {
+        num_cpus: config.cpus,
+        legacy_devices: kiln_arch::acpi::LegacyDevices::default(),
+        virtio_mmio: Vec::new(),
+    };
+    let rsdp =
+        kiln_arch::acpi::setup_acpi_tables(memory, acpi).map_err(arch("write the ACPI tables"))?;
+    let boot = kiln_arch::boot_params::BootParamsConfig {
+        cmdline_addr: GuestAddress(layout::CMDLINE_START),
+        cmdline_size,
+        initrd,
+        setup_header: kernel.setup_header,
+        rsdp_addr: Some(rsdp),
+    };
+    kiln_arch::boot_params::configure_boot_params(memory, boot)
+        .map_err(arch("write boot_params"))?;
+    Ok(())
+}
+
+fn build_buses(
+    exit: &ExitNotifier,
+    serial: &Arc<Mutex<SerialDevice>>,
+    start: Instant,
+) -> Result<(Arc<Bus>, Arc<Bus>), Error> {
+    let mut io_bus = Bus::new();
+    let bus_err = |what: &'static str| move |err| Error::Bus(what, err);
+    io_bus
+        .insert(serial.clone(), u64::from(layout::SERIAL_PORT_BASE), 8)
+        .map_err(bus_err("serial port"))?;
+    io_bus
+        .insert(
+            Arc::new(Mutex::new(I8042Device::new(exit.clone()))),
+            u64::from(layout::I8042_PORT_BASE),
+            5,
+        )
+        .map_err(bus_err("i8042"))?;
+    io_bus
+        .insert(
+            Arc::new(Mutex::new(PvPanicDevice::new(exit.clone()))),
+            u64::from(layout::PVPANIC_PORT),
+            1,
+        )
+        .map_err(bus_err("pvpanic port"))?;
+    io_bus
+        .insert(
+            Arc::new(Mutex::new(AcpiPmDevice::new(exit.clone()))),
+            u64::from(layout::ACPI_PM_PORT),
+            u64::from(layout::ACPI_PM_PORT_LEN),
+        )
+        .map_err(bus_err("ACPI PM registers"))?;
+    let mut mmio_bus = Bus::new();
+    mmio_bus
+        .insert(
+            Arc::new(Mutex::new(BootTimer::new(start))),
+            layout::BOOT_TIMER_START,
+            layout::BOOT_TIMER_SIZE,
+        )
+        .map_err(bus_err("boot timer"))?;
+    Ok((Arc::new(io_bus), Arc::new(mmio_bus)))
+}
+
+/// Turns an arch-crate error into Kiln's, saying what was being done.
+fn arch<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> Error {
+    move |err| Error::Arch(what, err.to_string())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn create_vcpus(
+    kvm: &KvmHost,
+    vm_fd: &VmFd,
+    memory: &GuestMemory,
+    config: &VmConfig,
+    kernel: &LoadedKernel,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    exit: &ExitNotifier,
+) -> Result<Vec<Vcpu>, Error> {
+    let supported_cpuid = kvm
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::KvmIoctl("read the supported CPUID", e))?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+    for id in 0..config.cpus {
+        let fd = vm_fd
+            .create_vcpu(u64::from(id))
+            .map_err(|e| Error::KvmIoctl("create a vCPU", e))?;
+        let mut cpuid = supported_cpuid.clone();
+        kiln_arch::cpuid::filter_cpuid(&mut cpuid, id, config.cpus)
+            .map_err(arch("set up CPUID"))?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(|e| Error::KvmIoctl("set the vCPU's CPUID", e))?;
+        kiln_arch::msr::setup_msrs(&fd).map_err(arch("set the boot MSRs"))?;
+        kiln_arch::regs::setup_regs(&fd, kernel.entry).map_err(arch("set the registers"))?;
+        kiln_arch::regs::setup_fpu(&fd).map_err(arch("set up the FPU"))?;
+        kiln_arch::regs::setup_sregs(memory, &fd).map_err(arch("set the special registers"))?;
+        kiln_arch::interrupts::set_lint(&fd).map_err(arch("set up the local APIC"))?;
+        vcpus.push(Vcpu {
+            id,
+            fd,
+            io_bus: io_bus.clone(),
+            mmio_bus: mmio_bus.clone(),
+            exit: exit.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+        });
+    }
+    Ok(vcpus)
+}
