@@ -13,4 +13,6 @@ pub mod paging;
 pub mod regs;
 
 #[cfg(test)]
+mod boot_tests;
+#[cfg(test)]
 pub(crate) mod test_utils;
