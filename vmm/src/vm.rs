@@ -306,6 +306,9 @@ fn create_vcpus(
         .kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| Error::KvmIoctl("read the supported CPUID", e))?;
+    // Hardware-reduced ACPI means no PIT/PIC for Linux: the LAPIC timer in TSC-deadline mode is
+    // what keeps time, and older KVMs only advertise it through the capability.
+    let tsc_deadline = kvm.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for id in 0..config.cpus {
         let fd = vm_fd
@@ -313,6 +316,8 @@ fn create_vcpus(
             .map_err(|e| Error::KvmIoctl("create a vCPU", e))?;
         let mut cpuid = supported_cpuid.clone();
         kiln_arch::cpuid::filter_cpuid(&mut cpuid, id, config.cpus)
+            .map_err(arch("set up CPUID"))?;
+        kiln_arch::cpuid::set_tsc_deadline_timer(&mut cpuid, tsc_deadline)
             .map_err(arch("set up CPUID"))?;
         fd.set_cpuid2(&cpuid)
             .map_err(|e| Error::KvmIoctl("set the vCPU's CPUID", e))?;
