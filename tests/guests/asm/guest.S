@@ -16,7 +16,9 @@
  * serial output and the `pio-loop` (unrolled 16 times to keep the emulated loop overhead
  * small) run in ring 0.
  *
- * Parameters come from the kernel command line ("n=1000 m=64 port=0x80 addr=0xd0100000").
+ * Parameters come from the kernel command line ("n=1000 m=64 port=0x80 addr=0xd0100000";
+ * "hold=1" makes the guest halt for good, interrupts off, instead of ending the VM, so that
+ * many VMs can be kept running at once).
  *
  * Ending the VM, first that works wins: an i8042 reset (0xfe to port 0x64: Kiln, QEMU q35),
  * an ACPI GED poweroff (0x34 to MMIO 0xfea00200: QEMU microvm, which has no i8042; QEMU stops
@@ -376,9 +378,13 @@ kernel_resume:
     movb $'\n', %al
     call putc
 #endif
-    jmp end_vm
+    cmpq $0, param_hold(%rip)
+    je end_vm
+1:  cli
+    hlt
+    jmp 1b
 
-/* Reads "n=", "m=", "port=" and "addr=" (decimal or 0x-hex) from the command line. */
+/* Reads "n=", "m=", "port=", "addr=" and "hold=" (decimal or 0x-hex) from the command line. */
 parse_cmdline:
     movq cmdline_ptr(%rip), %rsi
     testq %rsi, %rsi
@@ -401,6 +407,9 @@ parse_cmdline:
     call parse_key
     leaq key_addr(%rip), %rdi
     leaq param_addr(%rip), %rbx
+    call parse_key
+    leaq key_hold(%rip), %rdi
+    leaq param_hold(%rip), %rbx
     call parse_key
 3:  movb (%rsi), %al                /* skip the rest of the token */
     testb %al, %al
@@ -534,6 +543,7 @@ key_n:           .asciz "n="
 key_m:           .asciz "m="
 key_port:        .asciz "port="
 key_addr:        .asciz "addr="
+key_hold:        .asciz "hold="
 
 /* ------------------------------------------------------------------------------------------ */
 /* Data (file-backed so it is valid whatever the loader does with .bss).                      */
@@ -545,6 +555,7 @@ param_n:     .quad DEFAULT_N
 param_m:     .quad DEFAULT_M
 param_port:  .quad DEFAULT_PORT
 param_addr:  .quad DEFAULT_MMIO_ADDR
+param_hold:  .quad 0
 dec_buffer:  .fill 24, 1, 0
 dec_buffer_end: .byte 0
 

@@ -142,6 +142,8 @@ pub struct Params {
     pub port: Option<u16>,
     /// Address read by `mmio-loop` (must lie below 4 GiB, where the guest maps it).
     pub mmio_addr: Option<u64>,
+    /// Halt for good (interrupts off) when done instead of ending the VM: keeps it running.
+    pub hold: bool,
 }
 
 impl Params {
@@ -175,6 +177,9 @@ impl Params {
         }
         if let Some(addr) = self.mmio_addr {
             parts.push(format!("addr={addr:#x}"));
+        }
+        if self.hold {
+            parts.push("hold=1".to_string());
         }
         parts.join(" ")
     }
@@ -275,8 +280,9 @@ mod tests {
             m: Some(2),
             port: Some(0x80),
             mmio_addr: Some(0xd010_0000),
+            hold: true,
         };
-        assert_eq!(all.cmdline(), "n=1 m=2 port=0x80 addr=0xd0100000");
+        assert_eq!(all.cmdline(), "n=1 m=2 port=0x80 addr=0xd0100000 hold=1");
     }
 
     #[test]

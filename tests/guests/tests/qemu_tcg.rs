@@ -186,3 +186,33 @@ fn a_fault_in_ring_3_is_reported() {
     );
     assert_eq!(parse_done(&finished.stdout), None);
 }
+
+#[test]
+fn hold_keeps_the_vm_running_after_its_work() {
+    let params = Params {
+        hold: true,
+        ..Params::default()
+    };
+    let cmdline = params.cmdline();
+    let run = QemuRun {
+        machine: "microvm",
+        accel: "tcg",
+        guest: GuestKind::Hello.path(),
+        entry: Entry::Pvh,
+        memory_mib: MEMORY_MIB,
+        cmdline: &cmdline,
+    };
+    // TCG prints the marker within a fraction of a second; the VM must still be up after 5 s.
+    let finished = run_with_timeout(&mut run.command(), Duration::from_secs(5))
+        .unwrap_or_else(|err| panic!("cannot run {QEMU}: {err}"));
+    assert!(
+        finished.status.is_none(),
+        "the VM ended: {}",
+        finished.describe()
+    );
+    assert!(
+        finished.stdout.contains(HELLO_MARKER),
+        "{}",
+        finished.describe()
+    );
+}
