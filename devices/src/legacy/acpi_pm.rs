@@ -10,22 +10,17 @@ use log::{debug, info, warn};
 use crate::bus::BusDevice;
 use crate::exit::{ExitNotifier, StopReason};
 
-// Duplicated from kiln-arch's `x86_64/layout.rs` until kiln-arch exports its layout
-// module; must stay equal to it (the FADT/DSDT built there advertise these values).
-/// Offset of the sleep control register (`ACPI_SLEEP_CONTROL_OFFSET`).
-const SLEEP_CONTROL_OFFSET: u64 = 0;
-/// Offset of the sleep status register (`ACPI_SLEEP_STATUS_OFFSET`).
-const SLEEP_STATUS_OFFSET: u64 = 1;
-/// Offset of the reset register (`ACPI_RESET_OFFSET`).
-const RESET_OFFSET: u64 = 2;
-/// Ports decoded at `ACPI_PM_PORT` (`ACPI_PM_PORT_LEN`).
-pub const ACPI_PM_LEN: u64 = 3;
-/// Value written to the reset register to reset (`ACPI_RESET_VALUE`).
-const RESET_VALUE: u8 = 1;
-/// SLP_TYP of `_S5_`, soft-off (`ACPI_S5_SLEEP_TYPE`).
-const S5_SLEEP_TYPE: u8 = 5;
-/// SLP_EN in the sleep control register (`ACPI_SLEEP_ENABLE_BIT`).
-const SLEEP_ENABLE: u8 = 1 << 5;
+use kiln_arch::layout::{
+    ACPI_PM_PORT_LEN, ACPI_RESET_OFFSET, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE,
+    ACPI_SLEEP_CONTROL_OFFSET, ACPI_SLEEP_ENABLE_BIT, ACPI_SLEEP_STATUS_OFFSET,
+};
+
+// Register offsets as bus offsets (the layout states them as port offsets).
+const SLEEP_CONTROL_OFFSET: u64 = ACPI_SLEEP_CONTROL_OFFSET as u64;
+const SLEEP_STATUS_OFFSET: u64 = ACPI_SLEEP_STATUS_OFFSET as u64;
+const RESET_OFFSET: u64 = ACPI_RESET_OFFSET as u64;
+/// Ports decoded at `ACPI_PM_PORT` (the layout's `ACPI_PM_PORT_LEN`, as a bus length).
+pub const ACPI_PM_LEN: u64 = ACPI_PM_PORT_LEN as u64;
 
 /// SLP_TYP field of the sleep control register: bits 2..=4 (ACPI 6.x, 4.8.3.7).
 const SLEEP_TYPE_SHIFT: u8 = 2;
@@ -51,12 +46,12 @@ impl AcpiPmDevice {
     }
 
     fn write_sleep_control(&mut self, value: u8) {
-        if value & SLEEP_ENABLE == 0 {
+        if value & ACPI_SLEEP_ENABLE_BIT == 0 {
             debug!("acpi: sleep control write {value:#x} without SLP_EN");
             return;
         }
         let sleep_type = (value >> SLEEP_TYPE_SHIFT) & SLEEP_TYPE_MASK;
-        if sleep_type == S5_SLEEP_TYPE {
+        if sleep_type == ACPI_S5_SLEEP_TYPE {
             info!("acpi: guest requested power off (S5)");
             self.exit.notify(StopReason::PowerOff);
         } else {
@@ -72,7 +67,7 @@ impl AcpiPmDevice {
             SLEEP_CONTROL_OFFSET => self.write_sleep_control(value),
             // Status bits are write-one-to-clear.
             SLEEP_STATUS_OFFSET => self.sleep_status &= !value,
-            RESET_OFFSET if value == RESET_VALUE => {
+            RESET_OFFSET if value == ACPI_RESET_VALUE => {
                 info!("acpi: guest requested reset");
                 self.exit.notify(StopReason::Reset);
             }
@@ -127,7 +122,7 @@ mod tests {
     #[test]
     fn constants_match_the_layout_contract() {
         // What layout.rs documents: Linux writes (5 << 2) | 0x20 = 0x34 to power off.
-        assert_eq!(sleep_control(S5_SLEEP_TYPE), 0x34);
+        assert_eq!(sleep_control(ACPI_S5_SLEEP_TYPE), 0x34);
         assert_eq!(
             (
                 SLEEP_CONTROL_OFFSET,
@@ -152,7 +147,7 @@ mod tests {
     #[test]
     fn s5_type_without_sleep_enable_does_nothing() {
         let (mut acpi, exit) = device();
-        acpi.write(SLEEP_CONTROL_OFFSET, &[S5_SLEEP_TYPE << 2]);
+        acpi.write(SLEEP_CONTROL_OFFSET, &[ACPI_S5_SLEEP_TYPE << 2]);
         assert_eq!(exit.reason(), None);
     }
 
@@ -160,7 +155,7 @@ mod tests {
     fn other_sleep_types_wake_immediately() {
         let (mut acpi, exit) = device();
         assert_eq!(read_status(&mut acpi), 0);
-        for sleep_type in (0..8).filter(|&t| t != S5_SLEEP_TYPE) {
+        for sleep_type in (0..8).filter(|&t| t != ACPI_S5_SLEEP_TYPE) {
             acpi.write(SLEEP_CONTROL_OFFSET, &[sleep_control(sleep_type)]);
             assert_eq!(exit.reason(), None, "sleep type {sleep_type}");
             assert_eq!(read_status(&mut acpi), WAKE_STATUS);
@@ -174,7 +169,7 @@ mod tests {
         let (mut acpi, exit) = device();
         acpi.write(RESET_OFFSET, &[0x06]);
         assert_eq!(exit.reason(), None, "only the FADT's reset value counts");
-        acpi.write(RESET_OFFSET, &[RESET_VALUE]);
+        acpi.write(RESET_OFFSET, &[ACPI_RESET_VALUE]);
         assert_eq!(exit.reason(), Some(StopReason::Reset));
     }
 
