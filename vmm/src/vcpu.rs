@@ -116,7 +116,8 @@ impl Vcpu {
                     break;
                 }
                 Err(err) => {
-                    log::error!("{err}");
+                    // The VMM thread reports the first vCPU error; later ones are only context.
+                    log::debug!("{err}");
                     self.exit.notify(StopReason::VcpuError);
                     return Err(err);
                 }

@@ -55,7 +55,7 @@ pub struct Vm {
     // Field order is drop order: vCPUs and the VM fd go before the memory they point into.
     vcpus: Vec<Vcpu>,
     _vm_fd: VmFd,
-    _kvm: KvmHost,
+    kvm: KvmHost,
     _memory: GuestMemory,
     exit: ExitNotifier,
     devices: LegacyDevices,
@@ -136,7 +136,7 @@ impl Vm {
             config,
             vcpus,
             _vm_fd: vm_fd,
-            _kvm: kvm,
+            kvm,
             _memory: memory,
             exit,
             devices: LegacyDevices { serial },
@@ -197,9 +197,17 @@ impl Vm {
             Some(StopReason::PowerOff) => Ok(VmOutcome::PowerOff),
             Some(StopReason::Reset) => Ok(VmOutcome::Reset),
             Some(StopReason::Panic) => Ok(VmOutcome::Panic),
-            Some(StopReason::VcpuError) | None => Err(vcpu_error
-                .map(Error::Vcpu)
-                .unwrap_or(Error::Internal("the VM stopped without a reason"))),
+            Some(StopReason::VcpuError) | None => {
+                if self.kvm.is_pvm {
+                    log::warn!(
+                        "the guest failed on a PVM host; an ordinary Linux kernel is expected \
+                         to fail here (see the PVM warning above)"
+                    );
+                }
+                Err(vcpu_error
+                    .map(Error::Vcpu)
+                    .unwrap_or(Error::Internal("the VM stopped without a reason")))
+            }
         }
     }
 }
