@@ -143,7 +143,16 @@ fn machine_description() -> String {
     format!("{cpu}, {cores} CPUs, {memory} RAM, Linux {kernel}, /dev/kvm: {kvm}")
 }
 
+/// The 1-minute load average: other work on the host skews every number.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn run(options: Options) -> Result<String, BenchError> {
+    let load_at_start = load_average();
     let mut scratch = Scratch::new()?;
     let kiln_binary = match options.kiln {
         Some(path) => path,
@@ -209,6 +218,10 @@ fn run(options: Options) -> Result<String, BenchError> {
     eprintln!("kiln-bench: start/stop cycles");
     rows.extend(bench.cycles()?);
     notes.append(&mut bench.notes);
+    notes.push(format!(
+        "Host load average (1 min): {load_at_start} at the start, {} at the end.",
+        load_average()
+    ));
 
     let mut text = header;
     text.push_str(&report::table(&rows));
