@@ -2,13 +2,14 @@
 //!
 //! Each [`GuestKind`] is its own ELF64 image loaded at 1 MiB that starts both through Kiln's
 //! Linux-style 64-bit entry (`e_entry`, RSI = boot_params) and through QEMU's PVH entry
-//! (ELF note 18, 32-bit protected mode). After a short ring-0 setup the workload runs in
-//! ring 3 with IOPL = 3, because ring-0 code is emulated (slow) on PVM hosts.
+//! (ELF note 18, 32-bit protected mode). After a short ring-0 setup, memory-bound loops run
+//! in ring 3 (ring-0 code is emulated, slowly, on PVM hosts) and port I/O in ring 0 (PVM does
+//! not honour IOPL for guest ring 3). `asm/guest.S` explains the details.
 //!
 //! Parameters come from the kernel command line, see [`Params`]. The VM ends with an i8042
-//! reset (0xfe to port 0x64) followed by a triple fault for machines without an i8042 (QEMU
-//! microvm); Kiln reports both as a reset (exit status 0). Because a crash also ends in a
-//! reset, success is judged by the markers the guests print on COM1.
+//! reset (0xfe to port 0x64: Kiln, QEMU q35), then an ACPI GED poweroff (QEMU microvm, which
+//! has no i8042), then a triple fault; Kiln reports a reset as exit status 0. Because a crash
+//! also ends in a reset, success is judged by the markers the guests print on COM1.
 
 #![deny(missing_docs)]
 
@@ -46,7 +47,7 @@ pub enum GuestKind {
     Exit,
     /// Prints [`HELLO_MARKER`] on COM1, then ends the VM.
     Hello,
-    /// `n` single-byte writes to port `port` from ring 3.
+    /// `n` single-byte writes to port `port` (from ring 0, unrolled 16 times).
     PioLoop,
     /// `n` 32-bit reads of `addr` (user-mapped MMIO) from ring 3.
     MmioLoop,
