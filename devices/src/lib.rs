@@ -4,11 +4,13 @@
 //! - [`exit`]: the single channel through which any device asks the VM to stop.
 //! - [`legacy`]: the few PC-compatible devices a microVM still needs (COM1 serial,
 //!   i8042 reset, pvpanic, ACPI power management, boot timer).
+//! - [`virtio`]: the virtio-mmio transport and the virtio devices (block).
 #![deny(missing_docs)]
 
 pub mod bus;
 pub mod exit;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitNotifier, StopReason};

@@ -1,0 +1,139 @@
+//! The virtio-blk device model the transport drives.
+
+use std::sync::Arc;
+
+use crate::virtio::log_limit::warn_limited;
+use crate::virtio::{
+    features as ring_features, ActivateError, Activation, LogLimiter, SharedSubscriber,
+    VirtioDevice,
+};
+
+use super::disk::DiskImage;
+use super::worker::{QueueWorker, WorkerThread};
+use super::{features, DEVICE_TYPE, QUEUE_SIZE, SEG_MAX};
+
+/// Offset of `seg_max` in `struct virtio_blk_config`.
+const CONFIG_SEG_MAX_OFFSET: usize = 12;
+/// Bytes of `struct virtio_blk_config` Kiln fills in: capacity, size_max, seg_max, geometry,
+/// blk_size. Later fields belong to features Kiln does not offer and read as zero.
+const CONFIG_SIZE: usize = 24;
+
+/// A virtio-blk device backed by a raw image.
+#[derive(Debug)]
+pub struct Block {
+    disk: Arc<DiskImage>,
+    config: [u8; CONFIG_SIZE],
+    queue_sizes: [u16; 1],
+    worker: Option<WorkerThread>,
+    warnings: LogLimiter,
+}
+
+impl Block {
+    /// A device for `disk`.
+    pub fn new(disk: DiskImage) -> Self {
+        let mut config = [0u8; CONFIG_SIZE];
+        config[..8].copy_from_slice(&disk.sectors().to_le_bytes());
+        config[CONFIG_SEG_MAX_OFFSET..CONFIG_SEG_MAX_OFFSET + 4]
+            .copy_from_slice(&SEG_MAX.to_le_bytes());
+        Self {
+            disk: Arc::new(disk),
+            config,
+            queue_sizes: [QUEUE_SIZE],
+            worker: None,
+            warnings: LogLimiter::new(),
+        }
+    }
+
+    /// The image behind the device.
+    pub fn disk(&self) -> &DiskImage {
+        &self.disk
+    }
+
+    /// Whether the I/O thread is running.
+    pub fn is_running(&self) -> bool {
+        self.worker.is_some()
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn features(&self) -> u64 {
+        let mut offered = (1 << ring_features::RING_INDIRECT_DESC)
+            | (1 << ring_features::RING_EVENT_IDX)
+            | (1 << features::SEG_MAX)
+            | (1 << features::FLUSH);
+        if self.disk.readonly() {
+            offered |= 1 << features::RO;
+        }
+        offered
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(available) = self.config.get(start..) {
+            let len = available.len().min(data.len());
+            data[..len].copy_from_slice(&available[..len]);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let what = format!("virtio-blk '{}'", self.disk.path().display());
+        warn_limited!(
+            self.warnings,
+            &what,
+            "{what}: the driver wrote {} bytes at configuration offset {offset:#x}; the configuration is read-only",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        activation: Activation,
+    ) -> Result<Option<SharedSubscriber>, ActivateError> {
+        // A reset always comes first, but never leave a second thread on the same queue.
+        self.reset();
+        let Activation {
+            memory,
+            queues,
+            queue_events,
+            interrupt,
+            ..
+        } = activation;
+        let (Some(queue), Some(queue_event)) =
+            (queues.into_iter().next(), queue_events.into_iter().next())
+        else {
+            return Err(ActivateError::QueueNotReady(0));
+        };
+        if !virtio_queue::QueueT::ready(&queue) {
+            return Err(ActivateError::QueueNotReady(0));
+        }
+        let worker = QueueWorker::new(queue, memory, self.disk.clone(), interrupt);
+        let thread = WorkerThread::spawn(worker)
+            .map_err(|err| ActivateError::Io("start the disk I/O thread", err))?;
+        let notifier = thread.notifier(queue_event);
+        self.worker = Some(thread);
+        log::debug!("virtio-blk '{}': activated", self.disk.path().display());
+        Ok(Some(Arc::new(std::sync::Mutex::new(notifier))))
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            worker.stop();
+            log::debug!("virtio-blk '{}': reset", self.disk.path().display());
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "device_tests.rs"]
+mod tests;

@@ -1,0 +1,217 @@
+//! The block device driven through the MMIO transport and a real event loop, the way a guest
+//! driver and Kiln's VMM thread use it.
+
+use std::time::{Duration, Instant};
+
+use event_manager::EventManager;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use kiln_arch::GuestMemoryMmap;
+
+use super::*;
+use crate::bus::BusDevice;
+use crate::virtio::block::test_utils::*;
+use crate::virtio::block::{request_status, request_type};
+use crate::virtio::mmio::{regs, MmioTransport};
+use crate::virtio::{status, EventLoopHandle, INTERRUPT_USED_RING};
+
+const QUEUE: u16 = 16;
+const USED_RING: u64 = 0x8000;
+
+fn read(t: &mut MmioTransport<Block>, offset: u64) -> u32 {
+    let mut data = [0u8; 4];
+    t.read(offset, &mut data);
+    u32::from_le_bytes(data)
+}
+
+fn write(t: &mut MmioTransport<Block>, offset: u64, value: u32) {
+    t.write(offset, &value.to_le_bytes());
+}
+
+fn offered(t: &mut MmioTransport<Block>) -> u64 {
+    write(t, regs::DEVICE_FEATURES_SEL, 0);
+    let low = read(t, regs::DEVICE_FEATURES);
+    write(t, regs::DEVICE_FEATURES_SEL, 1);
+    u64::from(read(t, regs::DEVICE_FEATURES)) << 32 | u64::from(low)
+}
+
+/// What Linux's virtio-mmio and virtio-blk drivers do to bring the device up.
+fn bring_up(t: &mut MmioTransport<Block>, vq: &MockSplitQueue<GuestMemoryMmap>) {
+    write(t, regs::STATUS, 0);
+    write(t, regs::STATUS, status::ACKNOWLEDGE);
+    write(t, regs::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+    let features = offered(t);
+    write(t, regs::DRIVER_FEATURES_SEL, 0);
+    write(t, regs::DRIVER_FEATURES, features as u32);
+    write(t, regs::DRIVER_FEATURES_SEL, 1);
+    write(t, regs::DRIVER_FEATURES, (features >> 32) as u32);
+    let negotiated = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+    write(t, regs::STATUS, negotiated);
+    assert_eq!(read(t, regs::STATUS), negotiated);
+    write(t, regs::QUEUE_SEL, 0);
+    assert_eq!(read(t, regs::QUEUE_NUM_MAX), u32::from(QUEUE_SIZE));
+    write(t, regs::QUEUE_NUM, u32::from(QUEUE));
+    write(t, regs::QUEUE_DESC_LOW, vq.desc_table_addr().0 as u32);
+    write(t, regs::QUEUE_DESC_HIGH, 0);
+    write(t, regs::QUEUE_AVAIL_LOW, vq.avail_addr().0 as u32);
+    write(t, regs::QUEUE_AVAIL_HIGH, 0);
+    write(t, regs::QUEUE_USED_LOW, USED_RING as u32);
+    write(t, regs::QUEUE_USED_HIGH, 0);
+    write(t, regs::QUEUE_READY, 1);
+    write(t, regs::STATUS, negotiated | status::DRIVER_OK);
+    assert_eq!(read(t, regs::STATUS), negotiated | status::DRIVER_OK);
+}
+
+fn used_idx(memory: &GuestMemoryMmap) -> u16 {
+    memory.read_obj(GuestAddress(USED_RING + 2)).unwrap()
+}
+
+/// Runs the event loop until the used ring reaches `count`.
+fn serve_until(
+    event_loop: &mut EventManager<SharedSubscriber>,
+    memory: &GuestMemoryMmap,
+    count: u16,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while used_idx(memory) != count {
+        assert!(Instant::now() < deadline, "request {count} was not served");
+        event_loop.run_with_timeout(5).unwrap();
+    }
+}
+
+#[test]
+fn configuration_space_reports_capacity_and_seg_max() {
+    let image = TempImage::new("config", 3 * 1024 * 1024);
+    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap());
+    let mut config = [0u8; 24];
+    block.read_config(0, &mut config);
+    assert_eq!(u64::from_le_bytes(config[..8].try_into().unwrap()), 6144);
+    assert_eq!(
+        u32::from_le_bytes(config[12..16].try_into().unwrap()),
+        SEG_MAX
+    );
+    let mut byte = [0xffu8; 1];
+    block.read_config(1, &mut byte);
+    assert_eq!(byte, [0x18]); // 6144 = 0x1800
+    let mut beyond = [0xffu8; 4];
+    block.read_config(60, &mut beyond);
+    assert_eq!(beyond, [0; 4]);
+    block.read_config(u64::MAX, &mut beyond);
+    assert_eq!(beyond, [0; 4]);
+
+    assert_eq!(block.features() & (1 << features::RO), 0);
+    assert_ne!(block.features() & (1 << features::FLUSH), 0);
+    drop(block);
+    let readonly = Block::new(DiskImage::open(image.path(), true, None).unwrap());
+    assert_ne!(readonly.features() & (1 << features::RO), 0);
+}
+
+#[test]
+fn guest_requests_are_served_through_the_transport_and_event_loop() {
+    let memory = guest_memory();
+    let image = TempImage::new("e2e", 1024 * 1024);
+    std::fs::write(image.path(), vec![0x3c; 1024 * 1024]).unwrap();
+    let mut event_loop = EventManager::<SharedSubscriber>::new().unwrap();
+    let block = Block::new(DiskImage::open(image.path(), false, Some("e2e")).unwrap());
+    let mut t = MmioTransport::new(
+        block,
+        memory.clone(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        Some(EventLoopHandle::new(event_loop.remote_endpoint())),
+    )
+    .unwrap();
+    let vq = MockSplitQueue::new(&memory, QUEUE);
+    bring_up(&mut t, &vq);
+    assert!(t.device().is_running());
+
+    // A write, then a read of the same sector.
+    write_header(&memory, HEADER, request_type::OUT, 100);
+    memory
+        .write_slice(&[0xa5; 1024], GuestAddress(DATA))
+        .unwrap();
+    vq.add_desc_chains(
+        &linked(0, &[(HEADER, 16, 0), (DATA, 1024, 0), (STATUS, 1, WRITE)]),
+        0,
+    )
+    .unwrap();
+    write(&mut t, regs::QUEUE_NOTIFY, 0);
+    serve_until(&mut event_loop, &memory, 1);
+    assert_eq!(
+        memory.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        request_status::OK
+    );
+    let content = std::fs::read(image.path()).unwrap();
+    assert_eq!(content[100 * 512..102 * 512], [0xa5; 1024]);
+    assert_eq!(content[102 * 512], 0x3c);
+    assert_ne!(
+        read(&mut t, regs::INTERRUPT_STATUS) & INTERRUPT_USED_RING,
+        0
+    );
+    write(&mut t, regs::INTERRUPT_ACK, INTERRUPT_USED_RING);
+
+    write_header(&memory, HEADER + 16, request_type::IN, 101);
+    vq.add_desc_chains(
+        &linked(
+            3,
+            &[
+                (HEADER + 16, 16, 0),
+                (DATA + 0x1000, 512, WRITE),
+                (STATUS + 1, 1, WRITE),
+            ],
+        ),
+        3,
+    )
+    .unwrap();
+    write(&mut t, regs::QUEUE_NOTIFY, 0);
+    serve_until(&mut event_loop, &memory, 2);
+    let mut sector = [0u8; 512];
+    memory
+        .read_slice(&mut sector, GuestAddress(DATA + 0x1000))
+        .unwrap();
+    assert_eq!(sector, [0xa5; 512]);
+
+    // The driver reloads: reset stops the I/O thread, a new bring-up starts a fresh one on
+    // a fresh queue.
+    write(&mut t, regs::STATUS, 0);
+    assert!(!t.device().is_running());
+    assert_eq!(read(&mut t, regs::STATUS), 0);
+    // The new driver instance starts from fresh rings.
+    memory
+        .write_slice(&[0u8; 0x100], GuestAddress(USED_RING))
+        .unwrap();
+    let vq = MockSplitQueue::new(&memory, QUEUE);
+    bring_up(&mut t, &vq);
+    assert!(t.device().is_running());
+    write_header(&memory, HEADER, request_type::GET_ID, 0);
+    vq.add_desc_chains(
+        &linked(0, &[(HEADER, 16, 0), (DATA, 20, WRITE), (STATUS, 1, WRITE)]),
+        0,
+    )
+    .unwrap();
+    write(&mut t, regs::QUEUE_NOTIFY, 0);
+    serve_until(&mut event_loop, &memory, 1);
+    let mut id = [0u8; 20];
+    memory.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id[..4], b"e2e\0");
+}
+
+#[test]
+fn activation_without_a_ready_queue_fails_cleanly() {
+    let memory = guest_memory();
+    let image = TempImage::new("noqueue", 4096);
+    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap());
+    let mut t =
+        MmioTransport::new(block, memory, EventFd::new(EFD_NONBLOCK).unwrap(), None).unwrap();
+    write(&mut t, regs::STATUS, status::ACKNOWLEDGE);
+    write(&mut t, regs::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+    write(&mut t, regs::DRIVER_FEATURES_SEL, 1);
+    write(&mut t, regs::DRIVER_FEATURES, 1);
+    let negotiated = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+    write(&mut t, regs::STATUS, negotiated);
+    write(&mut t, regs::STATUS, negotiated | status::DRIVER_OK);
+    assert!(!t.is_active());
+    assert!(!t.device().is_running());
+    assert_ne!(read(&mut t, regs::STATUS) & status::NEEDS_RESET, 0);
+}

@@ -1,0 +1,162 @@
+//! virtio-blk backed by a raw image file.
+//!
+//! - [`disk`]: opening, locking and checking the image; `pread`/`pwrite` against guest memory.
+//! - [`request`]: turning a descriptor chain into a request, refusing malformed ones, and
+//!   carrying it out.
+//! - [`worker`]: the per-disk I/O thread and the event loop handler that wakes it.
+//! - [`device`]: the [`VirtioDevice`](super::VirtioDevice) the transport drives.
+//!
+//! Supported requests: read, write, flush (`fdatasync`) and get-id. Discard and write-zeroes
+//! are not offered.
+
+pub mod device;
+pub mod disk;
+pub mod request;
+pub mod worker;
+
+pub use device::Block;
+pub use disk::{DiskError, DiskImage};
+
+/// virtio device ID of a block device.
+pub const DEVICE_TYPE: u32 = 2;
+/// Sector size of the virtio-blk protocol, independent of the image's block size.
+pub const SECTOR_SIZE: u64 = 512;
+/// Length of the serial returned by `VIRTIO_BLK_T_GET_ID`.
+pub const ID_BYTES: usize = 20;
+/// Size of the single request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Data segments per request the driver may use (`seg_max`): with the header and the status
+/// descriptor a request then fits in half the queue even without indirect descriptors.
+pub const SEG_MAX: u32 = 126;
+
+/// virtio-blk feature bits (virtio 1.2, 5.2.3).
+pub mod features {
+    /// `seg_max` in the configuration space is valid.
+    pub const SEG_MAX: u32 = 2;
+    /// The disk is read-only.
+    pub const RO: u32 = 5;
+    /// Flush requests are supported (the guest uses a write-back cache).
+    pub const FLUSH: u32 = 9;
+}
+
+/// Request types (`type` in the request header).
+pub mod request_type {
+    /// Read.
+    pub const IN: u32 = 0;
+    /// Write.
+    pub const OUT: u32 = 1;
+    /// Flush.
+    pub const FLUSH: u32 = 4;
+    /// Get the serial number.
+    pub const GET_ID: u32 = 8;
+}
+
+/// Status byte values.
+pub mod request_status {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// The request failed.
+    pub const IOERR: u8 = 1;
+    /// The request type is not supported.
+    pub const UNSUPP: u8 = 2;
+}
+
+#[cfg(test)]
+pub(crate) mod test_utils {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use kiln_arch::GuestMemoryMmap;
+
+    /// `VRING_DESC_F_NEXT`.
+    pub const NEXT: u16 = 1;
+    /// `VRING_DESC_F_WRITE`.
+    pub const WRITE: u16 = 2;
+    /// `VRING_DESC_F_INDIRECT`.
+    pub const INDIRECT: u16 = 4;
+
+    /// Where tests put request headers, data and status bytes (the mock queue sits at 0).
+    pub const HEADER: u64 = 0x1_0000;
+    /// Data buffers.
+    pub const DATA: u64 = 0x2_0000;
+    /// Status bytes.
+    pub const STATUS: u64 = 0x3_0000;
+
+    /// Writes a request header at `addr`.
+    pub fn write_header(memory: &GuestMemoryMmap, addr: u64, request_type: u32, sector: u64) {
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&request_type.to_le_bytes());
+        header[8..].copy_from_slice(&sector.to_le_bytes());
+        memory.write_slice(&header, GuestAddress(addr)).unwrap();
+    }
+
+    /// Descriptors `(addr, len, flags)` linked into one chain that starts at table index
+    /// `first` (NEXT is set on all but the last).
+    pub fn linked(first: u16, specs: &[(u64, u32, u16)]) -> Vec<RawDescriptor> {
+        specs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, flags))| {
+                let last = i + 1 == specs.len();
+                let flags = if last { flags & !NEXT } else { flags | NEXT };
+                let next = if last { 0 } else { first + i as u16 + 1 };
+                RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+            })
+            .collect()
+    }
+
+    /// A descriptor with exactly these fields.
+    pub fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+    }
+
+    /// Guest memory size for tests: two adjacent regions, split at [`REGION_SPLIT`].
+    pub const MEMORY_SIZE: u64 = 0x100_0000;
+    /// Where the second test memory region starts, so buffers can straddle regions.
+    pub const REGION_SPLIT: u64 = 0x80_0000;
+
+    /// 16 MiB of guest memory in two regions.
+    pub fn guest_memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), REGION_SPLIT as usize),
+            (
+                GuestAddress(REGION_SPLIT),
+                (MEMORY_SIZE - REGION_SPLIT) as usize,
+            ),
+        ])
+        .expect("test guest memory")
+    }
+
+    /// A zero-filled temporary image file, removed on drop.
+    pub struct TempImage {
+        path: PathBuf,
+    }
+
+    impl TempImage {
+        pub fn new(name: &str, size: u64) -> Self {
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "kiln-blk-{}-{}-{name}.img",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            let file = std::fs::File::create(&path).expect("create test image");
+            file.set_len(size).expect("size test image");
+            Self { path }
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.path
+        }
+    }
+
+    impl Drop for TempImage {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
