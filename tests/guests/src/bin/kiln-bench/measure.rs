@@ -307,18 +307,37 @@ fn status_field_kib(text: &str, field: &str) -> Option<u64> {
         .ok()
 }
 
-/// Pids of live processes whose executable is `binary`.
-pub fn processes_running(binary: &Path) -> Vec<libc::pid_t> {
-    let Ok(target) = binary.canonicalize() else {
-        return Vec::new();
-    };
+/// Makes this process the reaper of orphaned descendants, so that anything a VMM leaves
+/// running after its own exit becomes our child and shows up in [`children`].
+pub fn become_subreaper() -> Result<(), BenchError> {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag; no memory is passed.
+    let result = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if result != 0 {
+        return Err(BenchError::new(format!(
+            "prctl(PR_SET_CHILD_SUBREAPER) failed: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Pids of this process's children, live or zombie.
+pub fn children() -> Vec<libc::pid_t> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
+    let me = std::process::id().to_string();
     entries
         .filter_map(|entry| entry.ok())
         .filter_map(|entry| entry.file_name().to_str()?.parse::<libc::pid_t>().ok())
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == target))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix("PPid:"))
+                    .is_some_and(|ppid| ppid.trim() == me)
+            })
+        })
         .collect()
 }
 
@@ -355,5 +374,33 @@ mod tests {
         assert_eq!(status_field_kib(text, "VmHWM:"), None);
         assert!(current_rss_kib(std::process::id() as libc::pid_t).is_some());
         assert!(open_fds(std::process::id() as libc::pid_t).is_some_and(|fds| fds >= 3));
+    }
+
+    #[test]
+    fn an_orphaned_grandchild_is_found() {
+        become_subreaper().expect("prctl");
+        // The shell exits at once and leaves its `sleep` child behind: it must become ours.
+        let status = Command::new("sh")
+            .args(["-c", "sleep 5 & exit 0"])
+            .status()
+            .expect("sh");
+        assert!(status.success());
+        std::thread::sleep(Duration::from_millis(200));
+        let found: Vec<_> = children()
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.trim() == "sleep")
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "{found:?}");
+        for pid in found {
+            // SAFETY: kill/waitpid on our own (adopted) child; no memory involved besides the
+            // null status pointer, which waitpid accepts.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
     }
 }

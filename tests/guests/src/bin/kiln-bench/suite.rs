@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use kiln_test_guests::{parse_done, Done, GuestKind, Params, HELLO_MARKER};
 
 use crate::measure::{
-    current_rss_kib, host_file_handles, mem_available_kib, open_fds, processes_running, run_once,
-    Running, Sample, Scratch,
+    become_subreaper, children, current_rss_kib, host_file_handles, mem_available_kib, open_fds,
+    run_once, Running, Sample, Scratch,
 };
 use crate::report::Row;
 use crate::vmm::{VmSpec, Vmm, VmmKind};
@@ -416,6 +416,7 @@ impl Bench {
         let mut handles = PerVmm::default();
         let mut memory = PerVmm::default();
         let mut leftovers = PerVmm::default();
+        become_subreaper()?;
         for vmm in self.order(0) {
             let handles_before = host_file_handles();
             let available_before = mem_available_kib();
@@ -431,7 +432,7 @@ impl Bench {
             if let (Some(before), Some(after)) = (available_before, mem_available_kib()) {
                 memory.push(&vmm, (before as f64 - after as f64) / 1024.0);
             }
-            leftovers.push(&vmm, processes_running(&vmm.binary).len() as f64);
+            leftovers.push(&vmm, children().len() as f64);
         }
         let cycles = self.sizes.cycles;
         let mut rows = vec![
@@ -442,7 +443,7 @@ impl Bench {
             memory.row(format!(
                 "Host MemAvailable drop after {cycles} cycles (MiB)"
             )),
-            leftovers.row("VMM processes left running"),
+            leftovers.row("Processes left behind (the bench is their subreaper)"),
         ];
         // These are single before/after differences, not medians of repetitions.
         for row in rows.iter_mut().skip(1) {
