@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod disk;
+pub use disk::{disk_name, DiskConfig, MAX_DISKS};
+
 /// Smallest guest memory Kiln accepts: below this a Linux guest cannot boot usefully.
 pub const MIN_MEMORY_MIB: u32 = 32;
 /// Guest memory when none is asked for.
@@ -73,6 +76,9 @@ pub struct VmConfig {
     /// Serial console routing.
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// Disks, in the order the guest sees them (`vda`, `vdb`, ...).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
 }
 
 fn default_cpus() -> u8 {
@@ -149,6 +155,27 @@ pub enum ConfigError {
     /// The command line holds a byte the kernel cannot take.
     #[error("kernel command line contains a NUL byte or non-ASCII character")]
     CmdlineInvalid,
+    /// A `--disk` argument did not parse.
+    #[error("invalid --disk '{spec}': {reason}")]
+    InvalidDiskSpec {
+        /// The argument.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A disk was refused.
+    #[error("disk {index} ('{path}') {problem}", path = path.display())]
+    BadDisk {
+        /// Its position among the disks, from 1.
+        index: usize,
+        /// Its image.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// More disks than virtio-mmio slots.
+    #[error("{0} disks asked for; Kiln has room for at most {MAX_DISKS}")]
+    TooManyDisks(usize),
 }
 
 impl VmConfig {
@@ -161,6 +188,7 @@ impl VmConfig {
             cpus: DEFAULT_CPUS,
             memory_mib: DEFAULT_MEMORY_MIB,
             console: ConsoleConfig::default(),
+            disks: Vec::new(),
         }
     }
 
@@ -181,12 +209,30 @@ impl VmConfig {
         serde_json::from_str(text).map_err(|err| err.to_string())
     }
 
-    /// The full kernel command line: Kiln's defaults, then the user's arguments.
+    /// The full kernel command line: Kiln's defaults, the root disk, then the user's arguments.
     pub fn full_cmdline(&self) -> String {
-        match self.cmdline.as_deref().map(str::trim) {
-            Some(extra) if !extra.is_empty() => format!("{DEFAULT_KERNEL_CMDLINE} {extra}"),
-            _ => DEFAULT_KERNEL_CMDLINE.to_string(),
+        self.kernel_cmdline(&[])
+    }
+
+    /// The kernel command line with `device_args` (the device manager's `virtio_mmio.device=`
+    /// entries) after Kiln's defaults and the root disk, and before the user's arguments, which
+    /// may end in `-- ARGS FOR INIT`.
+    pub fn kernel_cmdline(&self, device_args: &[String]) -> String {
+        let mut args = vec![DEFAULT_KERNEL_CMDLINE.to_string()];
+        if let Some(index) = self.disks.iter().position(|disk| disk.root) {
+            let mode = if self.disks[index].readonly {
+                "ro"
+            } else {
+                "rw"
+            };
+            args.push(format!("root=/dev/{} {mode}", disk_name(index)));
         }
+        args.extend(device_args.iter().cloned());
+        match self.cmdline.as_deref().map(str::trim) {
+            Some(extra) if !extra.is_empty() => args.push(extra.to_string()),
+            _ => {}
+        }
+        args.join(" ")
     }
 
     /// Guest memory in bytes.
@@ -219,6 +265,7 @@ impl VmConfig {
                 });
             }
         }
+        disk::validate_disks(&self.disks)?;
         let cmdline = self.full_cmdline();
         if !cmdline.is_ascii() || cmdline.contains('\0') {
             return Err(ConfigError::CmdlineInvalid);

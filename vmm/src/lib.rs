@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod device_manager;
 pub mod event_loop;
 pub mod kvm;
 pub mod loader;
@@ -52,6 +53,9 @@ pub enum Error {
     /// The x86 boot state could not be written.
     #[error("cannot {0}: {1}")]
     Arch(&'static str, String),
+    /// A virtio device (a disk...) could not be set up.
+    #[error(transparent)]
+    Devices(#[from] device_manager::DeviceError),
     /// A device could not be placed on its bus.
     #[error("cannot place the {0} on its bus: {1}")]
     Bus(&'static str, kiln_devices::bus::BusError),

@@ -39,6 +39,31 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
     })
 }
 
+/// Asks for transparent huge pages on guest RAM: a guest first-touching its memory then takes
+/// one fault per 2 MiB instead of one per 4 KiB. Advisory: failure only costs speed.
+pub fn advise_huge_pages(memory: &GuestMemory) {
+    for region in memory.iter() {
+        let Ok(host_address) = memory.get_host_address(region.start_addr()) else {
+            continue;
+        };
+        // SAFETY: the range is exactly one live mapping owned by `memory`; MADV_HUGEPAGE only
+        // changes how the kernel backs it, never its contents or validity.
+        let result = unsafe {
+            libc::madvise(
+                host_address.cast(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if result != 0 {
+            log::debug!(
+                "madvise(MADV_HUGEPAGE) on guest memory failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 /// Hands every region to KVM, one slot each.
 pub fn register_guest_memory(vm_fd: &VmFd, memory: &GuestMemory) -> Result<(), MemoryError> {
     for (slot, region) in (0u32..).zip(memory.iter()) {

@@ -17,6 +17,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a stopping vCPU thread is signalled again (a signal that lands just before
 /// KVM_RUN is entered would otherwise be missed).
 const KICK_INTERVAL: Duration = Duration::from_millis(5);
+/// How often `stop_all` looks whether the threads are done (they normally are within
+/// microseconds of the first kick).
+const STOP_POLL_INTERVAL: Duration = Duration::from_micros(100);
 
 /// Why a vCPU thread failed.
 #[derive(Debug, thiserror::Error)]
@@ -228,13 +231,17 @@ impl VcpuThreads {
     pub fn stop_all(&mut self) -> Option<VcpuError> {
         self.stop.store(true, Ordering::Release);
         let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut next_kick = Instant::now();
         while self.handles.iter().any(|(_, h)| !h.is_finished()) && Instant::now() < deadline {
-            for (id, handle) in self.handles.iter().filter(|(_, h)| !h.is_finished()) {
-                if let Err(err) = handle.kill(kick_signal()) {
-                    log::debug!("cannot signal vCPU {id}: {err}");
+            if Instant::now() >= next_kick {
+                for (id, handle) in self.handles.iter().filter(|(_, h)| !h.is_finished()) {
+                    if let Err(err) = handle.kill(kick_signal()) {
+                        log::debug!("cannot signal vCPU {id}: {err}");
+                    }
                 }
+                next_kick = Instant::now() + KICK_INTERVAL;
             }
-            std::thread::sleep(KICK_INTERVAL);
+            std::thread::sleep(STOP_POLL_INTERVAL);
         }
         let mut first_error = None;
         for (id, handle) in self.handles.drain(..) {

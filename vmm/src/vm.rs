@@ -20,12 +20,14 @@ use kiln_devices::legacy::boot_timer::BootTimer;
 use kiln_devices::legacy::i8042::I8042Device;
 use kiln_devices::legacy::pvpanic::PvPanicDevice;
 use kiln_devices::legacy::serial::{EventFdTrigger, SerialDevice};
+use kiln_devices::virtio::EventLoopHandle;
 
 use crate::config::{host_memory_mib, ConsoleConfig, VmConfig};
+use crate::device_manager::DeviceManager;
 use crate::event_loop::{ConsoleInput, EventLoop, StopWatcher};
 use crate::kvm::{open_kvm, KvmHost, KVM_DEVICE};
 use crate::loader::{load_cmdline, load_initrd, load_kernel, LoadedKernel};
-use crate::memory::{create_guest_memory, register_guest_memory, GuestMemory};
+use crate::memory::{advise_huge_pages, create_guest_memory, register_guest_memory, GuestMemory};
 use crate::signals::StopSignals;
 use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, Vcpu, VcpuThreads};
@@ -60,6 +62,9 @@ pub struct Vm {
     exit: ExitNotifier,
     devices: LegacyDevices,
     _serial_irq: EventFd,
+    /// Created early: virtio devices subscribe to it through its remote endpoint.
+    event_loop: EventLoop,
+    _virtio: DeviceManager,
 }
 
 impl std::fmt::Debug for Vm {
@@ -99,17 +104,30 @@ impl Vm {
             .map_err(|e| Error::KvmIoctl("create the in-kernel PIT", e))?;
 
         let memory = create_guest_memory(config.memory_bytes())?;
+        advise_huge_pages(&memory);
         register_guest_memory(&vm_fd, &memory)?;
+
+        let event_loop = EventLoop::new().map_err(Error::EventLoop)?;
+        let mut virtio = DeviceManager::new();
+        let loop_handle = EventLoopHandle::new(event_loop.remote_endpoint());
+        virtio.add_disks(&vm_fd, &memory, &loop_handle, &config.disks)?;
 
         let kernel = load_kernel(&memory, &config.kernel)?;
         let initrd = match &config.initrd {
             Some(path) => Some(load_initrd(&memory, path, kernel.end)?),
             None => None,
         };
-        let cmdline = config.full_cmdline();
+        let cmdline = config.kernel_cmdline(&virtio.cmdline_args());
         let cmdline_size = load_cmdline(&memory, &cmdline)?;
         log::debug!("kernel command line: {cmdline}");
-        configure_platform(&memory, &config, &kernel, initrd, cmdline_size)?;
+        configure_platform(
+            &memory,
+            &config,
+            &kernel,
+            initrd,
+            cmdline_size,
+            virtio.acpi_devices(),
+        )?;
 
         let exit = ExitNotifier::new().map_err(|e| Error::Io("create the exit eventfd", e))?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
@@ -126,7 +144,7 @@ impl Vm {
             serial_trigger,
             console_output(&config.console)?,
         )));
-        let (io_bus, mmio_bus) = build_buses(&exit, &serial, start)?;
+        let (io_bus, mmio_bus) = build_buses(&exit, &serial, start, &virtio)?;
 
         let vcpus = create_vcpus(
             &kvm, &vm_fd, &memory, &config, &kernel, io_bus, mmio_bus, &exit,
@@ -141,6 +159,8 @@ impl Vm {
             exit,
             devices: LegacyDevices { serial },
             _serial_irq: serial_irq,
+            event_loop,
+            _virtio: virtio,
         })
     }
 
@@ -149,7 +169,7 @@ impl Vm {
         install_kick_handler().map_err(|e| Error::Io("install the vCPU kick handler", e))?;
         let signals =
             StopSignals::install().map_err(|e| Error::Io("install signal handlers", e))?;
-        let mut event_loop = EventLoop::new().map_err(Error::EventLoop)?;
+        let mut event_loop = self.event_loop;
         let watcher = Arc::new(Mutex::new(StopWatcher::new(
             self.exit.eventfd(),
             signals.eventfd(),
@@ -231,12 +251,13 @@ fn configure_platform(
     kernel: &LoadedKernel,
     initrd: Option<(GuestAddress, usize)>,
     cmdline_size: usize,
+    virtio_mmio: Vec<(u64, u64, u32)>,
 ) -> Result<(), Error> {
     kiln_arch::mptable::setup_mptable(memory, config.cpus).map_err(arch("write the MP table"))?;
     let acpi = kiln_arch::acpi::AcpiConfig {
         num_cpus: config.cpus,
         legacy_devices: kiln_arch::acpi::LegacyDevices::default(),
-        virtio_mmio: Vec::new(),
+        virtio_mmio,
     };
     let rsdp =
         kiln_arch::acpi::setup_acpi_tables(memory, acpi).map_err(arch("write the ACPI tables"))?;
@@ -256,6 +277,7 @@ fn build_buses(
     exit: &ExitNotifier,
     serial: &Arc<Mutex<SerialDevice>>,
     start: Instant,
+    virtio: &DeviceManager,
 ) -> Result<(Arc<Bus>, Arc<Bus>), Error> {
     let mut io_bus = Bus::new();
     let bus_err = |what: &'static str| move |err| Error::Bus(what, err);
@@ -291,6 +313,7 @@ fn build_buses(
             layout::BOOT_TIMER_SIZE,
         )
         .map_err(bus_err("boot timer"))?;
+    virtio.attach(&mut mmio_bus)?;
     Ok((Arc::new(io_bus), Arc::new(mmio_bus)))
 }
 

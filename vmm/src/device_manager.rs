@@ -1,0 +1,252 @@
+//! virtio devices of a VM: where they sit, how they are wired to KVM and announced to the guest.
+//!
+//! Each device gets one virtio-mmio window (4 KiB, from `VIRTIO_MMIO_START`) and one IRQ line
+//! (from `VIRTIO_IRQ_FIRST`), handed out in order by vm-allocator. Its queue notifications
+//! are KVM ioeventfds on the window's `QueueNotify` register (datamatch: the queue index), its
+//! interrupt a KVM irqfd on its line. The guest learns about it twice: a
+//! `virtio_mmio.device=4K@BASE:IRQ` kernel argument (kernels with
+//! `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`) and an `LNRO0005` device in the ACPI DSDT (kernels
+//! that only enumerate virtio-mmio through ACPI, like distribution kernels).
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use kiln_arch::layout::{VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use kiln_devices::bus::{Bus, BusDevice, BusError};
+use kiln_devices::virtio::block::{Block, DiskError, DiskImage};
+use kiln_devices::virtio::mmio::{regs, MmioTransport, TransportError};
+use kiln_devices::virtio::{EventLoopHandle, VirtioDevice};
+
+use crate::config::{disk_name, DiskConfig};
+use crate::memory::GuestMemory;
+
+/// Number of virtio-mmio slots: one per IRQ line set aside for virtio.
+pub const VIRTIO_SLOTS: u32 = VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1;
+
+/// Why a device could not be set up. Every message names the device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A disk image could not be used.
+    #[error("disk {index}: {source}")]
+    Disk {
+        /// Position among the disks, from 1.
+        index: usize,
+        /// Why.
+        source: DiskError,
+    },
+    /// All virtio-mmio windows or IRQ lines are taken.
+    #[error("no virtio-mmio slot left for {0} (at most {VIRTIO_SLOTS} virtio devices)")]
+    NoSlot(String),
+    /// The transport refused the device.
+    #[error("{0}: {1}")]
+    Transport(String, TransportError),
+    /// An eventfd could not be created.
+    #[error("{0}: cannot create its interrupt eventfd: {1}")]
+    EventFd(String, std::io::Error),
+    /// KVM refused an irqfd or ioeventfd.
+    #[error("{what}: KVM could not {action}: {source}")]
+    Kvm {
+        /// The device.
+        what: String,
+        /// What was attempted.
+        action: &'static str,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+    /// The device could not be placed on the MMIO bus.
+    #[error("{0}: {1}")]
+    Bus(String, BusError),
+}
+
+/// The KVM calls that wire a device up; a trait so that tests can record them.
+pub trait IrqAndIoEvents {
+    /// Connects `irq_event` to guest interrupt line `irq`.
+    fn register_irqfd(&self, irq_event: &EventFd, irq: u32) -> Result<(), kvm_ioctls::Error>;
+    /// Makes guest writes of `datamatch` (32 bits) to MMIO address `addr` signal `event`.
+    fn register_mmio_ioevent(
+        &self,
+        event: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), kvm_ioctls::Error>;
+}
+
+impl IrqAndIoEvents for VmFd {
+    fn register_irqfd(&self, irq_event: &EventFd, irq: u32) -> Result<(), kvm_ioctls::Error> {
+        VmFd::register_irqfd(self, irq_event, irq)
+    }
+
+    fn register_mmio_ioevent(
+        &self,
+        event: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), kvm_ioctls::Error> {
+        self.register_ioevent(event, &IoEventAddress::Mmio(addr), datamatch)
+    }
+}
+
+/// One placed virtio device.
+struct VirtioSlot {
+    what: String,
+    base: u64,
+    irq: u32,
+    transport: Arc<Mutex<dyn BusDevice>>,
+}
+
+/// The VM's virtio devices.
+pub struct DeviceManager {
+    addresses: AddressAllocator,
+    irqs: IdAllocator,
+    slots: Vec<VirtioSlot>,
+}
+
+impl std::fmt::Debug for DeviceManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(
+                self.slots
+                    .iter()
+                    .map(|s| (&s.what, format!("{:#x}", s.base), s.irq)),
+            )
+            .finish()
+    }
+}
+
+impl DeviceManager {
+    /// A manager with every slot free.
+    pub fn new() -> Self {
+        let window = u64::from(VIRTIO_SLOTS) * VIRTIO_MMIO_SIZE;
+        Self {
+            // Both ranges are fixed and non-empty, so the allocators cannot refuse them.
+            addresses: AddressAllocator::new(VIRTIO_MMIO_START, window)
+                .expect("the virtio-mmio window is a valid range"),
+            irqs: IdAllocator::new(VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST)
+                .expect("the virtio IRQ lines are a valid range"),
+            slots: Vec::new(),
+        }
+    }
+
+    /// Opens every disk (in order: `vda`, `vdb`, ...) and adds it as a virtio-blk device.
+    pub fn add_disks(
+        &mut self,
+        kvm: &dyn IrqAndIoEvents,
+        memory: &GuestMemory,
+        event_loop: &EventLoopHandle,
+        disks: &[DiskConfig],
+    ) -> Result<(), DeviceError> {
+        for (index, disk) in disks.iter().enumerate() {
+            let image = DiskImage::open(&disk.path, disk.readonly, disk.id.as_deref()).map_err(
+                |source| DeviceError::Disk {
+                    index: index + 1,
+                    source,
+                },
+            )?;
+            let what = format!(
+                "disk {} ({}, '{}'{})",
+                index + 1,
+                disk_name(index),
+                disk.path.display(),
+                if disk.readonly { ", read-only" } else { "" }
+            );
+            let sectors = image.sectors();
+            let (base, irq) =
+                self.add_virtio_device(kvm, memory, event_loop, Block::new(image), what.clone())?;
+            log::debug!("{what}: {sectors} sectors, virtio-mmio at {base:#x}, IRQ {irq}");
+        }
+        Ok(())
+    }
+
+    /// Places `device` in the next free slot and wires it to KVM; returns its base and IRQ.
+    pub fn add_virtio_device<D: VirtioDevice + 'static>(
+        &mut self,
+        kvm: &dyn IrqAndIoEvents,
+        memory: &GuestMemory,
+        event_loop: &EventLoopHandle,
+        device: D,
+        what: String,
+    ) -> Result<(u64, u32), DeviceError> {
+        let base = self
+            .addresses
+            .allocate(VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE, AllocPolicy::FirstMatch)
+            .map_err(|_| DeviceError::NoSlot(what.clone()))?
+            .start();
+        let irq = match self.irqs.allocate_id() {
+            Ok(irq) => irq,
+            Err(_) => return Err(DeviceError::NoSlot(what)),
+        };
+        let kvm_error = |action| {
+            let what = what.clone();
+            move |source| DeviceError::Kvm {
+                what,
+                action,
+                source,
+            }
+        };
+        let irq_event =
+            EventFd::new(EFD_NONBLOCK).map_err(|err| DeviceError::EventFd(what.clone(), err))?;
+        kvm.register_irqfd(&irq_event, irq)
+            .map_err(kvm_error("connect its interrupt (irqfd)"))?;
+        let transport =
+            MmioTransport::new(device, memory.clone(), irq_event, Some(event_loop.clone()))
+                .map_err(|err| DeviceError::Transport(what.clone(), err))?;
+        for (index, event) in transport.queue_events().iter().enumerate() {
+            // Queue counts come from the device model and are tiny.
+            kvm.register_mmio_ioevent(event, base + regs::QUEUE_NOTIFY, index as u32)
+                .map_err(kvm_error("connect a queue notification (ioeventfd)"))?;
+        }
+        self.slots.push(VirtioSlot {
+            what,
+            base,
+            irq,
+            transport: Arc::new(Mutex::new(transport)),
+        });
+        Ok((base, irq))
+    }
+
+    /// Kernel arguments announcing every device: `virtio_mmio.device=4K@0xd0001000:5`.
+    pub fn cmdline_args(&self) -> Vec<String> {
+        self.slots
+            .iter()
+            .map(|slot| {
+                format!(
+                    "virtio_mmio.device={}K@{:#x}:{}",
+                    VIRTIO_MMIO_SIZE >> 10,
+                    slot.base,
+                    slot.irq
+                )
+            })
+            .collect()
+    }
+
+    /// `(base, size, irq)` of every device, for the ACPI DSDT.
+    pub fn acpi_devices(&self) -> Vec<(u64, u64, u32)> {
+        self.slots
+            .iter()
+            .map(|slot| (slot.base, VIRTIO_MMIO_SIZE, slot.irq))
+            .collect()
+    }
+
+    /// Puts every device on the MMIO bus.
+    pub fn attach(&self, mmio_bus: &mut Bus) -> Result<(), DeviceError> {
+        for slot in &self.slots {
+            mmio_bus
+                .insert(slot.transport.clone(), slot.base, VIRTIO_MMIO_SIZE)
+                .map_err(|err| DeviceError::Bus(slot.what.clone(), err))?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for DeviceManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+#[path = "device_manager_tests.rs"]
+mod tests;
