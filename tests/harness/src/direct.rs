@@ -1,0 +1,86 @@
+//! Direct mode: each test runs `kiln` on this machine's `/dev/kvm`.
+
+use std::fs::{self, File};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::cpio;
+use crate::guest_test::GuestTest;
+use crate::images::GuestImages;
+use crate::outcome::GuestOutcome;
+use crate::process::{shell_exit_code, wait_with_limit};
+use crate::{test_dir_name, HarnessError};
+
+/// Runs the tests one after another; `workdir` receives one directory per test.
+pub fn run(
+    tests: &[GuestTest],
+    kiln: &Path,
+    images: &GuestImages,
+    workdir: &Path,
+) -> Result<Vec<GuestOutcome>, HarnessError> {
+    let initramfs = images.initramfs();
+    let base = fs::read(&initramfs)
+        .map_err(|error| HarnessError::Setup(format!("{}: {error}", initramfs.display())))?;
+    let mut outcomes = Vec::with_capacity(tests.len());
+    for (index, test) in tests.iter().enumerate() {
+        let dir = workdir.join(test_dir_name(index, test.name()));
+        let outcome =
+            run_one(test, kiln, images, &base, &dir).unwrap_or_else(|problem| GuestOutcome {
+                name: test.name().to_string(),
+                time_limit: test.time_limit(),
+                problem: Some(problem),
+                logs: vec![dir.clone()],
+                ..GuestOutcome::default()
+            });
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+fn run_one(
+    test: &GuestTest,
+    kiln: &Path,
+    images: &GuestImages,
+    base_initramfs: &[u8],
+    dir: &Path,
+) -> Result<GuestOutcome, String> {
+    let io_error = |what: &str, error: std::io::Error| format!("{what}: {error}");
+    fs::create_dir_all(dir).map_err(|e| io_error(&dir.display().to_string(), e))?;
+    let initrd = dir.join("initrd");
+    fs::write(
+        &initrd,
+        cpio::concatenate(base_initramfs, &test.initramfs_addition()),
+    )
+    .map_err(|e| io_error(&initrd.display().to_string(), e))?;
+    let kernel = images.kernel(test.kernel_variant());
+    let args = test.kiln_arguments(&kernel.to_string_lossy(), &initrd.to_string_lossy());
+    let stdout_path = dir.join("stdout");
+    let stderr_path = dir.join("stderr");
+    let stdout = File::create(&stdout_path).map_err(|e| io_error("stdout file", e))?;
+    let stderr = File::create(&stderr_path).map_err(|e| io_error("stderr file", e))?;
+    let mut child = Command::new(kiln)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .map_err(|e| io_error(&format!("cannot start {}", kiln.display()), e))?;
+    let ended = wait_with_limit(&mut child, test.time_limit(), None)
+        .map_err(|e| io_error("waiting for kiln", e))?;
+    let read = |path: &Path| {
+        fs::read(path)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    };
+    Ok(GuestOutcome {
+        name: test.name().to_string(),
+        stdout: read(&stdout_path),
+        stderr: read(&stderr_path),
+        exit_code: ended.status.and_then(shell_exit_code),
+        timed_out: ended.status.is_none(),
+        time_limit: test.time_limit(),
+        elapsed: ended.elapsed,
+        problem: None,
+        logs: vec![dir.to_path_buf()],
+    })
+}

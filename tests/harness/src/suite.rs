@@ -1,0 +1,217 @@
+//! A suite: the guest tests of one test file, run as one batch (one virtual-host boot), plus
+//! host-side checks, with a libtest-like `main`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Once;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::cli::Selection;
+use crate::guest_test::GuestTest;
+use crate::images::GuestImages;
+use crate::mode::{self, HostFacts, Mode, ModeChoice};
+use crate::outcome::{CheckFailure, GuestOutcome};
+use crate::{direct, vhost, HarnessError};
+
+/// Decides whether a guest test passed.
+pub type GuestCheck = Box<dyn Fn(&GuestOutcome) -> Result<(), CheckFailure>>;
+/// A check that runs on the host, without a guest.
+pub type HostCheck = Box<dyn Fn() -> Result<(), String>>;
+
+/// The guest tests (and host checks) of one test file.
+pub struct Suite {
+    name: String,
+    kiln: PathBuf,
+    guest_tests: Vec<(GuestTest, GuestCheck)>,
+    host_tests: Vec<(String, HostCheck)>,
+}
+
+impl Suite {
+    /// A suite that runs the given `kiln` binary (pass `env!("CARGO_BIN_EXE_kiln")`).
+    pub fn new(name: impl Into<String>, kiln: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            kiln: kiln.into(),
+            guest_tests: Vec::new(),
+            host_tests: Vec::new(),
+        }
+    }
+
+    /// Adds a guest test and the check that decides whether it passed.
+    pub fn guest<F>(&mut self, test: GuestTest, check: F) -> &mut Self
+    where
+        F: Fn(&GuestOutcome) -> Result<(), CheckFailure> + 'static,
+    {
+        self.guest_tests.push((test, Box::new(check)));
+        self
+    }
+
+    /// Adds a check that runs on the host (no guest).
+    pub fn host<F>(&mut self, name: impl Into<String>, check: F) -> &mut Self
+    where
+        F: Fn() -> Result<(), String> + 'static,
+    {
+        self.host_tests.push((name.into(), Box::new(check)));
+        self
+    }
+
+    /// Runs all guest tests as one batch and returns their outcomes (checks are not applied).
+    pub fn run(&self) -> Result<Vec<GuestOutcome>, HarnessError> {
+        let tests: Vec<GuestTest> = self.guest_tests.iter().map(|(t, _)| t.clone()).collect();
+        let workdir = work_directory(&self.name)?;
+        run_batch(&tests, &self.kiln, &workdir)
+    }
+
+    /// The `main` of a `harness = false` test binary: reads libtest-style arguments, runs the
+    /// selected tests, prints one line per test, failure reports, and `N passed, N failed`.
+    /// Fails (non-zero) when any test fails or the suite cannot run at all.
+    pub fn main(self) -> ExitCode {
+        let selection = Selection::parse(std::env::args().skip(1));
+        for unknown in &selection.unknown {
+            eprintln!("kiln-test-harness: ignoring unknown argument {unknown}");
+        }
+        let names = self
+            .host_tests
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .chain(self.guest_tests.iter().map(|(test, _)| test.name()));
+        if selection.list {
+            for name in names {
+                println!("{name}: test");
+            }
+            return ExitCode::SUCCESS;
+        }
+        let mut tally = Tally::default();
+        for (name, check) in &self.host_tests {
+            if selection.selects(name) {
+                let start = Instant::now();
+                let result = check();
+                tally.record(name, start.elapsed().as_secs_f64(), result);
+            }
+        }
+        let selected: Vec<&(GuestTest, GuestCheck)> = self
+            .guest_tests
+            .iter()
+            .filter(|(test, _)| selection.selects(test.name()))
+            .collect();
+        let mut workdir = None;
+        if !selected.is_empty() {
+            let tests: Vec<GuestTest> = selected.iter().map(|(test, _)| test.clone()).collect();
+            let result = work_directory(&self.name).and_then(|dir| {
+                workdir = Some(dir.clone());
+                run_batch(&tests, &self.kiln, &dir)
+            });
+            match result {
+                Ok(outcomes) => {
+                    for ((_, check), outcome) in selected.iter().zip(&outcomes) {
+                        let result = check(outcome).map_err(|failure| failure.to_string());
+                        tally.record(&outcome.name, outcome.elapsed.as_secs_f64(), result);
+                    }
+                }
+                Err(error) => {
+                    for (test, _) in &selected {
+                        let reason = format!("the suite could not run: {error}");
+                        tally.record(test.name(), 0.0, Err(reason));
+                    }
+                }
+            }
+        }
+        tally.report();
+        if let Some(dir) = workdir {
+            if tally.failed.is_empty() {
+                let _ = std::fs::remove_dir_all(&dir);
+            } else {
+                println!("test files and logs kept in {}", dir.display());
+            }
+        }
+        println!("{} passed, {} failed", tally.passed, tally.failed.len());
+        if tally.failed.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: Vec<(String, String)>,
+}
+
+impl Tally {
+    fn record(&mut self, name: &str, seconds: f64, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                println!("test {name} ... ok ({seconds:.1} s)");
+                self.passed += 1;
+            }
+            Err(report) => {
+                println!("test {name} ... FAILED ({seconds:.1} s)");
+                self.failed.push((name.to_string(), report));
+            }
+        }
+    }
+
+    fn report(&self) {
+        if self.failed.is_empty() {
+            return;
+        }
+        println!("\nfailures:");
+        for (name, report) in &self.failed {
+            println!("\n---- {name} ----\n{}", report.trim_end());
+        }
+        println!();
+    }
+}
+
+/// Chooses the mode (printing the choice once per process), builds the images and runs `tests`.
+pub fn run_batch(
+    tests: &[GuestTest],
+    kiln: &std::path::Path,
+    workdir: &std::path::Path,
+) -> Result<Vec<GuestOutcome>, HarnessError> {
+    let choice = mode::choose(&HostFacts::probe())?;
+    announce(&choice);
+    if !kiln.is_file() {
+        return Err(HarnessError::Setup(format!(
+            "the kiln binary {} does not exist",
+            kiln.display()
+        )));
+    }
+    let images = GuestImages::get()?;
+    match choice.mode {
+        Mode::Direct => direct::run(tests, kiln, &images, workdir),
+        Mode::VirtualHost => vhost::run(tests, kiln, &images, workdir),
+    }
+}
+
+fn announce(choice: &ModeChoice) {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let how = match choice.mode {
+            Mode::Direct => "kiln runs directly on this machine's /dev/kvm",
+            Mode::VirtualHost => "kiln runs inside the virtual KVM host (QEMU TCG, nested SVM)",
+        };
+        println!(
+            "kiln-test-harness: mode {}: {how}; because {}",
+            choice.mode, choice.reason
+        );
+    });
+}
+
+/// A fresh directory for one suite run's files.
+fn work_directory(suite: &str) -> Result<PathBuf, HarnessError> {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.subsec_nanos())
+        .unwrap_or_default();
+    let dir = std::env::temp_dir().join(format!(
+        "kiln-test-{}-{}-{nanos:09}",
+        crate::test_dir_name(0, suite).trim_start_matches("00-"),
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir)
+        .map_err(|error| HarnessError::Setup(format!("{}: {error}", dir.display())))?;
+    Ok(dir)
+}

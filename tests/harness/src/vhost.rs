@@ -1,0 +1,269 @@
+//! Virtual-host mode: one boot of the virtual KVM host (`resources/vhost-run`) runs every test of
+//! a suite, one after another, and sends the results back over its second serial port.
+//!
+//! The payload is a directory tree added to the virtual host's initramfs:
+//!
+//! ```text
+//! kiln/run                       generated: sources runner.sh, one run_test line per test
+//! kiln/runner.sh                 vhost_runner.sh
+//! kiln/bin/kiln                  the kiln binary (vhost-run adds its shared libraries)
+//! kiln/guest/<kernel variants>   the guest kernel builds the tests use
+//! kiln/guest/initramfs.cpio.gz   the base guest initramfs
+//! kiln/tests/NN/{name,test.cpio} each test's name and initramfs addition
+//! ```
+//!
+//! Disk images that must come back to the host (a later need) fit the same scheme: attach them
+//! to the virtual host as raw virtio drives in vhost-run and hand `/dev/vdX` to kiln in the test's
+//! arguments; the host reads the image files after the run.
+
+use std::fs::{self, File};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::guest_test::{GuestTest, KernelVariant};
+use crate::images::{self, GuestImages};
+use crate::outcome::GuestOutcome;
+use crate::process::{shell_exit_code, wait_with_limit};
+use crate::results::{self, VhostReport};
+use crate::HarnessError;
+
+/// The runner's shell functions.
+const RUNNER: &str = include_str!("vhost_runner.sh");
+
+/// Time the virtual host may take to boot, load KVM and power off, on top of the tests.
+const BOOT_ALLOWANCE: Duration = Duration::from_secs(240);
+/// Per-test time on top of its limit: unpacking its initramfs, sending its results.
+const PER_TEST_ALLOWANCE: Duration = Duration::from_secs(20);
+/// How much longer than vhost-run's own timeout the harness waits before killing it.
+const OUTER_MARGIN: Duration = Duration::from_secs(60);
+
+/// Runs the tests in one virtual-host boot; `workdir` receives the payload and the logs.
+pub fn run(
+    tests: &[GuestTest],
+    kiln: &Path,
+    images: &GuestImages,
+    workdir: &Path,
+) -> Result<Vec<GuestOutcome>, HarnessError> {
+    // Build it before the timed run, so that a first download does not count against it.
+    images::vhost_image()?;
+    let payload = workdir.join("payload");
+    write_payload(&payload, tests, kiln, images)?;
+
+    let console = workdir.join("vhost-console.log");
+    let results_path = workdir.join("vhost-results.log");
+    let run_log = workdir.join("vhost-run.log");
+    let limit = tests.iter().fold(BOOT_ALLOWANCE, |total, test| {
+        total + test.time_limit() + PER_TEST_ALLOWANCE
+    });
+    let run_log_file = File::create(&run_log).map_err(|e| setup(&run_log, e))?;
+    let script = images::resources_dir().join("vhost-run");
+    let mut child = Command::new(&script)
+        .arg("--payload")
+        .arg(&payload)
+        .arg("--console")
+        .arg(&console)
+        .arg("--results")
+        .arg(&results_path)
+        .arg("--timeout")
+        .arg(limit.as_secs().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(run_log_file)
+        .spawn()
+        .map_err(|e| setup(&script, e))?;
+    let ended = wait_with_limit(
+        &mut child,
+        limit + OUTER_MARGIN,
+        Some(Duration::from_secs(15)),
+    )
+    .map_err(|e| setup(&script, e))?;
+
+    let ending = match ended.status {
+        Some(status) if status.success() => "the virtual host powered off".to_string(),
+        Some(status) => match shell_exit_code(status) {
+            Some(124) => format!("the virtual host was killed after {}s", limit.as_secs()),
+            Some(code) => format!("vhost-run exited with status {code}"),
+            None => format!("vhost-run ended with {status}"),
+        },
+        None => "the harness killed vhost-run at its outer time limit".to_string(),
+    };
+    let text = fs::read(&results_path)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
+    let report = results::parse(&text);
+    let logs = vec![console, run_log, workdir.to_path_buf()];
+    Ok(outcomes(tests, &report, &ending, &logs))
+}
+
+fn setup(path: &Path, error: std::io::Error) -> HarnessError {
+    HarnessError::Setup(format!("{}: {error}", path.display()))
+}
+
+/// Turns the parsed report into one outcome per test; whatever did not come back is a problem
+/// that says why, as precisely as the report allows.
+fn outcomes(
+    tests: &[GuestTest],
+    report: &VhostReport,
+    ending: &str,
+    logs: &[PathBuf],
+) -> Vec<GuestOutcome> {
+    let missing_reason = match &report.up {
+        None => format!("the virtual host never reported that it was up ({ending})"),
+        Some(up) if !up.kvm => format!("/dev/kvm is missing inside the virtual host ({})", up.line),
+        Some(_) => format!("the virtual host ended before this test reported ({ending})"),
+    };
+    tests
+        .iter()
+        .enumerate()
+        .map(|(index, test)| {
+            let mut outcome = GuestOutcome {
+                name: test.name().to_string(),
+                time_limit: test.time_limit(),
+                logs: logs.to_vec(),
+                ..GuestOutcome::default()
+            };
+            if let Some(result) = report.tests.get(&index) {
+                outcome.stdout = String::from_utf8_lossy(&result.stdout).into_owned();
+                outcome.stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+                outcome.timed_out = result.timed_out;
+                outcome.exit_code = (!result.timed_out).then_some(result.exit);
+                outcome.elapsed = result.elapsed;
+            } else if let Some(broken) = report.broken.get(&index) {
+                outcome.problem = Some(format!("garbled result from the virtual host: {broken}"));
+            } else {
+                outcome.problem = Some(missing_reason.clone());
+            }
+            outcome
+        })
+        .collect()
+}
+
+fn write_payload(
+    payload: &Path,
+    tests: &[GuestTest],
+    kiln: &Path,
+    images: &GuestImages,
+) -> Result<(), HarnessError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |error: std::io::Error| setup(&path, error)
+    };
+    let kiln_dir = payload.join("kiln");
+    for dir in ["bin", "guest", "tests"] {
+        fs::create_dir_all(kiln_dir.join(dir)).map_err(io(&kiln_dir))?;
+    }
+    let kiln = kiln
+        .canonicalize()
+        .map_err(|error| HarnessError::Setup(format!("kiln binary {}: {error}", kiln.display())))?;
+    // vhost-run archives the payload with `cpio -L`: symlinks are copied as their targets.
+    symlink(&kiln, kiln_dir.join("bin/kiln")).map_err(io(&kiln))?;
+    symlink(images.initramfs(), kiln_dir.join("guest/initramfs.cpio.gz"))
+        .map_err(io(&images.initramfs()))?;
+    for variant in [KernelVariant::Vmlinux, KernelVariant::BzImage] {
+        if tests.iter().any(|test| test.kernel_variant() == variant) {
+            let kernel = images.kernel(variant);
+            symlink(&kernel, kiln_dir.join("guest").join(variant.file_name()))
+                .map_err(io(&kernel))?;
+        }
+    }
+
+    let mut run = String::from("#!/bin/sh\n# Generated by kiln-test-harness.\n. /kiln/runner.sh\n");
+    for (index, test) in tests.iter().enumerate() {
+        let dir = kiln_dir.join(format!("tests/{index:02}"));
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        fs::write(dir.join("name"), format!("{}\n", test.name())).map_err(io(&dir))?;
+        fs::write(dir.join("test.cpio"), test.initramfs_addition()).map_err(io(&dir))?;
+        let guest_dir = format!("/kiln/tests/{index:02}");
+        let kernel = format!("/kiln/guest/{}", test.kernel_variant().file_name());
+        let mut command = vec![
+            index.to_string(),
+            test.time_limit().as_secs().max(1).to_string(),
+            guest_dir.clone(),
+            "/kiln/bin/kiln".to_string(),
+        ];
+        command.extend(test.kiln_arguments(&kernel, &format!("{guest_dir}/initrd")));
+        let quoted: Vec<String> = command.iter().map(|word| shell_quote(word)).collect();
+        run.push_str(&format!("run_test {}\n", quoted.join(" ")));
+    }
+    write_executable(&kiln_dir.join("runner.sh"), RUNNER)?;
+    write_executable(&kiln_dir.join("run"), &run)
+}
+
+fn write_executable(path: &Path, text: &str) -> Result<(), HarnessError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, text).map_err(|e| setup(path, e))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).map_err(|e| setup(path, e))
+}
+
+/// Quotes a word for a POSIX shell: single quotes, with `'` written as `'\''`.
+pub fn shell_quote(word: &str) -> String {
+    let safe = !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-=,:+".contains(&b));
+    if safe {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::parse;
+
+    #[test]
+    fn quoting_survives_a_real_shell() {
+        let words = ["plain", "two words", "it's", "$HOME `x` \"q\"", "", "a\nb"];
+        let line: Vec<String> = words.iter().map(|w| shell_quote(w)).collect();
+        let script = format!("for w in {}; do printf '<%s>' \"$w\"; done", line.join(" "));
+        let output = Command::new("sh").args(["-c", &script]).output().unwrap();
+        let expected: String = words.iter().map(|w| format!("<{w}>")).collect();
+        assert_eq!(String::from_utf8_lossy(&output.stdout), expected);
+    }
+
+    #[test]
+    fn missing_results_name_the_reason() {
+        let tests = [GuestTest::new("a", "true"), GuestTest::new("b", "true")];
+        let report = parse(
+            "KILN-VHOST-UP kvm=1 svm_cpus=2\nKILN-TEST 0 STATUS exit=0 timed_out=0 elapsed_ms=5\n\
+             KILN-TEST 0 STDOUT\naGk=\nKILN-TEST 0 STDERR\nKILN-TEST 0 END\n",
+        );
+        let outcomes = outcomes(&tests, &report, "vhost-run exited with status 1", &[]);
+        assert_eq!(outcomes[0].stdout, "hi");
+        assert_eq!(outcomes[0].exit_code, Some(0));
+        let problem = outcomes[1].problem.as_deref().unwrap();
+        assert!(
+            problem.contains("ended before this test reported"),
+            "{problem}"
+        );
+        assert!(problem.contains("status 1"), "{problem}");
+    }
+
+    #[test]
+    fn missing_kvm_is_the_reason_for_every_test() {
+        let tests = [GuestTest::new("a", "true")];
+        let report = parse("KILN-VHOST-UP kvm=0 svm_cpus=0\nKILN-VHOST-DONE status=no-kvm\n");
+        let outcomes = outcomes(&tests, &report, "the virtual host powered off", &[]);
+        assert!(outcomes[0]
+            .problem
+            .as_deref()
+            .unwrap()
+            .contains("/dev/kvm is missing"));
+    }
+
+    #[test]
+    fn timed_out_tests_have_no_exit_code() {
+        let tests = [GuestTest::new("a", "sleep 1000")];
+        let report = parse(
+            "KILN-VHOST-UP kvm=1\nKILN-TEST 0 STATUS exit=137 timed_out=1 elapsed_ms=5\n\
+             KILN-TEST 0 STDOUT\nKILN-TEST 0 STDERR\nKILN-TEST 0 END\n",
+        );
+        let outcomes = outcomes(&tests, &report, "", &[]);
+        assert!(outcomes[0].timed_out);
+        assert_eq!(outcomes[0].exit_code, None);
+    }
+}

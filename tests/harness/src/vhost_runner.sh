@@ -1,0 +1,53 @@
+# Test runner inside Kiln's virtual KVM host (busybox sh), sourced by the generated /kiln/run.
+# Results go to file descriptor 3 (the second serial port) in the format of results.rs;
+# progress goes to the console.
+
+# Milliseconds since the virtual host booted.
+uptime_ms() {
+    read -r up _ </proc/uptime
+    secs=${up%.*}
+    hundredths=${up#*.}
+    hundredths=${hundredths#0}
+    echo $((secs * 1000 + hundredths * 10))
+}
+
+# run_test INDEX LIMIT_SECS DIR COMMAND...
+# DIR holds test.cpio (appended to the base initramfs to make DIR/initrd) and name.
+run_test() {
+    index=$1
+    limit=$2
+    dir=$3
+    shift 3
+    cat /kiln/guest/initramfs.cpio.gz "$dir/test.cpio" >"$dir/initrd"
+    echo "kiln-runner: test $index ($(cat "$dir/name")) starting, limit ${limit}s"
+    start=$(uptime_ms)
+    "$@" </dev/null >"$dir/stdout" 2>"$dir/stderr" 3>&- &
+    pid=$!
+    (
+        sleep "$limit"
+        if kill -0 "$pid" 2>/dev/null; then
+            : >"$dir/timed_out"
+            kill -KILL "$pid"
+        fi
+    ) 3>&- &
+    watcher=$!
+    wait "$pid"
+    status=$?
+    end=$(uptime_ms)
+    pkill -P "$watcher" 2>/dev/null
+    kill "$watcher" 2>/dev/null
+    wait "$watcher" 2>/dev/null
+    timed_out=0
+    [ -e "$dir/timed_out" ] && timed_out=1
+    echo "kiln-runner: test $index finished: exit=$status timed_out=$timed_out after $((end - start)) ms"
+    {
+        echo "KILN-TEST $index STATUS exit=$status timed_out=$timed_out elapsed_ms=$((end - start))"
+        echo "KILN-TEST $index STDOUT"
+        base64 "$dir/stdout"
+        echo "KILN-TEST $index STDERR"
+        base64 "$dir/stderr"
+        echo "KILN-TEST $index END"
+    } >&3
+    # The guest's files are not needed any more; keep the virtual host's memory for the next.
+    rm -f "$dir/initrd" "$dir/stdout" "$dir/stderr"
+}
