@@ -62,6 +62,9 @@ pub mod request_status {
 }
 
 #[cfg(test)]
+mod bench;
+
+#[cfg(test)]
 pub(crate) mod test_utils {
     use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicUsize, Ordering};
