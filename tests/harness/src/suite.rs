@@ -13,6 +13,9 @@ use crate::mode::{self, HostFacts, Mode, ModeChoice};
 use crate::outcome::{CheckFailure, GuestOutcome};
 use crate::{direct, vhost, HarnessError};
 
+/// Set (to anything) to keep a suite's files and logs even when every test passed.
+pub const KEEP_VARIABLE: &str = "KILN_TEST_KEEP";
+
 /// Decides whether a guest test passed.
 pub type GuestCheck = Box<dyn Fn(&GuestOutcome) -> Result<(), CheckFailure>>;
 /// A check that runs on the host, without a guest.
@@ -118,7 +121,7 @@ impl Suite {
         }
         tally.report();
         if let Some(dir) = workdir {
-            if tally.failed.is_empty() {
+            if tally.failed.is_empty() && std::env::var_os(KEEP_VARIABLE).is_none() {
                 let _ = std::fs::remove_dir_all(&dir);
             } else {
                 println!("test files and logs kept in {}", dir.display());

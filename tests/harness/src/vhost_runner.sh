@@ -23,8 +23,12 @@ run_test() {
     start=$(uptime_ms)
     "$@" </dev/null >"$dir/stdout" 2>"$dir/stderr" 3>&- &
     pid=$!
+    # The watchdog: kills kiln at the limit. Its sleep is killed with it (no pkill in busybox).
     (
-        sleep "$limit"
+        trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+        sleep "$limit" &
+        sleeper=$!
+        wait "$sleeper"
         if kill -0 "$pid" 2>/dev/null; then
             : >"$dir/timed_out"
             kill -KILL "$pid"
@@ -34,7 +38,6 @@ run_test() {
     wait "$pid"
     status=$?
     end=$(uptime_ms)
-    pkill -P "$watcher" 2>/dev/null
     kill "$watcher" 2>/dev/null
     wait "$watcher" 2>/dev/null
     timed_out=0
