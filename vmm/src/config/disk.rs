@@ -1,4 +1,5 @@
-//! Disks: raw image files attached as virtio-blk devices, in order (`vda`, `vdb`, ...).
+//! Disks: raw images (regular files or block devices) attached as virtio-blk devices, in order
+//! (`vda`, `vdb`, ...).
 
 use std::path::{Path, PathBuf};
 
@@ -161,10 +162,11 @@ pub(super) fn validate_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
 }
 
 fn check_image_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
     match std::fs::metadata(path) {
-        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(meta) if meta.is_file() || meta.file_type().is_block_device() => Ok(()),
         Ok(meta) if meta.is_dir() => Err("is a directory, not a disk image".into()),
-        Ok(_) => Err("is not a regular file (Kiln attaches raw image files)".into()),
+        Ok(_) => Err("is neither a regular file nor a block device".into()),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Err("does not exist".into()),
         Err(err) => Err(format!("cannot be read: {err}")),
     }
@@ -312,7 +314,11 @@ mod tests {
             1,
             "is a directory",
         );
-        check(vec![DiskConfig::new("/dev/null")], 1, "not a regular file");
+        check(
+            vec![DiskConfig::new("/dev/null")],
+            1,
+            "neither a regular file nor a block device",
+        );
         check(vec![DiskConfig::new("")], 1, "has no path");
         let root = |path: &PathBuf| DiskConfig {
             root: true,
