@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use kiln_vmm::config::parse_memory_mib;
+use kiln_vmm::config::{parse_memory_mib, ConfigError, DiskConfig};
 use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
 
 /// Exit status when the guest kernel panicked.
@@ -56,6 +56,11 @@ struct RunArgs {
     /// Serial console: stdio, none, or file=PATH [default: stdio].
     #[arg(long)]
     console: Option<ConsoleConfig>,
+    /// A raw disk image, attached as a virtio-blk disk (repeat for more: vda, vdb, ...).
+    /// `readonly`: the guest cannot write; `root`: boot from it (adds root=/dev/vdX);
+    /// `id=ID`: serial number (at most 20 bytes). Replaces the config file's disks.
+    #[arg(long = "disk", value_name = "path=IMG[,readonly][,root][,id=ID]", value_parser = parse_disk_arg)]
+    disks: Vec<DiskConfig>,
     /// JSON VM config; flags given on the command line override its fields.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -68,6 +73,13 @@ fn parse_log_level(text: &str) -> Result<log::LevelFilter, String> {
 
 fn parse_memory_arg(text: &str) -> Result<u32, String> {
     parse_memory_mib(text).map_err(|err| err.to_string())
+}
+
+fn parse_disk_arg(text: &str) -> Result<DiskConfig, String> {
+    text.parse().map_err(|err| match err {
+        ConfigError::InvalidDiskSpec { reason, .. } => reason,
+        other => other.to_string(),
+    })
 }
 
 impl RunArgs {
@@ -93,6 +105,9 @@ impl RunArgs {
         }
         if let Some(console) = self.console {
             config.console = console;
+        }
+        if !self.disks.is_empty() {
+            config.disks = self.disks;
         }
         Ok(config)
     }
@@ -200,6 +215,56 @@ mod tests {
         assert_eq!(config.kernel, PathBuf::from("/from-file"));
         assert_eq!(config.cpus, 3);
         assert_eq!(config.memory_mib, 256);
+    }
+
+    #[test]
+    fn disks_are_repeatable_and_replace_the_config_files() {
+        let config = run_args(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--disk",
+            "path=/root.img,root",
+            "--disk",
+            "path=/data.img,readonly,id=data",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(config.disks.len(), 2);
+        assert_eq!(config.disks[0].path, PathBuf::from("/root.img"));
+        assert!(config.disks[0].root && !config.disks[0].readonly);
+        assert!(config.disks[1].readonly);
+        assert_eq!(config.disks[1].id.as_deref(), Some("data"));
+
+        let path = std::env::temp_dir().join(format!("kiln-cli-disks-{}.json", std::process::id()));
+        std::fs::write(&path, r#"{"kernel": "/k", "disks": [{"path": "/a.img"}]}"#).unwrap();
+        let from_file = run_args(&["run", "--config", path.to_str().unwrap()])
+            .into_config()
+            .unwrap();
+        let overridden = run_args(&[
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+            "--disk",
+            "/b.img",
+        ])
+        .into_config()
+        .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(from_file.disks, vec![DiskConfig::new("/a.img")]);
+        assert_eq!(overridden.disks, vec![DiskConfig::new("/b.img")]);
+    }
+
+    #[test]
+    fn bad_disk_flags_are_usage_errors_that_say_why() {
+        let err = parse(&["run", "--kernel", "/k", "--disk", "path=/a.img,cache=none"])
+            .err()
+            .expect("refused");
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains("unknown option 'cache=none'"),
+            "{err}"
+        );
     }
 
     #[test]
