@@ -89,6 +89,15 @@ impl IrqAndIoEvents for VmFd {
     }
 }
 
+/// A disk image opened and locked for a VM.
+#[derive(Debug)]
+pub struct OpenDisk {
+    /// How it was asked for.
+    pub config: DiskConfig,
+    /// The open image.
+    pub image: DiskImage,
+}
+
 /// One placed virtio device.
 struct VirtioSlot {
     what: String,
@@ -130,21 +139,42 @@ impl DeviceManager {
         }
     }
 
-    /// Opens every disk (in order: `vda`, `vdb`, ...) and adds it as a virtio-blk device.
+    /// Opens and locks every disk image, in order. Done first thing, so that a bad image is
+    /// reported before anything else is set up.
+    pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<OpenDisk>, DeviceError> {
+        disks
+            .iter()
+            .enumerate()
+            .map(|(index, disk)| {
+                DiskImage::open(&disk.path, disk.readonly, disk.id.as_deref())
+                    .map(|image| OpenDisk {
+                        config: disk.clone(),
+                        image,
+                    })
+                    .map_err(|source| DeviceError::Disk {
+                        index: index + 1,
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    /// Adds opened disks (in order: `vda`, `vdb`, ...) as virtio-blk devices.
     pub fn add_disks(
         &mut self,
         kvm: &dyn IrqAndIoEvents,
         memory: &GuestMemory,
         event_loop: &EventLoopHandle,
-        disks: &[DiskConfig],
+        disks: Vec<OpenDisk>,
     ) -> Result<(), DeviceError> {
-        for (index, disk) in disks.iter().enumerate() {
-            let image = DiskImage::open(&disk.path, disk.readonly, disk.id.as_deref()).map_err(
-                |source| DeviceError::Disk {
-                    index: index + 1,
-                    source,
-                },
-            )?;
+        for (
+            index,
+            OpenDisk {
+                config: disk,
+                image,
+            },
+        ) in disks.into_iter().enumerate()
+        {
             let what = format!(
                 "disk {} ({}, '{}'{})",
                 index + 1,

@@ -82,7 +82,8 @@ fn disks_get_consecutive_slots_and_are_announced() {
     let kvm = Recorder::default();
     let (_loop, handle) = handle();
     let mut manager = DeviceManager::new();
-    manager.add_disks(&kvm, &memory(), &handle, &disks).unwrap();
+    let opened = DeviceManager::open_disks(&disks).unwrap();
+    manager.add_disks(&kvm, &memory(), &handle, opened).unwrap();
 
     assert_eq!(
         manager.cmdline_args(),
@@ -149,10 +150,7 @@ fn slots_run_out_after_the_last_irq_line() {
 fn disk_errors_name_the_disk() {
     let images = Images::new(&[4096, 1000]);
     let disks = vec![DiskConfig::new(&images.0[0]), DiskConfig::new(&images.0[1])];
-    let (_loop, handle) = handle();
-    let err = DeviceManager::new()
-        .add_disks(&Recorder::default(), &memory(), &handle, &disks)
-        .unwrap_err();
+    let err = DeviceManager::open_disks(&disks).unwrap_err();
     let message = err.to_string();
     assert!(
         matches!(err, DeviceError::Disk { index: 2, .. }),
@@ -173,8 +171,9 @@ fn kvm_refusals_are_reported() {
         ..Default::default()
     };
     let (_loop, handle) = handle();
+    let opened = DeviceManager::open_disks(&[DiskConfig::new(&images.0[0])]).unwrap();
     let err = DeviceManager::new()
-        .add_disks(&kvm, &memory(), &handle, &[DiskConfig::new(&images.0[0])])
+        .add_disks(&kvm, &memory(), &handle, opened)
         .unwrap_err();
     assert!(matches!(err, DeviceError::Kvm { .. }), "{err}");
     assert!(err.to_string().contains("irqfd"), "{err}");

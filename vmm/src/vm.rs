@@ -78,6 +78,7 @@ impl Vm {
     /// and vCPUs. `start` is when the process started (the boot timer measures from it).
     pub fn new(config: VmConfig, start: Instant) -> Result<Self, Error> {
         config.validate(host_memory_mib())?;
+        let disks = DeviceManager::open_disks(&config.disks)?;
         let kvm = open_kvm(KVM_DEVICE)?;
         if usize::from(config.cpus) > kvm.max_vcpus {
             return Err(Error::TooManyCpus {
@@ -110,7 +111,7 @@ impl Vm {
         let event_loop = EventLoop::new().map_err(Error::EventLoop)?;
         let mut virtio = DeviceManager::new();
         let loop_handle = EventLoopHandle::new(event_loop.remote_endpoint());
-        virtio.add_disks(&vm_fd, &memory, &loop_handle, &config.disks)?;
+        virtio.add_disks(&vm_fd, &memory, &loop_handle, disks)?;
 
         let kernel = load_kernel(&memory, &config.kernel)?;
         let initrd = match &config.initrd {
