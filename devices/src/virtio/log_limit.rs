@@ -66,6 +66,12 @@ impl LogLimiter {
         }
     }
 
+    /// Warnings logged in the current window.
+    #[cfg(test)]
+    pub fn logged(&self) -> u32 {
+        self.logged
+    }
+
     /// Warnings not logged in the current window.
     #[cfg(test)]
     pub fn suppressed(&self) -> u64 {

@@ -259,6 +259,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             );
             return;
         };
+        if offset == regs::QUEUE_READY && value == 0 && !queue.ready {
+            // Linux disables each queue again after resetting the device (vm_del_vq): a no-op.
+            return;
+        }
         if !writable || (queue.ready && offset != regs::QUEUE_READY) {
             warn_limited!(
                 self.warnings,

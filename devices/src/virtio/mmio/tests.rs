@@ -445,6 +445,29 @@ fn reset_returns_to_power_on_state_and_the_device_can_start_again() {
 }
 
 #[test]
+fn linux_driver_removal_sequence_is_quiet() {
+    // virtio_blk's remove: reset the device, then disable each queue (vm_del_vq).
+    let mut t = transport();
+    go_live(&mut t);
+    let warnings = t.warnings.logged();
+    write(&mut t, regs::STATUS, 0);
+    write(&mut t, regs::QUEUE_SEL, 0);
+    write(&mut t, regs::QUEUE_READY, 0);
+    assert_eq!(read(&mut t, regs::QUEUE_READY), 0);
+    assert_eq!(
+        t.warnings.logged(),
+        warnings,
+        "no warning for a legitimate sequence"
+    );
+    // Disabling a live queue is not supported (no VIRTIO_F_RING_RESET): refused, and said so.
+    go_live(&mut t);
+    write(&mut t, regs::QUEUE_SEL, 0);
+    write(&mut t, regs::QUEUE_READY, 0);
+    assert_eq!(read(&mut t, regs::QUEUE_READY), 1);
+    assert_eq!(t.warnings.logged(), warnings + 1);
+}
+
+#[test]
 fn interrupt_status_is_acknowledged_bit_by_bit() {
     let mut t = transport();
     go_live(&mut t);
