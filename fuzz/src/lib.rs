@@ -15,9 +15,7 @@
 //! address 0 (low region), continuing in the high region after the hole.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_arch::GuestMemoryMmap;
@@ -44,7 +42,9 @@ pub const USED_RING: u64 = 0x140;
 pub const DISK_SIZE: u64 = 64 * 1024;
 
 struct Disk {
-    path: PathBuf,
+    /// A second handle on the image, for resetting and checking it (the file itself is
+    /// unlinked as soon as it is open, so no run leaves files behind).
+    file: File,
     image: Arc<DiskImage>,
 }
 
@@ -64,8 +64,14 @@ fn disks() -> &'static [Disk; 2] {
             ));
             std::fs::write(&path, pattern()).expect("create fuzz disk image");
             let image = DiskImage::open(&path, readonly, Some("kiln-fuzz")).expect("open image");
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .expect("open fuzz disk image");
+            let _ = std::fs::remove_file(&path);
             Disk {
-                path,
+                file,
                 image: Arc::new(image),
             }
         };
@@ -73,10 +79,10 @@ fn disks() -> &'static [Disk; 2] {
     })
 }
 
-fn file_contents(path: &PathBuf) -> Vec<u8> {
-    let mut data = Vec::new();
-    File::open(path)
-        .and_then(|mut file| file.read_to_end(&mut data))
+fn file_contents(file: &File) -> Vec<u8> {
+    let len = file.metadata().expect("fuzz disk image size").len();
+    let mut data = vec![0u8; len as usize];
+    file.read_exact_at(&mut data, 0)
         .expect("read fuzz disk image");
     data
 }
@@ -116,10 +122,8 @@ pub fn run_blk_request(data: &[u8]) -> u32 {
     let disk = &disks()[usize::from(readonly)];
     if !readonly {
         // Rewrite in place: the image keeps its size and its lock.
-        File::options()
-            .write(true)
-            .open(&disk.path)
-            .and_then(|file| file.write_all_at(&pattern(), 0))
+        disk.file
+            .write_all_at(&pattern(), 0)
             .expect("reset fuzz disk image");
     }
     let memory = guest_memory(image);
@@ -160,7 +164,7 @@ pub fn run_blk_request(data: &[u8]) -> u32 {
         "{completed} chains completed, {avail_index} made available"
     );
     assert_eq!(second.completed, 0, "a second pass found nothing new");
-    let contents = file_contents(&disk.path);
+    let contents = file_contents(&disk.file);
     assert_eq!(contents.len() as u64, DISK_SIZE, "image size");
     if readonly {
         assert!(contents == pattern(), "read-only image changed");
