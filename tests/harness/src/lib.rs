@@ -41,10 +41,9 @@ pub enum HarnessError {
     Setup(String),
 }
 
-/// A file-system-friendly directory name for a test: its index and its name's safe characters.
-pub(crate) fn test_dir_name(index: usize, name: &str) -> String {
-    let safe: String = name
-        .chars()
+/// `name` with every character other than ASCII letters, digits, `-` and `_` replaced by `_`.
+pub(crate) fn safe_name(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
                 c
@@ -52,6 +51,10 @@ pub(crate) fn test_dir_name(index: usize, name: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("{index:02}-{safe}")
+        .collect()
+}
+
+/// A file-system-friendly directory name for a test: its index and its name.
+pub(crate) fn test_dir_name(index: usize, name: &str) -> String {
+    format!("{index:02}-{}", safe_name(name))
 }

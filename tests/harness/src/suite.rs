@@ -59,6 +59,7 @@ impl Suite {
     }
 
     /// Runs all guest tests as one batch and returns their outcomes (checks are not applied).
+    /// The batch's files and logs stay in the temporary directory the outcomes' `logs` name.
     pub fn run(&self) -> Result<Vec<GuestOutcome>, HarnessError> {
         let tests: Vec<GuestTest> = self.guest_tests.iter().map(|(t, _)| t.clone()).collect();
         let workdir = work_directory(&self.name)?;
@@ -211,7 +212,7 @@ fn work_directory(suite: &str) -> Result<PathBuf, HarnessError> {
         .unwrap_or_default();
     let dir = std::env::temp_dir().join(format!(
         "kiln-test-{}-{}-{nanos:09}",
-        crate::test_dir_name(0, suite).trim_start_matches("00-"),
+        crate::safe_name(suite),
         std::process::id()
     ));
     std::fs::create_dir_all(&dir)
