@@ -191,12 +191,16 @@ impl fmt::Display for CheckFailure {
         for failure in &self.failures {
             writeln!(f, "  - {failure}")?;
         }
-        writeln!(
-            f,
-            "  ({}; ran {:.1} s)",
-            outcome.ending(),
-            outcome.elapsed.as_secs_f64()
-        )?;
+        let ending = outcome.ending();
+        if self.failures.contains(&ending) {
+            writeln!(f, "  (ran {:.1} s)", outcome.elapsed.as_secs_f64())?;
+        } else {
+            writeln!(
+                f,
+                "  ({ending}; ran {:.1} s)",
+                outcome.elapsed.as_secs_f64()
+            )?;
+        }
         for log in &outcome.logs {
             writeln!(f, "  see {}", log.display())?;
         }

@@ -93,8 +93,24 @@ pub fn run(
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .unwrap_or_default();
     let report = results::parse(&text);
+    let ending = match last_lines(&run_log, 5) {
+        // vhost-run's own messages say why it could not start (e.g. QEMU not installable).
+        Some(messages) if report.up.is_none() => format!("{ending}; vhost-run said:\n{messages}"),
+        _ => ending,
+    };
     let logs = vec![console, run_log, workdir.to_path_buf()];
     Ok(outcomes(tests, &report, &ending, &logs))
+}
+
+/// The last `count` non-empty lines of a text file, if it has any.
+fn last_lines(path: &Path, count: usize) -> Option<String> {
+    let text = fs::read_to_string(path).ok()?;
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    let tail = lines[lines.len().saturating_sub(count)..].join("\n");
+    (!tail.is_empty()).then_some(tail)
 }
 
 fn setup(path: &Path, error: std::io::Error) -> HarnessError {
