@@ -1,0 +1,174 @@
+//! `kiln` as a user meets it: bad input ends in a clear message and the documented exit status,
+//! before any guest runs; a stop signal ends a running guest cleanly with 128+N.
+//!
+//! The signal test runs a micro test guest on direct /dev/kvm (PVM hosts included).
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_test_guests::{GuestKind, Params};
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+const EXIT_KILN_ERROR: i32 = 1;
+const EXIT_USAGE: i32 = 2;
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(KILN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kiln")
+}
+
+fn temp_file(name: &str, contents: &[u8]) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("kiln-cli-{}-{name}", std::process::id()));
+    std::fs::write(&path, contents).expect("write temp file");
+    path
+}
+
+/// Asserts the status and that stderr contains every fragment.
+fn assert_refused(output: &Output, status: i32, fragments: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(status), "stderr: {stderr}");
+    for fragment in fragments {
+        assert!(
+            stderr.contains(fragment),
+            "stderr lacks {fragment:?}: {stderr}"
+        );
+    }
+    assert!(!stderr.contains("panicked"), "kiln panicked: {stderr}");
+    assert!(output.stdout.is_empty(), "no guest should have run");
+}
+
+#[test]
+fn missing_kernel_is_named() {
+    let output = kiln(&["run", "--kernel", "/nonexistent/vmlinux"]);
+    assert_refused(
+        &output,
+        EXIT_KILN_ERROR,
+        &["kernel image '/nonexistent/vmlinux' does not exist"],
+    );
+}
+
+#[test]
+fn no_kernel_at_all_says_what_to_pass() {
+    assert_refused(&kiln(&["run"]), EXIT_KILN_ERROR, &["--kernel"]);
+}
+
+#[test]
+fn a_file_that_is_no_kernel_is_refused() {
+    let path = temp_file("not-a-kernel", b"#!/bin/sh\necho hi\n");
+    let output = kiln(&["run", "--kernel", path.to_str().unwrap(), "--memory", "64M"]);
+    std::fs::remove_file(&path).unwrap();
+    assert_refused(
+        &output,
+        EXIT_KILN_ERROR,
+        &["neither an ELF vmlinux nor a bzImage"],
+    );
+}
+
+#[test]
+fn bad_sizes_and_counts_are_usage_errors() {
+    let kernel = GuestKind::Exit.path().to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--memory", "lots"], "invalid memory size 'lots'"),
+        (&["--cpus", "0x"], "invalid value '0x'"),
+        (&["--console", "tty"], "invalid console 'tty'"),
+        (&["--disk", "readonly"], "--disk"),
+    ];
+    for (extra, fragment) in cases {
+        let mut args = vec!["run", "--kernel", kernel];
+        args.extend_from_slice(extra);
+        assert_refused(&kiln(&args), EXIT_USAGE, &[fragment]);
+    }
+}
+
+#[test]
+fn out_of_range_values_are_refused_with_the_limits() {
+    let kernel = GuestKind::Exit.path().to_str().unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (&["--cpus", "0"], "must be between 1 and 254"),
+        (&["--memory", "16M"], "at least 32 MiB"),
+        (&["--memory", "100000G"], "more than this host has"),
+    ];
+    for (extra, fragment) in cases {
+        let mut args = vec!["run", "--kernel", kernel];
+        args.extend_from_slice(extra);
+        assert_refused(&kiln(&args), EXIT_KILN_ERROR, &[fragment]);
+    }
+    let long = format!("x{}", "y".repeat(2100));
+    assert_refused(
+        &kiln(&["run", "--kernel", kernel, "--cmdline", &long]),
+        EXIT_KILN_ERROR,
+        &["the x86 boot protocol allows at most 2047"],
+    );
+}
+
+#[test]
+fn initrd_that_does_not_fit_is_refused() {
+    let kernel = GuestKind::Exit.path().to_str().unwrap();
+    let initrd = temp_file("huge-initrd", &vec![0u8; 40 << 20]);
+    let output = kiln(&[
+        "run",
+        "--kernel",
+        kernel,
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--memory",
+        "32M",
+    ]);
+    std::fs::remove_file(&initrd).unwrap();
+    assert_refused(&output, EXIT_KILN_ERROR, &["initrd", "does not fit"]);
+}
+
+#[test]
+fn config_file_errors_name_the_field() {
+    let config = temp_file("bad.json", br#"{"kernel": "/k", "vcpus": 2}"#);
+    let output = kiln(&["run", "--config", config.to_str().unwrap()]);
+    std::fs::remove_file(&config).unwrap();
+    assert_refused(&output, EXIT_KILN_ERROR, &["unknown field `vcpus`"]);
+    let config = temp_file(
+        "wrong-type.json",
+        br#"{"kernel": "/k", "memory_mib": "big"}"#,
+    );
+    let output = kiln(&["run", "--config", config.to_str().unwrap()]);
+    std::fs::remove_file(&config).unwrap();
+    assert_refused(&output, EXIT_KILN_ERROR, &["invalid type", "line 1"]);
+}
+
+#[test]
+fn sigterm_stops_a_running_guest_with_143() {
+    let cmdline = Params {
+        hold: true,
+        ..Params::default()
+    }
+    .cmdline();
+    let kernel = GuestKind::Hello.path().to_str().unwrap().to_string();
+    let child = Command::new(KILN)
+        .args(["run", "--kernel", &kernel, "--memory", "64M", "--cpus", "2"])
+        .args(["--cmdline", &cmdline])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kiln");
+    // The held guest never ends by itself; give it time to be up, then stop it.
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child's pid with a valid signal number.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let started = Instant::now();
+    let output = child.wait_with_output().expect("wait for kiln");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(143), "stderr: {stderr}");
+    assert!(
+        stdout.contains("KILN-GUEST-HELLO"),
+        "guest never ran: {stdout}"
+    );
+    assert!(stderr.contains("stopped by signal 15"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "kiln took long to stop"
+    );
+}
