@@ -4,10 +4,10 @@
 //! read back through the disk keep their checksum, on the host too. Plus the images Kiln must
 //! refuse before a guest starts (missing, directory, empty, partial sector, locked, two roots).
 //!
-//! The guest tests hand Kiln host paths (`--disk path=...`) and read the images afterwards, so they
-//! run where the harness runs Kiln directly (`KILN_TEST_MODE=direct`, or a host with good KVM).
-//! The virtual-KVM-host mode cannot carry disk images into the virtual host yet (see
-//! docs/testing.md, "Disks"): there they are listed as not run, and only the host checks run.
+//! The guest tests create their images here and attach them with `GuestTest::disk`, so they run
+//! in both harness modes: directly (Kiln gets the host paths) or inside the virtual KVM host
+//! (the images are its virtio drives and Kiln gets `/dev/vdX`). Either way the checks read the
+//! same image files after the batch has run (docs/testing.md, "Disks").
 
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
@@ -15,8 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use kiln_test_harness::mode::{self, HostFacts, Mode};
-use kiln_test_harness::{images, CheckFailure, GuestOutcome, GuestTest, Suite};
+use kiln_test_harness::{images, CheckFailure, DiskOptions, GuestOutcome, GuestTest, Suite};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
@@ -100,7 +99,7 @@ fn add_guest_tests(suite: &mut Suite) -> Result<(), String> {
              sync\n\
              umount /mnt && echo UNMOUNTED\n",
         )
-        .kiln_args(disk_arg(&root, "root"))
+        .disk(&root, DiskOptions::new().root())
         .timeout(Duration::from_secs(120)),
         move |outcome| {
             outcome
@@ -155,7 +154,7 @@ fn add_guest_tests(suite: &mut Suite) -> Result<(), String> {
              fi\n\
              echo \"HEAD=$(head -c 7 /dev/vda)\"\n",
         )
-        .kiln_args(disk_arg(&readonly, "readonly"))
+        .disk(&readonly, DiskOptions::new().readonly())
         .timeout(Duration::from_secs(90)),
         move |outcome| {
             outcome
@@ -186,8 +185,6 @@ fn add_guest_tests(suite: &mut Suite) -> Result<(), String> {
     // Two disks, in order, with their sizes, serials and contents.
     let first = write_image("first.img", 8 << 20, b"KILN-DISK-A");
     let second = write_image("second.img", (3 << 20) + 512, b"KILN-DISK-B");
-    let mut args = disk_arg(&first, "").to_vec();
-    args.extend(disk_arg(&second, "id=kiln-second"));
     suite.guest(
         GuestTest::new(
             "two_disks_appear_as_vda_and_vdb",
@@ -195,7 +192,8 @@ fn add_guest_tests(suite: &mut Suite) -> Result<(), String> {
                echo \"$d=$(cat /sys/block/$d/size) $(cat /sys/block/$d/serial) $(head -c 11 /dev/$d)\"\n\
              done\n",
         )
-        .kiln_args(args)
+        .disk(&first, DiskOptions::new())
+        .disk(&second, DiskOptions::new().id("kiln-second"))
         .timeout(Duration::from_secs(90)),
         |outcome| {
             outcome
@@ -236,7 +234,7 @@ fn add_guest_tests(suite: &mut Suite) -> Result<(), String> {
              echo \"BACK=$(dd if=/dev/vda bs=1M count=64 2>/dev/null | sha256sum | cut -d' ' -f1)\"\n",
         )
         .memory_mib(512)
-        .kiln_args(disk_arg(&bulk, ""))
+        .disk(&bulk, DiskOptions::new())
         .timeout(Duration::from_secs(300)),
         move |outcome| {
             let src = outcome.console_value("SRC=").unwrap_or_default().to_string();
@@ -345,22 +343,8 @@ fn main() -> ExitCode {
     }
     let mut suite = Suite::new("block", KILN);
     add_host_tests(&mut suite);
-    let list_only = std::env::args().any(|arg| arg == "--list");
-    match mode::choose(&HostFacts::probe()) {
-        Ok(choice) if choice.mode == Mode::VirtualHost && !list_only => {
-            println!(
-                "block: NOT RUN: root_disk_write_reaches_the_image, read_only_disk_refuses_writes, \
-                 two_disks_appear_as_vda_and_vdb, sixty_four_mib_round_trip: they need disk images \
-                 inside the virtual KVM host, which kiln-test-harness cannot attach yet (docs/testing.md, \
-                 \"Disks\"); run them with KILN_TEST_MODE=direct on a host with KVM"
-            );
-        }
-        // Direct mode, or no mode at all: then the harness fails every guest test with the reason.
-        _ => {
-            if let Err(err) = add_guest_tests(&mut suite) {
-                suite.host("guest_disk_tests_set_up", move || Err(err.clone()));
-            }
-        }
+    if let Err(err) = add_guest_tests(&mut suite) {
+        suite.host("guest_disk_tests_set_up", move || Err(err.clone()));
     }
     let status = suite.main();
     if std::env::var_os("KILN_TEST_KEEP").is_none() {

@@ -46,6 +46,9 @@ fn run_one(
 ) -> Result<GuestOutcome, String> {
     let io_error = |what: &str, error: std::io::Error| format!("{what}: {error}");
     fs::create_dir_all(dir).map_err(|e| io_error(&dir.display().to_string(), e))?;
+    if let Some(problem) = test.problem() {
+        return Err(problem);
+    }
     let initrd = dir.join("initrd");
     fs::write(
         &initrd,

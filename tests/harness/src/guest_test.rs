@@ -1,8 +1,10 @@
 //! What one Linux-guest test is: a shell script for the guest and the way Kiln boots it.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cpio::CpioArchive;
+use crate::disk::{DiskOptions, GuestDisk};
 
 /// Where the guest init looks for the test's script.
 pub const GUEST_TEST_SCRIPT: &str = "kiln/test.sh";
@@ -40,6 +42,7 @@ pub struct GuestTest {
     memory_mib: Option<u64>,
     cmdline: Option<String>,
     kernel: KernelVariant,
+    disks: Vec<GuestDisk>,
     extra_args: Vec<String>,
     timeout: Duration,
 }
@@ -62,6 +65,7 @@ impl GuestTest {
             memory_mib: None,
             cmdline: None,
             kernel: KernelVariant::default(),
+            disks: Vec::new(),
             extra_args: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
         }
@@ -88,6 +92,16 @@ impl GuestTest {
     /// Boots this build of the guest kernel.
     pub fn kernel(mut self, variant: KernelVariant) -> Self {
         self.kernel = variant;
+        self
+    }
+
+    /// Attaches the host image at `image` as the guest's next virtio disk (`vda`, `vdb`, ... in
+    /// the order of the calls). The test creates the image before the suite runs and may read it
+    /// back in its check, which runs after the whole batch: in both modes the file then holds
+    /// what the guest wrote. Disks must be given this way, not as `--disk` in
+    /// [`kiln_args`](Self::kiln_args), so that they also work inside the virtual KVM host.
+    pub fn disk(mut self, image: impl Into<PathBuf>, options: DiskOptions) -> Self {
+        self.disks.push(GuestDisk::new(image, options));
         self
     }
 
@@ -137,8 +151,43 @@ impl GuestTest {
         self.timeout
     }
 
-    /// The `kiln` arguments for this test, given where the kernel and the initramfs are.
+    /// The disks, in the order the guest sees them.
+    pub fn disks(&self) -> &[GuestDisk] {
+        &self.disks
+    }
+
+    /// Why the harness cannot run this test the same way in both modes, if it cannot: a disk
+    /// that cannot be attached, or a `--disk` passed as a raw argument (it would name a host
+    /// path that does not exist inside the virtual KVM host).
+    pub fn problem(&self) -> Option<String> {
+        if self
+            .extra_args
+            .iter()
+            .any(|arg| arg == "--disk" || arg.starts_with("--disk="))
+        {
+            return Some(
+                "the test passes --disk in kiln_args; attach disks with GuestTest::disk so that \
+                 they work in both modes"
+                    .to_string(),
+            );
+        }
+        self.disks.iter().find_map(GuestDisk::problem)
+    }
+
+    /// The `kiln` arguments for this test in direct mode, given where the kernel and the
+    /// initramfs are: disks are attached by their host paths.
     pub fn kiln_arguments(&self, kernel: &str, initrd: &str) -> Vec<String> {
+        self.kiln_arguments_with_disks(kernel, initrd, |_, disk| disk.direct_spec())
+    }
+
+    /// The `kiln` arguments for this test, with `disk_spec(index, disk)` giving the `--disk`
+    /// value of each disk (vhost mode attaches them by their device inside the virtual host).
+    pub fn kiln_arguments_with_disks(
+        &self,
+        kernel: &str,
+        initrd: &str,
+        disk_spec: impl Fn(usize, &GuestDisk) -> String,
+    ) -> Vec<String> {
         let mut args = vec![
             "run".to_string(),
             "--kernel".to_string(),
@@ -154,6 +203,9 @@ impl GuestTest {
         }
         if let Some(cmdline) = &self.cmdline {
             args.extend(["--cmdline".to_string(), cmdline.clone()]);
+        }
+        for (index, disk) in self.disks.iter().enumerate() {
+            args.extend(["--disk".to_string(), disk_spec(index, disk)]);
         }
         args.extend(self.extra_args.iter().cloned());
         args
@@ -207,6 +259,40 @@ mod tests {
                 "stdio"
             ]
         );
+    }
+
+    #[test]
+    fn disks_come_before_extra_arguments_in_order() {
+        let test = GuestTest::new("t", "true")
+            .disk("/images/a.img", DiskOptions::new().root())
+            .disk("/images/b.img", DiskOptions::new().readonly().id("bee"))
+            .kiln_args(["--console", "stdio"]);
+        let args = test.kiln_arguments("/k", "/i");
+        assert_eq!(
+            args[5..],
+            [
+                "--disk",
+                "path=/images/a.img,root",
+                "--disk",
+                "path=/images/b.img,readonly,id=bee",
+                "--console",
+                "stdio"
+            ]
+        );
+        let devices = ["/dev/vdc", "/dev/vda"];
+        let inside = test
+            .kiln_arguments_with_disks("/k", "/i", |index, disk| disk.vhost_spec(devices[index]));
+        assert_eq!(inside[6], "path=/dev/vdc,root,id=a.img");
+        assert_eq!(inside[8], "path=/dev/vda,readonly,id=bee");
+    }
+
+    #[test]
+    fn raw_disk_arguments_are_refused() {
+        let test = GuestTest::new("t", "true").kiln_args(["--disk", "path=/x.img"]);
+        assert!(test.problem().unwrap().contains("GuestTest::disk"));
+        let missing = GuestTest::new("t", "true").disk("/nonexistent.img", DiskOptions::new());
+        assert!(missing.problem().unwrap().contains("/nonexistent.img"));
+        assert_eq!(GuestTest::new("t", "true").problem(), None);
     }
 
     #[test]

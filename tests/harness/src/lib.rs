@@ -11,6 +11,9 @@
 //!   `resources/vhost-run`) runs the whole batch, and results come back over its second serial
 //!   port.
 //!
+//! A test may attach disk images ([`GuestTest::disk`]) that it creates on the host and reads
+//! back after the batch, in both modes (see [`disk`]).
+//!
 //! `KILN_TEST_MODE=direct|vhost` forces a mode. Images come from the scripts in `resources/`,
 //! cached under `${KILN_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/kiln}`.
 #![deny(missing_docs)]
@@ -19,6 +22,7 @@ pub mod base64;
 pub mod cli;
 pub mod cpio;
 mod direct;
+pub mod disk;
 pub mod guest_test;
 pub mod images;
 pub mod mode;
@@ -27,7 +31,9 @@ pub mod process;
 pub mod results;
 pub mod suite;
 mod vhost;
+mod vhost_drives;
 
+pub use disk::{DiskOptions, GuestDisk};
 pub use guest_test::{GuestTest, KernelVariant};
 pub use images::GuestImages;
 pub use outcome::{Check, CheckFailure, GuestOutcome};

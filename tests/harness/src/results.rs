@@ -11,8 +11,11 @@
 //! KILN-TEST 0 STDERR
 //! <base64 of kiln's stderr>
 //! KILN-TEST 0 END
+//! KILN-TEST 1 PROBLEM /dev/vdb is missing in the virtual host
 //! KILN-VHOST-DONE status=0
 //! ```
+//!
+//! A `PROBLEM` line stands for a test the runner did not start, and says why.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -52,6 +55,8 @@ pub struct VhostReport {
     pub tests: BTreeMap<usize, TestReport>,
     /// Problems with individual reports (garbled or cut short), by test index.
     pub broken: BTreeMap<usize, String>,
+    /// Tests the runner did not start, and why, by test index.
+    pub problems: BTreeMap<usize, String>,
     /// The `KILN-VHOST-DONE` line, if it arrived.
     pub done: Option<String>,
 }
@@ -106,6 +111,11 @@ pub fn parse(text: &str) -> VhostReport {
             let (Some(index), Some(tag)) = (index, words.next()) else {
                 continue;
             };
+            if tag == "PROBLEM" {
+                let reason = words.collect::<Vec<_>>().join(" ");
+                report.problems.insert(index, reason);
+                continue;
+            }
             if tag == "STATUS" {
                 if let Some(previous) = current.take() {
                     report
@@ -225,6 +235,20 @@ mod tests {
                     KILN-TEST 0 STDOUT\n@@@\nKILN-TEST 0 STDERR\nKILN-TEST 0 END\n";
         let report = parse(text);
         assert!(report.broken[&0].contains("base64"));
+    }
+
+    #[test]
+    fn problem_lines_say_why_a_test_did_not_run() {
+        let text = "KILN-TEST 0 STATUS exit=0 timed_out=0 elapsed_ms=1\n\
+                    KILN-TEST 0 STDOUT\nKILN-TEST 0 STDERR\nKILN-TEST 0 END\n\
+                    KILN-TEST 1 PROBLEM /dev/vdb is missing  in the virtual host\n";
+        let report = parse(text);
+        assert!(report.tests.contains_key(&0));
+        assert_eq!(
+            report.problems[&1],
+            "/dev/vdb is missing in the virtual host"
+        );
+        assert!(report.broken.is_empty());
     }
 
     #[test]

@@ -10,11 +10,13 @@
 //! kiln/guest/<kernel variants>   the guest kernel builds the tests use
 //! kiln/guest/initramfs.cpio.gz   the base guest initramfs
 //! kiln/tests/NN/{name,test.cpio} each test's name and initramfs addition
+//! kiln/tests/NN/disks            its disks: `vdX BYTES` lines, checked before kiln starts
 //! ```
 //!
-//! Disk images that must come back to the host (a later need) fit the same scheme: attach them
-//! to the virtual host as raw virtio drives in vhost-run and hand `/dev/vdX` to kiln in the test's
-//! arguments; the host reads the image files after the run.
+//! Disk images ([`GuestTest::disk`]) are attached to the virtual host as raw virtio drives
+//! (`vhost-run --drive`, see [`vhost_drives`](crate::vhost_drives)); each test's `kiln` gets the
+//! devices (`--disk path=/dev/vdX,...`). QEMU writes the guest's data through to the image files,
+//! which the checks read after the virtual host powered off.
 
 use std::fs::{self, File};
 use std::os::unix::fs::symlink;
@@ -27,6 +29,7 @@ use crate::images::{self, GuestImages};
 use crate::outcome::GuestOutcome;
 use crate::process::{shell_exit_code, wait_with_limit};
 use crate::results::{self, VhostReport};
+use crate::vhost_drives::DrivePlan;
 use crate::HarnessError;
 
 /// The runner's shell functions.
@@ -46,20 +49,31 @@ pub fn run(
     images: &GuestImages,
     workdir: &Path,
 ) -> Result<Vec<GuestOutcome>, HarnessError> {
+    let plan = DrivePlan::new(tests);
+    let console = workdir.join("vhost-console.log");
+    let run_log = workdir.join("vhost-run.log");
+    let logs = vec![console.clone(), run_log.clone(), workdir.to_path_buf()];
+    if plan.tests.iter().all(Result::is_err) {
+        // Nothing to run: no need to boot the virtual host to say so.
+        let report = VhostReport::default();
+        return Ok(outcomes(tests, &plan, &report, "", &logs));
+    }
     // Build it before the timed run, so that a first download does not count against it.
     images::vhost_image()?;
     let payload = workdir.join("payload");
-    write_payload(&payload, tests, kiln, images)?;
+    write_payload(&payload, tests, &plan, kiln, images)?;
 
-    let console = workdir.join("vhost-console.log");
     let results_path = workdir.join("vhost-results.log");
-    let run_log = workdir.join("vhost-run.log");
     let limit = tests.iter().fold(BOOT_ALLOWANCE, |total, test| {
         total + test.time_limit() + PER_TEST_ALLOWANCE
     });
     let run_log_file = File::create(&run_log).map_err(|e| setup(&run_log, e))?;
     let script = images::resources_dir().join("vhost-run");
-    let mut child = Command::new(&script)
+    let mut command = Command::new(&script);
+    for drive in &plan.drives {
+        command.arg("--drive").arg(drive.argument());
+    }
+    let mut child = command
         .arg("--payload")
         .arg(&payload)
         .arg("--console")
@@ -98,8 +112,7 @@ pub fn run(
         Some(messages) if report.up.is_none() => format!("{ending}; vhost-run said:\n{messages}"),
         _ => ending,
     };
-    let logs = vec![console, run_log, workdir.to_path_buf()];
-    Ok(outcomes(tests, &report, &ending, &logs))
+    Ok(outcomes(tests, &plan, &report, &ending, &logs))
 }
 
 /// The last `count` non-empty lines of a text file, if it has any.
@@ -117,10 +130,11 @@ fn setup(path: &Path, error: std::io::Error) -> HarnessError {
     HarnessError::Setup(format!("{}: {error}", path.display()))
 }
 
-/// Turns the parsed report into one outcome per test; whatever did not come back is a problem
-/// that says why, as precisely as the report allows.
+/// Turns the parsed report into one outcome per test; whatever did not run or did not come back
+/// is a problem that says why, as precisely as the plan and the report allow.
 fn outcomes(
     tests: &[GuestTest],
+    plan: &DrivePlan,
     report: &VhostReport,
     ending: &str,
     logs: &[PathBuf],
@@ -140,7 +154,11 @@ fn outcomes(
                 logs: logs.to_vec(),
                 ..GuestOutcome::default()
             };
-            if let Some(result) = report.tests.get(&index) {
+            if let Some(Err(problem)) = plan.tests.get(index) {
+                outcome.problem = Some(problem.clone());
+            } else if let Some(problem) = report.problems.get(&index) {
+                outcome.problem = Some(format!("the virtual host did not run it: {problem}"));
+            } else if let Some(result) = report.tests.get(&index) {
                 outcome.stdout = String::from_utf8_lossy(&result.stdout).into_owned();
                 outcome.stderr = String::from_utf8_lossy(&result.stderr).into_owned();
                 outcome.timed_out = result.timed_out;
@@ -159,6 +177,7 @@ fn outcomes(
 fn write_payload(
     payload: &Path,
     tests: &[GuestTest],
+    plan: &DrivePlan,
     kiln: &Path,
     images: &GuestImages,
 ) -> Result<(), HarnessError> {
@@ -187,10 +206,17 @@ fn write_payload(
 
     let mut run = String::from("#!/bin/sh\n# Generated by kiln-test-harness.\n. /kiln/runner.sh\n");
     for (index, test) in tests.iter().enumerate() {
+        // A test that cannot run gets its outcome from the plan; it is not in the payload.
+        let Some(Ok(drives)) = plan.tests.get(index) else {
+            continue;
+        };
         let dir = kiln_dir.join(format!("tests/{index:02}"));
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         fs::write(dir.join("name"), format!("{}\n", test.name())).map_err(io(&dir))?;
         fs::write(dir.join("test.cpio"), test.initramfs_addition()).map_err(io(&dir))?;
+        if !drives.is_empty() {
+            fs::write(dir.join("disks"), plan.runner_list(drives)).map_err(io(&dir))?;
+        }
         let guest_dir = format!("/kiln/tests/{index:02}");
         let kernel = format!("/kiln/guest/{}", test.kernel_variant().file_name());
         let mut command = vec![
@@ -199,7 +225,13 @@ fn write_payload(
             guest_dir.clone(),
             "/kiln/bin/kiln".to_string(),
         ];
-        command.extend(test.kiln_arguments(&kernel, &format!("{guest_dir}/initrd")));
+        let initrd = format!("{guest_dir}/initrd");
+        command.extend(
+            test.kiln_arguments_with_disks(&kernel, &initrd, |disk, spec| {
+                let drive = drives.get(disk).copied().unwrap_or_default();
+                spec.vhost_spec(&DrivePlan::device(drive))
+            }),
+        );
         let quoted: Vec<String> = command.iter().map(|word| shell_quote(word)).collect();
         run.push_str(&format!("run_test {}\n", quoted.join(" ")));
     }
@@ -248,7 +280,13 @@ mod tests {
             "KILN-VHOST-UP kvm=1 svm_cpus=2\nKILN-TEST 0 STATUS exit=0 timed_out=0 elapsed_ms=5\n\
              KILN-TEST 0 STDOUT\naGk=\nKILN-TEST 0 STDERR\nKILN-TEST 0 END\n",
         );
-        let outcomes = outcomes(&tests, &report, "vhost-run exited with status 1", &[]);
+        let outcomes = outcomes(
+            &tests,
+            &DrivePlan::new(&tests),
+            &report,
+            "vhost-run exited with status 1",
+            &[],
+        );
         assert_eq!(outcomes[0].stdout, "hi");
         assert_eq!(outcomes[0].exit_code, Some(0));
         let problem = outcomes[1].problem.as_deref().unwrap();
@@ -263,12 +301,46 @@ mod tests {
     fn missing_kvm_is_the_reason_for_every_test() {
         let tests = [GuestTest::new("a", "true")];
         let report = parse("KILN-VHOST-UP kvm=0 svm_cpus=0\nKILN-VHOST-DONE status=no-kvm\n");
-        let outcomes = outcomes(&tests, &report, "the virtual host powered off", &[]);
+        let outcomes = outcomes(
+            &tests,
+            &DrivePlan::new(&tests),
+            &report,
+            "the virtual host powered off",
+            &[],
+        );
         assert!(outcomes[0]
             .problem
             .as_deref()
             .unwrap()
             .contains("/dev/kvm is missing"));
+    }
+
+    #[test]
+    fn tests_that_did_not_run_say_why() {
+        let tests = [
+            GuestTest::new("bad", "true").disk("/nonexistent/kiln.img", Default::default()),
+            GuestTest::new("skipped_inside", "true"),
+            GuestTest::new("ran", "true"),
+        ];
+        let plan = DrivePlan::new(&tests);
+        let report = parse(
+            "KILN-VHOST-UP kvm=1\nKILN-TEST 1 PROBLEM /dev/vda is missing\n\
+             KILN-TEST 2 STATUS exit=0 timed_out=0 elapsed_ms=5\n\
+             KILN-TEST 2 STDOUT\nKILN-TEST 2 STDERR\nKILN-TEST 2 END\n",
+        );
+        let outcomes = outcomes(&tests, &plan, &report, "", &[]);
+        let problem = |index: usize| outcomes[index].problem.clone().unwrap_or_default();
+        assert!(
+            problem(0).contains("/nonexistent/kiln.img"),
+            "{}",
+            problem(0)
+        );
+        assert_eq!(
+            problem(1),
+            "the virtual host did not run it: /dev/vda is missing"
+        );
+        assert_eq!(outcomes[2].problem, None);
+        assert_eq!(outcomes[2].exit_code, Some(0));
     }
 
     #[test]
@@ -278,7 +350,7 @@ mod tests {
             "KILN-VHOST-UP kvm=1\nKILN-TEST 0 STATUS exit=137 timed_out=1 elapsed_ms=5\n\
              KILN-TEST 0 STDOUT\nKILN-TEST 0 STDERR\nKILN-TEST 0 END\n",
         );
-        let outcomes = outcomes(&tests, &report, "", &[]);
+        let outcomes = outcomes(&tests, &DrivePlan::new(&tests), &report, "", &[]);
         assert!(outcomes[0].timed_out);
         assert_eq!(outcomes[0].exit_code, None);
     }

@@ -11,13 +11,36 @@ uptime_ms() {
     echo $((secs * 1000 + hundredths * 10))
 }
 
+# check_disks DIR: the drives DIR/disks lists (`vdX BYTES` lines) are there with the size of
+# their host images; otherwise prints why not and fails. Catches a drive mapping gone wrong.
+check_disks() {
+    [ -f "$1/disks" ] || return 0
+    while read -r name bytes; do
+        if [ ! -b "/dev/$name" ]; then
+            echo "/dev/$name is missing in the virtual host (it has: $(cd /sys/block && echo vd*))"
+            return 1
+        fi
+        read -r sectors <"/sys/block/$name/size"
+        if [ "$((sectors * 512))" != "$bytes" ]; then
+            echo "/dev/$name has $((sectors * 512)) bytes, but its image has $bytes"
+            return 1
+        fi
+    done <"$1/disks"
+}
+
 # run_test INDEX LIMIT_SECS DIR COMMAND...
-# DIR holds test.cpio (appended to the base initramfs to make DIR/initrd) and name.
+# DIR holds test.cpio (appended to the base initramfs to make DIR/initrd), name and, when the
+# test has disks, disks.
 run_test() {
     index=$1
     limit=$2
     dir=$3
     shift 3
+    if ! problem=$(check_disks "$dir"); then
+        echo "kiln-runner: test $index ($(cat "$dir/name")) not run: $problem"
+        echo "KILN-TEST $index PROBLEM $problem" >&3
+        return 0
+    fi
     cat /kiln/guest/initramfs.cpio.gz "$dir/test.cpio" >"$dir/initrd"
     echo "kiln-runner: test $index ($(cat "$dir/name")) starting, limit ${limit}s"
     start=$(uptime_ms)
@@ -40,6 +63,9 @@ run_test() {
     end=$(uptime_ms)
     kill "$watcher" 2>/dev/null
     wait "$watcher" 2>/dev/null
+    # kiln has exited, so its disks are closed (the last close of a block device writes its
+    # dirty pages); sync anyway, so what the guest wrote is on the drives before anything else.
+    [ -f "$dir/disks" ] && sync
     timed_out=0
     [ -e "$dir/timed_out" ] && timed_out=1
     echo "kiln-runner: test $index finished: exit=$status timed_out=$timed_out after $((end - start)) ms"
