@@ -1,0 +1,107 @@
+# shellcheck shell=sh disable=SC2154 # the settings are set by run-vms
+# The measuring loop of Kiln's virtio-blk benchmark (POSIX sh: runs under busybox inside the
+# virtual KVM host as well as under /bin/sh on a host with real KVM). resources/bench/blk/run
+# copies it into the `run-vms` script it generates, after the settings:
+#   KILN QEMU QEMU_DATA KERNEL INITRD WORK REPS DISK_MIB MEMORY LIMIT_SECS APPEND
+# and calls `run_all`. Machine-readable results go to stdout, progress to stderr:
+#   BLK-RUN vmm=kiln rep=1 exit=0 timed_out=0 wall_ms=5230
+#   BLK-LINE vmm=kiln rep=1 KILN-BLK name=seq_write value=... (each KILN-BLK console line)
+#   BLK-TAIL vmm=kiln rep=1 console|stderr|threads <line>  (only when a run failed)
+
+# Milliseconds since boot (the virtual host has no `date +%N` guarantee; 10 ms resolution).
+uptime_ms() {
+    read -r up _ </proc/uptime
+    secs=${up%.*}
+    hundredths=${up#*.}
+    hundredths=${hundredths#0}
+    echo $((secs * 1000 + hundredths * 10))
+}
+
+# The VMM command lines. Same kernel, initramfs, disk, vCPUs, memory and guest command line.
+# Kiln's defaults are "console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1"; QEMU gets them
+# spelled out. Kiln does buffered pread/pwrite on the image in one I/O thread per disk and
+# fdatasync on a flush; QEMU's counterpart is cache=writeback (buffered, flushes honoured)
+# with aio=threads.
+start_kiln() {
+    "$KILN" run --kernel "$KERNEL" --initrd "$INITRD" --cpus 1 --memory "$MEMORY" \
+        --disk "path=$WORK/disk.img" --cmdline "$APPEND" --console stdio
+}
+
+start_qemu() {
+    "$QEMU" -M microvm -accel kvm -cpu host -smp 1 -m "$MEMORY" \
+        -nodefaults -no-user-config -no-reboot -display none -serial stdio -L "$QEMU_DATA" \
+        -kernel "$KERNEL" -initrd "$INITRD" \
+        -append "console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1 $APPEND" \
+        -drive "id=disk0,file=$WORK/disk.img,format=raw,if=none,cache=writeback,aio=threads" \
+        -device virtio-blk-device,drive=disk0
+}
+
+# where_threads_wait PID: each thread's name, state and kernel stack, to tell a stuck guest
+# (vCPU halted, I/O thread asleep) from a stuck host (a thread spinning in the kernel).
+where_threads_wait() {
+    for task in /proc/"$1"/task/*; do
+        echo "thread $(cat "$task/comm") state=$(cut -d' ' -f3 "$task/stat") wchan=$(cat "$task/wchan")"
+        sed 's/^/    /' "$task/stack" 2>/dev/null | head -n 12
+    done
+}
+
+# run_one VMM REP: one VM on a fresh sparse image, killed at LIMIT_SECS.
+run_one() {
+    vmm=$1
+    run_rep=$2
+    rm -f "$WORK/disk.img" "$WORK/timed_out" "$WORK/threads"
+    truncate -s "${DISK_MIB}M" "$WORK/disk.img"
+    echo "blk-bench: $vmm, repetition $run_rep" >&2
+    start=$(uptime_ms)
+    "start_$vmm" </dev/null >"$WORK/console" 2>"$WORK/stderr" &
+    pid=$!
+    # The watchdog kills the VMM at the limit; its sleep is killed with it.
+    (
+        trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+        sleep "$LIMIT_SECS" &
+        sleeper=$!
+        wait "$sleeper"
+        if kill -0 "$pid" 2>/dev/null; then
+            : >"$WORK/timed_out"
+            where_threads_wait "$pid" >"$WORK/threads" 2>&1
+            kill -KILL "$pid"
+        fi
+    ) &
+    watcher=$!
+    wait "$pid"
+    status=$?
+    end=$(uptime_ms)
+    kill "$watcher" 2>/dev/null
+    wait "$watcher" 2>/dev/null
+    timed_out=0
+    [ -e "$WORK/timed_out" ] && timed_out=1
+    echo "BLK-RUN vmm=$vmm rep=$run_rep exit=$status timed_out=$timed_out wall_ms=$((end - start))"
+    tr -d '\r' <"$WORK/console" | grep '^KILN-BLK ' | sed "s/^/BLK-LINE vmm=$vmm rep=$run_rep /"
+    if [ "$status" -ne 0 ] || ! grep -q '^KILN-BLK done' "$WORK/console"; then
+        tr -d '\r' <"$WORK/console" | tail -n 15 | sed "s/^/BLK-TAIL vmm=$vmm rep=$run_rep console /"
+        tail -n 15 "$WORK/stderr" | sed "s/^/BLK-TAIL vmm=$vmm rep=$run_rep stderr /"
+        if [ -e "$WORK/threads" ]; then
+            sed "s/^/BLK-TAIL vmm=$vmm rep=$run_rep threads /" "$WORK/threads"
+        fi
+    fi
+    rm -f "$WORK/disk.img"
+}
+
+# Interleaved: Kiln, QEMU, then QEMU, Kiln, ... so that drift in the host's load hits both.
+run_all() {
+    echo "BLK-VERSION kiln $("$KILN" --version 2>&1 | head -n 1)"
+    echo "BLK-VERSION qemu $("$QEMU" --version 2>&1 | head -n 1)"
+    echo "BLK-VERSION host $(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo)"
+    rep=1
+    while [ "$rep" -le "$REPS" ]; do
+        if [ $((rep % 2)) -eq 1 ]; then
+            run_one kiln "$rep"
+            run_one qemu "$rep"
+        else
+            run_one qemu "$rep"
+            run_one kiln "$rep"
+        fi
+        rep=$((rep + 1))
+    done
+    echo "BLK-END"
+}
