@@ -3,6 +3,7 @@
 # virtual KVM host as well as under /bin/sh on a host with real KVM). resources/bench/blk/run
 # copies it into the `run-vms` script it generates, after the settings:
 #   KILN QEMU QEMU_DATA KERNEL INITRD WORK REPS DISK_MIB MEMORY LIMIT_SECS APPEND
+#   VMMS (a list of: kiln qemu qemu_irqchip_on; each has a start_<name> function below)
 # and calls `run_all`. Machine-readable results go to stdout, progress to stderr:
 #   BLK-RUN vmm=kiln rep=1 exit=0 timed_out=0 wall_ms=5230
 #   BLK-LINE vmm=kiln rep=1 KILN-BLK name=seq_write value=... (each KILN-BLK console line)
@@ -22,13 +23,30 @@ uptime_ms() {
 # spelled out. Kiln does buffered pread/pwrite on the image in one I/O thread per disk and
 # fdatasync on a flush; QEMU's counterpart is cache=writeback (buffered, flushes honoured)
 # with aio=threads.
+# Each replaces the background subshell it runs in (exec), so that $! is the VMM itself.
 start_kiln() {
-    "$KILN" run --kernel "$KERNEL" --initrd "$INITRD" --cpus 1 --memory "$MEMORY" \
+    exec "$KILN" run --kernel "$KERNEL" --initrd "$INITRD" --cpus 1 --memory "$MEMORY" \
         --disk "path=$WORK/disk.img" --cmdline "$APPEND" --console stdio
 }
 
+# QEMU microvm's default interrupt controllers: kernel-irqchip=split (LAPIC in KVM, IOAPICs in
+# QEMU, so every virtio-mmio interrupt and its EOI pass through QEMU's user space).
 start_qemu() {
-    "$QEMU" -M microvm -accel kvm -cpu host -smp 1 -m "$MEMORY" \
+    qemu_with microvm kvm
+}
+
+# QEMU with the PIC and IOAPIC in KVM as well, as Kiln has them (its disk interrupt goes from an
+# irqfd straight to KVM's IOAPIC). microvm's second IOAPIC (pins 24-47, where it puts the
+# virtio-mmio interrupts) exists only in QEMU, so it is turned off: the interrupts then use pins
+# 16-23 of the in-kernel one. (With kernel-irqchip=on alone the disk's interrupts are lost and
+# the guest waits forever on its first request.)
+start_qemu_irqchip_on() {
+    qemu_with microvm,ioapic2=off kvm,kernel-irqchip=on
+}
+
+# qemu_with MACHINE ACCEL
+qemu_with() {
+    exec "$QEMU" -M "$1" -accel "$2" -cpu host -smp 1 -m "$MEMORY" \
         -nodefaults -no-user-config -no-reboot -display none -serial stdio -L "$QEMU_DATA" \
         -kernel "$KERNEL" -initrd "$INITRD" \
         -append "console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1 $APPEND" \
@@ -87,20 +105,23 @@ run_one() {
     rm -f "$WORK/disk.img"
 }
 
-# Interleaved: Kiln, QEMU, then QEMU, Kiln, ... so that drift in the host's load hits both.
+# Every VMM of $VMMS once per repetition, in order in odd repetitions and in reverse order in
+# even ones (Kiln, QEMU, then QEMU, Kiln, ...), so that drift in the host's load hits all alike.
 run_all() {
     echo "BLK-VERSION kiln $("$KILN" --version 2>&1 | head -n 1)"
     echo "BLK-VERSION qemu $("$QEMU" --version 2>&1 | head -n 1)"
     echo "BLK-VERSION host $(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo)"
+    reversed=""
+    for vmm in $VMMS; do
+        reversed="$vmm $reversed"
+    done
     rep=1
     while [ "$rep" -le "$REPS" ]; do
-        if [ $((rep % 2)) -eq 1 ]; then
-            run_one kiln "$rep"
-            run_one qemu "$rep"
-        else
-            run_one qemu "$rep"
-            run_one kiln "$rep"
-        fi
+        order=$VMMS
+        [ $((rep % 2)) -eq 1 ] || order=$reversed
+        for vmm in $order; do
+            run_one "$vmm" "$rep"
+        done
         rep=$((rep + 1))
     done
     echo "BLK-END"
