@@ -172,3 +172,50 @@ fn sigterm_stops_a_running_guest_with_143() {
         "kiln took long to stop"
     );
 }
+
+#[test]
+fn ctrl_a_x_on_a_terminal_stops_the_guest_like_ctrl_c() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty fills two descriptors; the name/termios/winsize pointers may be null.
+    let ret = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(ret, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened by openpty and are owned only here.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut terminal = std::fs::File::from(master);
+
+    let cmdline = Params {
+        hold: true,
+        ..Params::default()
+    }
+    .cmdline();
+    let kernel = GuestKind::Hello.path().to_str().unwrap().to_string();
+    let child = Command::new(KILN)
+        .args(["run", "--kernel", &kernel, "--memory", "64M"])
+        .args(["--cmdline", &cmdline])
+        .stdin(Stdio::from(slave))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kiln");
+    std::thread::sleep(Duration::from_millis(500));
+    use std::io::Write;
+    terminal.write_all(b"\x01x").expect("type Ctrl-A x");
+    let output = child.wait_with_output().expect("wait for kiln");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "stderr: {stderr}");
+    assert!(stderr.contains("Ctrl-A x: stopping the VM"), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("KILN-GUEST-HELLO"),
+        "guest never ran"
+    );
+}

@@ -12,6 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use kiln_devices::legacy::serial::SerialDevice;
 
+use crate::terminal::{EscapeFilter, Filtered};
+
 /// A subscriber the loop can share with other threads.
 pub type SharedSubscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// Kiln's event manager.
@@ -62,12 +64,40 @@ impl MutEventSubscriber for StopWatcher {
 pub struct ConsoleInput {
     fd: RawFd,
     serial: Arc<Mutex<SerialDevice>>,
+    /// Present on an interactive terminal: Ctrl-A x stops the VM.
+    escape: Option<EscapeFilter>,
 }
 
 impl ConsoleInput {
-    /// Reads from `fd` (normally 0) into `serial`.
-    pub fn new(fd: RawFd, serial: Arc<Mutex<SerialDevice>>) -> Self {
-        Self { fd, serial }
+    /// Reads from `fd` (normally 0) into `serial`. With `interactive`, Ctrl-A x stops the VM
+    /// the way SIGINT does (pipes carry any byte, so they get no escape).
+    pub fn new(fd: RawFd, serial: Arc<Mutex<SerialDevice>>, interactive: bool) -> Self {
+        Self {
+            fd,
+            serial,
+            escape: interactive.then(EscapeFilter::default),
+        }
+    }
+
+    fn deliver(&mut self, bytes: &[u8]) {
+        let filtered = match &mut self.escape {
+            Some(escape) => escape.filter(bytes),
+            None => Filtered {
+                to_guest: bytes.to_vec(),
+                quit: false,
+            },
+        };
+        if !filtered.to_guest.is_empty() {
+            let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+            serial.queue_input(&filtered.to_guest);
+        }
+        if filtered.quit {
+            log::info!("Ctrl-A x: stopping the VM");
+            // The same path as a Ctrl-C outside raw mode: the stop-signal handler records
+            // SIGINT and wakes this loop.
+            // SAFETY: raise(2) with a valid signal number; the handler is async-signal-safe.
+            unsafe { libc::raise(libc::SIGINT) };
+        }
     }
 
     fn stop_watching(&self, ops: &mut EventOps) {
@@ -89,10 +119,7 @@ impl MutEventSubscriber for ConsoleInput {
                 log::debug!("console input closed");
                 self.stop_watching(ops);
             }
-            Ok(n) => {
-                let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-                serial.queue_input(&buf[..n]);
-            }
+            Ok(n) => self.deliver(&buf[..n]),
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
             Err(err) => {
                 log::warn!("console input failed, no more input goes to the guest: {err}");

@@ -45,3 +45,76 @@ impl Drop for RawTerminal {
         }
     }
 }
+
+/// The key that starts an escape sequence on an interactive console: Ctrl-A, as in QEMU.
+pub const ESCAPE_KEY: u8 = 0x01;
+
+/// What the escape filter found in a chunk of console input.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Filtered {
+    /// Bytes for the guest.
+    pub to_guest: Vec<u8>,
+    /// The user typed Ctrl-A x: stop the VM.
+    pub quit: bool,
+}
+
+/// Ctrl-A x stops the VM, Ctrl-A Ctrl-A sends one Ctrl-A, Ctrl-A with anything else sends
+/// both. Needed because raw mode gives every other key, Ctrl-C included, to the guest.
+#[derive(Debug, Default)]
+pub struct EscapeFilter {
+    pending: bool,
+}
+
+impl EscapeFilter {
+    /// Filters one chunk; an escape split across chunks is handled.
+    pub fn filter(&mut self, input: &[u8]) -> Filtered {
+        let mut out = Filtered::default();
+        for &byte in input {
+            if std::mem::take(&mut self.pending) {
+                match byte {
+                    b'x' | b'X' => {
+                        out.quit = true;
+                        return out;
+                    }
+                    ESCAPE_KEY => out.to_guest.push(ESCAPE_KEY),
+                    other => out.to_guest.extend_from_slice(&[ESCAPE_KEY, other]),
+                }
+            } else if byte == ESCAPE_KEY {
+                self.pending = true;
+            } else {
+                out.to_guest.push(byte);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_input_passes_through() {
+        let mut filter = EscapeFilter::default();
+        assert_eq!(filter.filter(b"ls -l\r\x03").to_guest, b"ls -l\r\x03");
+    }
+
+    #[test]
+    fn ctrl_a_x_quits_even_when_split() {
+        let mut filter = EscapeFilter::default();
+        let first = filter.filter(b"ab\x01");
+        assert_eq!(first.to_guest, b"ab");
+        assert!(!first.quit);
+        let second = filter.filter(b"xcd");
+        assert!(second.quit);
+        assert!(second.to_guest.is_empty());
+    }
+
+    #[test]
+    fn ctrl_a_twice_sends_one_and_other_keys_send_both() {
+        let mut filter = EscapeFilter::default();
+        let out = filter.filter(b"\x01\x01\x01c");
+        assert_eq!(out.to_guest, b"\x01\x01c");
+        assert!(!out.quit);
+    }
+}

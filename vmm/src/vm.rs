@@ -178,14 +178,19 @@ impl Vm {
         event_loop.add_subscriber(watcher.clone());
 
         let _raw_terminal = if self.config.console == ConsoleConfig::Stdio {
+            let raw_terminal = RawTerminal::enable(libc::STDIN_FILENO).unwrap_or_else(|err| {
+                log::warn!("cannot switch the terminal to raw mode: {err}");
+                None
+            });
+            if raw_terminal.is_some() {
+                log::info!("console: Ctrl-A x stops the VM, Ctrl-A Ctrl-A sends Ctrl-A");
+            }
             event_loop.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
                 libc::STDIN_FILENO,
                 self.devices.serial.clone(),
+                raw_terminal.is_some(),
             ))));
-            RawTerminal::enable(libc::STDIN_FILENO).unwrap_or_else(|err| {
-                log::warn!("cannot switch the terminal to raw mode: {err}");
-                None
-            })
+            raw_terminal
         } else {
             None
         };
