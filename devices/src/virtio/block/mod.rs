@@ -63,6 +63,8 @@ pub mod request_status {
 
 #[cfg(test)]
 mod bench;
+#[cfg(test)]
+mod stress_tests;
 
 #[cfg(test)]
 pub(crate) mod test_utils {
