@@ -2,58 +2,27 @@
 //!
 //! No Linux kernel and no virtual KVM host is involved, so these run everywhere /dev/kvm does,
 //! PVM hosts included. Without a usable /dev/kvm they fail with a clear message rather than
-//! skip silently. The guests are assembled here from `tests/guests/asm` (the root package
-//! does not depend on `kiln-test-guests`; its std-only builder is shared by `#[path]`).
+//! skip silently. The guests come from the `kiln-test-guests` crate (assembled from
+//! `tests/guests/asm` by its build script).
 //!
 //! Guest protocol (see tests/guests/asm/guest.S): `hello` prints KILN-GUEST-HELLO, the loop
 //! guests print "KILN-GUEST-DONE n=<n> m=<m>" when done, every guest ends with an i8042 reset
 //! (Kiln: exit status 0), and an unexpected exception prints KILN-GUEST-FAULT and writes the
 //! pvpanic port (Kiln: exit status 3).
 
-#[allow(dead_code)]
-#[path = "guests/src/assemble.rs"]
-mod assemble;
-#[allow(dead_code)]
-#[path = "guests/src/process.rs"]
-mod process;
-
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use process::{run_with_timeout, Finished};
+use kiln_test_guests::process::{run_with_timeout, Finished};
+use kiln_test_guests::{parse_done, Done, GuestKind, FAULT_MARKER, HELLO_MARKER};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
-const HELLO_MARKER: &str = "KILN-GUEST-HELLO";
-const DONE_MARKER: &str = "KILN-GUEST-DONE";
-const FAULT_MARKER: &str = "KILN-GUEST-FAULT";
 /// Generous for a 2-core machine running other tests; a hang still fails.
 const DEADLINE: Duration = Duration::from_secs(60);
 /// What "exits quickly" means for the `exit` guest (it takes ~40 ms on PVM).
 const QUICK_EXIT: Duration = Duration::from_secs(5);
 /// Kiln's exit status when the guest reports a panic.
 const GUEST_PANIC_STATUS: i32 = 3;
-
-/// The directory holding the assembled guests, built once per test process.
-fn guest_dir() -> &'static Path {
-    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let built = DIR.get_or_init(|| {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kiln-test-guests");
-        assemble::assemble_all(&manifest.join("tests/guests/asm"), &out)
-            .map(|_| out)
-            .map_err(|err| err.to_string())
-    });
-    match built {
-        Ok(dir) => dir,
-        Err(err) => panic!("cannot build the test guests: {err}"),
-    }
-}
-
-fn guest(name: &str) -> PathBuf {
-    guest_dir().join(format!("{name}.elf"))
-}
 
 fn require_kvm() {
     if let Err(err) = std::fs::OpenOptions::new()
@@ -69,13 +38,13 @@ fn require_kvm() {
 }
 
 /// Runs `kiln run` with the guest's console on stdout.
-fn kiln(guest_name: &str, cmdline: &str, cpus: u32, memory: &str) -> Finished {
+fn kiln(guest: GuestKind, cmdline: &str, cpus: u32, memory: &str) -> Finished {
     require_kvm();
     let mut command = Command::new(KILN);
     command
         .arg("run")
         .arg("--kernel")
-        .arg(guest(guest_name))
+        .arg(guest.path())
         .args(["--cmdline", cmdline])
         .args(["--cpus", &cpus.to_string()])
         .args(["--memory", memory])
@@ -99,21 +68,12 @@ fn assert_clean_exit(finished: &Finished, what: &str) {
 
 /// The `(n, m)` of the guest's done line.
 fn done_line(finished: &Finished) -> Option<(u64, u64)> {
-    let line = finished
-        .stdout
-        .lines()
-        .find_map(|line| line.trim_end().strip_prefix(DONE_MARKER))?;
-    let field = |key: &str| {
-        line.split_whitespace()
-            .find_map(|field| field.strip_prefix(key))
-            .and_then(|value| value.parse().ok())
-    };
-    Some((field("n=")?, field("m=")?))
+    parse_done(&finished.stdout).map(|Done { n, m }| (n, m))
 }
 
 #[test]
 fn hello_prints_through_stdout_with_one_vcpu() {
-    let finished = kiln("hello", "", 1, "128M");
+    let finished = kiln(GuestKind::Hello, "", 1, "128M");
     assert_clean_exit(&finished, "hello, 1 vCPU");
     assert!(
         finished.stdout.contains(HELLO_MARKER),
@@ -124,7 +84,7 @@ fn hello_prints_through_stdout_with_one_vcpu() {
 
 #[test]
 fn hello_prints_through_stdout_with_four_vcpus() {
-    let finished = kiln("hello", "", 4, "128M");
+    let finished = kiln(GuestKind::Hello, "", 4, "128M");
     assert_clean_exit(&finished, "hello, 4 vCPUs");
     assert!(
         finished.stdout.contains(HELLO_MARKER),
@@ -135,7 +95,7 @@ fn hello_prints_through_stdout_with_four_vcpus() {
 
 #[test]
 fn exit_guest_ends_kiln_quickly_with_status_0() {
-    let finished = kiln("exit", "", 1, "128M");
+    let finished = kiln(GuestKind::Exit, "", 1, "128M");
     assert_clean_exit(&finished, "exit");
     assert!(
         finished.stdout.trim().is_empty(),
@@ -151,7 +111,7 @@ fn exit_guest_ends_kiln_quickly_with_status_0() {
 
 #[test]
 fn ignored_port_writes_never_crash() {
-    let finished = kiln("pio-loop", "n=1000", 1, "128M");
+    let finished = kiln(GuestKind::PioLoop, "n=1000", 1, "128M");
     assert_clean_exit(&finished, "pio-loop");
     assert_eq!(
         done_line(&finished),
@@ -164,7 +124,7 @@ fn ignored_port_writes_never_crash() {
 #[test]
 fn unknown_ports_are_ignored_too() {
     // Another port no device decodes, written 100 times.
-    let finished = kiln("pio-loop", "n=100 port=0x87", 1, "128M");
+    let finished = kiln(GuestKind::PioLoop, "n=100 port=0x87", 1, "128M");
     assert_clean_exit(&finished, "pio-loop port 0x87");
     assert_eq!(
         done_line(&finished),
@@ -176,7 +136,7 @@ fn unknown_ports_are_ignored_too() {
 
 #[test]
 fn ignored_mmio_reads_never_crash() {
-    let finished = kiln("mmio-loop", "n=1000", 1, "128M");
+    let finished = kiln(GuestKind::MmioLoop, "n=1000", 1, "128M");
     assert_clean_exit(&finished, "mmio-loop");
     assert_eq!(
         done_line(&finished),
@@ -189,7 +149,7 @@ fn ignored_mmio_reads_never_crash() {
 #[test]
 fn touching_nearly_all_guest_memory_works() {
     // The guest writes from 2 MiB up: 2 + 120 MiB of the 128 MiB guest.
-    let finished = kiln("touch", "m=120", 1, "128M");
+    let finished = kiln(GuestKind::Touch, "m=120", 1, "128M");
     assert_clean_exit(&finished, "touch");
     assert_eq!(
         done_line(&finished),
@@ -203,7 +163,7 @@ fn touching_nearly_all_guest_memory_works() {
 fn a_guest_fault_ends_as_a_guest_panic() {
     // Nothing is mapped above 4 GiB in the guest's tables: the ring-3 read page-faults, the
     // guest reports it and writes the pvpanic port.
-    let finished = kiln("mmio-loop", "n=1 addr=0x100000000", 1, "128M");
+    let finished = kiln(GuestKind::MmioLoop, "n=1 addr=0x100000000", 1, "128M");
     assert!(
         finished.stdout.contains(FAULT_MARKER),
         "{}",
