@@ -41,6 +41,34 @@ fn assert_refused(output: &Output, status: i32, fragments: &[&str]) {
     assert!(output.stdout.is_empty(), "no guest should have run");
 }
 
+/// Reads the child's stdout on a thread until the guest's hello marker shows (so a stop request
+/// is known to reach a running guest), then keeps collecting; returns the collector.
+fn wait_for_hello(child: &mut std::process::Child) -> std::thread::JoinHandle<String> {
+    use std::io::Read;
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let collector = std::thread::spawn(move || {
+        let mut collected = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut announced = false;
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            collected.extend_from_slice(&buf[..n]);
+            if !announced && String::from_utf8_lossy(&collected).contains("KILN-GUEST-HELLO") {
+                announced = true;
+                let _ = seen_tx.send(());
+            }
+        }
+        String::from_utf8_lossy(&collected).into_owned()
+    });
+    seen_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the guest did not print its hello marker within 30 s");
+    collector
+}
+
 #[test]
 fn missing_kernel_is_named() {
     let output = kiln(&["run", "--kernel", "/nonexistent/vmlinux"]);
@@ -145,7 +173,7 @@ fn sigterm_stops_a_running_guest_with_143() {
     }
     .cmdline();
     let kernel = GuestKind::Hello.path().to_str().unwrap().to_string();
-    let child = Command::new(KILN)
+    let mut child = Command::new(KILN)
         .args(["run", "--kernel", &kernel, "--memory", "64M", "--cpus", "2"])
         .args(["--cmdline", &cmdline])
         .stdin(Stdio::null())
@@ -153,13 +181,13 @@ fn sigterm_stops_a_running_guest_with_143() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start kiln");
-    // The held guest never ends by itself; give it time to be up, then stop it.
-    std::thread::sleep(Duration::from_millis(500));
+    // The held guest never ends by itself: once it is up, stop it.
+    let collector = wait_for_hello(&mut child);
     // SAFETY: kill(2) on our own child's pid with a valid signal number.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let started = Instant::now();
     let output = child.wait_with_output().expect("wait for kiln");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = collector.join().expect("stdout collector");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(143), "stderr: {stderr}");
     assert!(
@@ -199,7 +227,7 @@ fn ctrl_a_x_on_a_terminal_stops_the_guest_like_ctrl_c() {
     }
     .cmdline();
     let kernel = GuestKind::Hello.path().to_str().unwrap().to_string();
-    let child = Command::new(KILN)
+    let mut child = Command::new(KILN)
         .args(["run", "--kernel", &kernel, "--memory", "64M"])
         .args(["--cmdline", &cmdline])
         .stdin(Stdio::from(slave))
@@ -207,15 +235,12 @@ fn ctrl_a_x_on_a_terminal_stops_the_guest_like_ctrl_c() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start kiln");
-    std::thread::sleep(Duration::from_millis(500));
+    let collector = wait_for_hello(&mut child);
     use std::io::Write;
     terminal.write_all(b"\x01x").expect("type Ctrl-A x");
     let output = child.wait_with_output().expect("wait for kiln");
+    collector.join().expect("stdout collector");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(130), "stderr: {stderr}");
     assert!(stderr.contains("Ctrl-A x: stopping the VM"), "{stderr}");
-    assert!(
-        String::from_utf8_lossy(&output.stdout).contains("KILN-GUEST-HELLO"),
-        "guest never ran"
-    );
 }
