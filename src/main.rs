@@ -115,7 +115,8 @@ impl RunArgs {
 
 fn exit_status(outcome: VmOutcome) -> ExitCode {
     match outcome {
-        VmOutcome::PowerOff | VmOutcome::Reset => ExitCode::SUCCESS,
+        // The CLI never hands out a stop handle; a stop through one is still a clean end.
+        VmOutcome::PowerOff | VmOutcome::Reset | VmOutcome::Stopped => ExitCode::SUCCESS,
         VmOutcome::Panic => ExitCode::from(EXIT_GUEST_PANIC),
         VmOutcome::Signal(signum) => ExitCode::from(128u8.saturating_add(signum as u8)),
     }
@@ -135,6 +136,7 @@ fn describe(outcome: VmOutcome) -> String {
         VmOutcome::Reset => "rebooted".into(),
         VmOutcome::Panic => "kernel panic".into(),
         VmOutcome::Signal(signum) => format!("stopped by signal {signum}"),
+        VmOutcome::Stopped => "stopped on request".into(),
     }
 }
 

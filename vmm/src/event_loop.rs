@@ -19,24 +19,27 @@ pub type SharedSubscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// Kiln's event manager.
 pub type EventLoop = EventManager<SharedSubscriber>;
 
-/// Watches the eventfds that end the VM: the guest's (devices, vCPUs) and the signals'.
+/// Watches the eventfds that end the VM: the guest's (devices, vCPUs), the signals' and the
+/// embedder's [`StopHandle`](crate::vm::StopHandle).
 pub struct StopWatcher {
-    guest_exit: RawFd,
-    signal: RawFd,
+    fds: [RawFd; 3],
     stopping: bool,
 }
 
 impl StopWatcher {
-    /// Watches the two eventfds; they must outlive the loop.
-    pub fn new(guest_exit: &EventFd, signal: &EventFd) -> Self {
+    /// Watches the three eventfds; they must outlive the loop.
+    pub fn new(guest_exit: &EventFd, signal: &EventFd, requested: &EventFd) -> Self {
         Self {
-            guest_exit: guest_exit.as_raw_fd(),
-            signal: signal.as_raw_fd(),
+            fds: [
+                guest_exit.as_raw_fd(),
+                signal.as_raw_fd(),
+                requested.as_raw_fd(),
+            ],
             stopping: false,
         }
     }
 
-    /// True once either eventfd fired.
+    /// True once any of the eventfds fired.
     pub fn stopping(&self) -> bool {
         self.stopping
     }
@@ -52,7 +55,7 @@ impl MutEventSubscriber for StopWatcher {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.guest_exit, self.signal] {
+        for fd in self.fds {
             if let Err(err) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 log::error!("cannot watch stop eventfd {fd}: {err:?}");
             }

@@ -22,7 +22,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
-pub use vm::{Vm, VmOutcome};
+pub use vm::{StopHandle, Vm, VmOutcome};
 
 /// Everything that can stop Kiln from building or running a VM.
 #[derive(Debug, thiserror::Error)]

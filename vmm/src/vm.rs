@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -44,6 +44,38 @@ pub enum VmOutcome {
     Panic,
     /// Kiln received this signal and stopped the guest.
     Signal(i32),
+    /// The embedder asked the VM to stop through its [`StopHandle`].
+    Stopped,
+}
+
+/// Stops a running VM from another thread: what an embedder holds while [`Vm::run`] blocks.
+/// Cheap to clone; stopping a VM that already ended does nothing.
+#[derive(Debug, Clone)]
+pub struct StopHandle {
+    eventfd: Arc<EventFd>,
+    requested: Arc<AtomicBool>,
+}
+
+impl StopHandle {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            eventfd: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+            requested: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Asks the VM to stop; [`Vm::run`] then returns [`VmOutcome::Stopped`] (unless the guest
+    /// ended first for its own reason).
+    pub fn stop(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        if let Err(err) = self.eventfd.write(1) {
+            log::error!("cannot wake the VMM thread to stop the VM: {err}");
+        }
+    }
+
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
 }
 
 /// Devices the VM keeps a handle to after building the buses.
@@ -65,6 +97,7 @@ pub struct Vm {
     /// Created early: virtio devices subscribe to it through its remote endpoint.
     event_loop: EventLoop,
     _virtio: DeviceManager,
+    stop_handle: StopHandle,
 }
 
 impl std::fmt::Debug for Vm {
@@ -162,10 +195,17 @@ impl Vm {
             _serial_irq: serial_irq,
             event_loop,
             _virtio: virtio,
+            stop_handle: StopHandle::new().map_err(|e| Error::Io("create the stop eventfd", e))?,
         })
     }
 
-    /// Runs the guest until it powers off, resets, panics, or Kiln gets a stop signal.
+    /// A handle another thread can use to stop this VM once [`Vm::run`] is under way.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop_handle.clone()
+    }
+
+    /// Runs the guest until it powers off, resets, panics, Kiln gets a stop signal, or the
+    /// [`StopHandle`] is used.
     pub fn run(mut self) -> Result<VmOutcome, Error> {
         install_kick_handler().map_err(|e| Error::Io("install the vCPU kick handler", e))?;
         let signals =
@@ -174,6 +214,7 @@ impl Vm {
         let watcher = Arc::new(Mutex::new(StopWatcher::new(
             self.exit.eventfd(),
             signals.eventfd(),
+            &self.stop_handle.eventfd,
         )));
         event_loop.add_subscriber(watcher.clone());
 
@@ -218,6 +259,9 @@ impl Vm {
         if let Some(signum) = signals.received() {
             log::info!("stopped by signal {signum}");
             return Ok(VmOutcome::Signal(signum));
+        }
+        if self.exit.reason().is_none() && self.stop_handle.requested() {
+            return Ok(VmOutcome::Stopped);
         }
         match self.exit.reason() {
             Some(StopReason::PowerOff) => Ok(VmOutcome::PowerOff),
