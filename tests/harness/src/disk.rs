@@ -9,8 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-/// Longest disk serial Kiln accepts (virtio-blk's `VIRTIO_BLK_ID_BYTES`).
-pub const ID_BYTES: usize = 20;
+pub use kiln_devices::virtio::block::ID_BYTES;
 
 /// How a disk is attached: the options of `kiln run --disk`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -119,15 +118,9 @@ impl GuestDisk {
         }
     }
 
-    /// The serial Kiln derives when no id is given: the file name, cut to [`ID_BYTES`] (as
-    /// `kiln_devices::virtio::block::default_id` does).
+    /// The serial Kiln derives when no id is given.
     fn default_id(&self) -> Vec<u8> {
-        let name = self
-            .path
-            .file_name()
-            .unwrap_or(self.path.as_os_str())
-            .as_encoded_bytes();
-        name[..name.len().min(ID_BYTES)].to_vec()
+        kiln_devices::virtio::block::disk::default_id(&self.path)
     }
 
     /// The `--disk` value for direct mode: the host path and the options as given.
@@ -169,19 +162,7 @@ fn valid_id(id: &[u8]) -> bool {
 }
 
 /// The name Linux gives the `index`-th virtio disk: `vda` ... `vdz`, `vdaa`, ...
-pub fn virtio_disk_name(index: usize) -> String {
-    let mut letters = Vec::new();
-    let mut rest = index;
-    loop {
-        letters.push(b'a' + (rest % 26) as u8);
-        if rest < 26 {
-            break;
-        }
-        rest = rest / 26 - 1;
-    }
-    letters.reverse();
-    format!("vd{}", String::from_utf8_lossy(&letters))
-}
+pub use kiln_vmm::config::disk_name as virtio_disk_name;
 
 #[cfg(test)]
 mod tests {
