@@ -3,6 +3,7 @@
 //! It only turns arguments into a `VmConfig` and the VM's outcome into an exit status.
 
 mod logger;
+mod signals;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use kiln_vmm::config::{parse_memory_mib, ConfigError, DiskConfig};
 use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
+use signals::StopSignals;
 
 /// Exit status when the guest kernel panicked.
 const EXIT_GUEST_PANIC: u8 = 3;
@@ -113,30 +115,46 @@ impl RunArgs {
     }
 }
 
-fn exit_status(outcome: VmOutcome) -> ExitCode {
-    match outcome {
+/// How `kiln run` ended: the guest's own way, or a stop signal Kiln received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunEnd {
+    Guest(VmOutcome),
+    Signal(i32),
+}
+
+fn exit_status(end: RunEnd) -> ExitCode {
+    match end {
         // The CLI never hands out a stop handle; a stop through one is still a clean end.
-        VmOutcome::PowerOff | VmOutcome::Reset | VmOutcome::Stopped => ExitCode::SUCCESS,
-        VmOutcome::Panic => ExitCode::from(EXIT_GUEST_PANIC),
-        VmOutcome::Signal(signum) => ExitCode::from(128u8.saturating_add(signum as u8)),
+        RunEnd::Guest(VmOutcome::PowerOff | VmOutcome::Reset | VmOutcome::Stopped) => {
+            ExitCode::SUCCESS
+        }
+        RunEnd::Guest(VmOutcome::Panic) => ExitCode::from(EXIT_GUEST_PANIC),
+        RunEnd::Signal(signum) => ExitCode::from(128u8.saturating_add(signum as u8)),
     }
 }
 
-fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, kiln_vmm::Error> {
+fn run(args: RunArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error> {
     let config = args.into_config()?;
     let vm = Vm::new(config, start)?;
+    let handle = vm.handle();
+    let signals = StopSignals::install(handle.stop_fd())
+        .map_err(|e| kiln_vmm::Error::Io("install signal handlers", e))?;
     let outcome = vm.run()?;
-    log::info!("guest ended: {}", describe(outcome));
-    Ok(outcome)
+    let end = match signals.received() {
+        Some(signum) => RunEnd::Signal(signum),
+        None => RunEnd::Guest(outcome),
+    };
+    log::info!("guest ended: {}", describe(end));
+    Ok(end)
 }
 
-fn describe(outcome: VmOutcome) -> String {
-    match outcome {
-        VmOutcome::PowerOff => "powered off".into(),
-        VmOutcome::Reset => "rebooted".into(),
-        VmOutcome::Panic => "kernel panic".into(),
-        VmOutcome::Signal(signum) => format!("stopped by signal {signum}"),
-        VmOutcome::Stopped => "stopped on request".into(),
+fn describe(end: RunEnd) -> String {
+    match end {
+        RunEnd::Guest(VmOutcome::PowerOff) => "powered off".into(),
+        RunEnd::Guest(VmOutcome::Reset) => "rebooted".into(),
+        RunEnd::Guest(VmOutcome::Panic) => "kernel panic".into(),
+        RunEnd::Guest(VmOutcome::Stopped) => "stopped on request".into(),
+        RunEnd::Signal(signum) => format!("stopped by signal {signum}"),
     }
 }
 
@@ -288,9 +306,18 @@ mod tests {
 
     #[test]
     fn outcomes_map_to_documented_statuses() {
-        assert_eq!(exit_status(VmOutcome::PowerOff), ExitCode::SUCCESS);
-        assert_eq!(exit_status(VmOutcome::Reset), ExitCode::SUCCESS);
-        assert_eq!(exit_status(VmOutcome::Panic), ExitCode::from(3));
-        assert_eq!(exit_status(VmOutcome::Signal(15)), ExitCode::from(143));
+        assert_eq!(
+            exit_status(RunEnd::Guest(VmOutcome::PowerOff)),
+            ExitCode::SUCCESS
+        );
+        assert_eq!(
+            exit_status(RunEnd::Guest(VmOutcome::Reset)),
+            ExitCode::SUCCESS
+        );
+        assert_eq!(
+            exit_status(RunEnd::Guest(VmOutcome::Panic)),
+            ExitCode::from(3)
+        );
+        assert_eq!(exit_status(RunEnd::Signal(15)), ExitCode::from(143));
     }
 }

@@ -19,27 +19,26 @@ pub type SharedSubscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// Kiln's event manager.
 pub type EventLoop = EventManager<SharedSubscriber>;
 
-/// Watches the eventfds that end the VM: the guest's (devices, vCPUs), the signals' and the
-/// embedder's [`StopHandle`](crate::vm::StopHandle).
+/// Watches the eventfds that end the VM (the guest's, through devices and vCPUs, and the
+/// [`VmHandle`](crate::VmHandle)'s stop) and the one that only wakes the loop (a control
+/// request is waiting).
 pub struct StopWatcher {
-    fds: [RawFd; 3],
+    stop_fds: [RawFd; 2],
+    wake_fd: RawFd,
     stopping: bool,
 }
 
 impl StopWatcher {
-    /// Watches the three eventfds; they must outlive the loop.
-    pub fn new(guest_exit: &EventFd, signal: &EventFd, requested: &EventFd) -> Self {
+    /// Watches the eventfds; they must outlive the loop.
+    pub fn new(guest_exit: &EventFd, stop: &EventFd, wake: &EventFd) -> Self {
         Self {
-            fds: [
-                guest_exit.as_raw_fd(),
-                signal.as_raw_fd(),
-                requested.as_raw_fd(),
-            ],
+            stop_fds: [guest_exit.as_raw_fd(), stop.as_raw_fd()],
+            wake_fd: wake.as_raw_fd(),
             stopping: false,
         }
     }
 
-    /// True once any of the eventfds fired.
+    /// True once a stop eventfd fired.
     pub fn stopping(&self) -> bool {
         self.stopping
     }
@@ -51,11 +50,13 @@ impl MutEventSubscriber for StopWatcher {
         // SAFETY: reads at most 8 bytes into a live buffer from an eventfd we watch; errors
         // (EAGAIN) are harmless.
         unsafe { libc::read(events.fd(), counter.as_mut_ptr().cast(), counter.len()) };
-        self.stopping = true;
+        if events.fd() != self.wake_fd {
+            self.stopping = true;
+        }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in self.fds {
+        for fd in self.stop_fds.into_iter().chain([self.wake_fd]) {
             if let Err(err) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 log::error!("cannot watch stop eventfd {fd}: {err:?}");
             }

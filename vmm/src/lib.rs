@@ -13,16 +13,17 @@
 pub mod config;
 pub mod device_manager;
 pub mod event_loop;
+pub mod handle;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
-pub mod signals;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
 
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
-pub use vm::{StopHandle, Vm, VmOutcome};
+pub use handle::{ControlError, StopHandle, VmHandle, VmState};
+pub use vm::{Vm, VmOutcome};
 
 /// Everything that can stop Kiln from building or running a VM.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -20,15 +20,15 @@ use kiln_devices::legacy::boot_timer::BootTimer;
 use kiln_devices::legacy::i8042::I8042Device;
 use kiln_devices::legacy::pvpanic::PvPanicDevice;
 use kiln_devices::legacy::serial::{EventFdTrigger, SerialDevice};
-use kiln_devices::virtio::EventLoopHandle;
+use kiln_devices::virtio::{EventLoopHandle, LogLimiter};
 
 use crate::config::{host_memory_mib, ConsoleConfig, VmConfig};
 use crate::device_manager::DeviceManager;
 use crate::event_loop::{ConsoleInput, EventLoop, StopWatcher};
+use crate::handle::{Answer, ControlError, Envelope, Request, VmHandle, VmState};
 use crate::kvm::{open_kvm, KvmHost, KVM_DEVICE};
 use crate::loader::{load_cmdline, load_initrd, load_kernel, LoadedKernel};
 use crate::memory::{advise_huge_pages, create_guest_memory, register_guest_memory, GuestMemory};
-use crate::signals::StopSignals;
 use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, Vcpu, VcpuThreads};
 use crate::Error;
@@ -42,40 +42,9 @@ pub enum VmOutcome {
     Reset,
     /// The guest kernel panicked (pvpanic).
     Panic,
-    /// Kiln received this signal and stopped the guest.
-    Signal(i32),
-    /// The embedder asked the VM to stop through its [`StopHandle`].
+    /// The VM was stopped from outside through its [`VmHandle`] (an embedder, or the CLI on a
+    /// stop signal).
     Stopped,
-}
-
-/// Stops a running VM from another thread: what an embedder holds while [`Vm::run`] blocks.
-/// Cheap to clone; stopping a VM that already ended does nothing.
-#[derive(Debug, Clone)]
-pub struct StopHandle {
-    eventfd: Arc<EventFd>,
-    requested: Arc<AtomicBool>,
-}
-
-impl StopHandle {
-    fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            eventfd: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
-            requested: Arc::new(AtomicBool::new(false)),
-        })
-    }
-
-    /// Asks the VM to stop; [`Vm::run`] then returns [`VmOutcome::Stopped`] (unless the guest
-    /// ended first for its own reason).
-    pub fn stop(&self) {
-        self.requested.store(true, Ordering::SeqCst);
-        if let Err(err) = self.eventfd.write(1) {
-            log::error!("cannot wake the VMM thread to stop the VM: {err}");
-        }
-    }
-
-    fn requested(&self) -> bool {
-        self.requested.load(Ordering::SeqCst)
-    }
 }
 
 /// Devices the VM keeps a handle to after building the buses.
@@ -86,18 +55,20 @@ struct LegacyDevices {
 /// A built microVM, not yet running.
 pub struct Vm {
     config: VmConfig,
-    // Field order is drop order: vCPUs and the VM fd go before the memory they point into.
+    // Field order is drop order: vCPUs and the VM fd go before the memory they point into
+    // (each vCPU also holds its own reference to the memory).
     vcpus: Vec<Vcpu>,
     _vm_fd: VmFd,
     kvm: KvmHost,
-    _memory: GuestMemory,
+    memory: GuestMemory,
     exit: ExitNotifier,
     devices: LegacyDevices,
     _serial_irq: EventFd,
     /// Created early: virtio devices subscribe to it through its remote endpoint.
     event_loop: EventLoop,
-    _virtio: DeviceManager,
-    stop_handle: StopHandle,
+    virtio: DeviceManager,
+    handle: VmHandle,
+    requests: Receiver<Envelope>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -183,38 +154,56 @@ impl Vm {
         let vcpus = create_vcpus(
             &kvm, &vm_fd, &memory, &config, &kernel, io_bus, mmio_bus, &exit,
         )?;
+        let (handle, requests) =
+            VmHandle::new().map_err(|e| Error::Io("create the control eventfds", e))?;
 
         Ok(Self {
             config,
             vcpus,
             _vm_fd: vm_fd,
             kvm,
-            _memory: memory,
+            memory,
             exit,
             devices: LegacyDevices { serial },
             _serial_irq: serial_irq,
             event_loop,
-            _virtio: virtio,
-            stop_handle: StopHandle::new().map_err(|e| Error::Io("create the stop eventfd", e))?,
+            virtio,
+            handle,
+            requests,
         })
     }
 
-    /// A handle another thread can use to stop this VM once [`Vm::run`] is under way.
-    pub fn stop_handle(&self) -> StopHandle {
-        self.stop_handle.clone()
+    /// A handle other threads use to control the VM (stop, pause, resume...) while
+    /// [`Vm::run`] blocks.
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
     }
 
-    /// Runs the guest until it powers off, resets, panics, Kiln gets a stop signal, or the
-    /// [`StopHandle`] is used.
+    /// The guest's memory (a new reference to the same mapping): embedders and tests read or
+    /// write guest RAM through it with vm-memory's `Bytes` methods.
+    pub fn guest_memory(&self) -> GuestMemory {
+        self.memory.clone()
+    }
+
+    /// A handle another thread can use to stop this VM once [`Vm::run`] is under way (the
+    /// same as [`Vm::handle`]).
+    pub fn stop_handle(&self) -> VmHandle {
+        self.handle()
+    }
+
+    /// Runs the guest until it powers off, resets, panics, or is stopped through its
+    /// [`VmHandle`]. Serves the handle's requests (pause, resume...) meanwhile.
+    ///
+    /// The library installs no process-wide signal handlers apart from the vCPU kick (a no-op
+    /// handler for `SIGRTMIN`, shared by every VM of the process): an embedder or the CLI maps
+    /// its own signals to [`VmHandle::stop`].
     pub fn run(mut self) -> Result<VmOutcome, Error> {
         install_kick_handler().map_err(|e| Error::Io("install the vCPU kick handler", e))?;
-        let signals =
-            StopSignals::install().map_err(|e| Error::Io("install signal handlers", e))?;
         let mut event_loop = self.event_loop;
         let watcher = Arc::new(Mutex::new(StopWatcher::new(
             self.exit.eventfd(),
-            signals.eventfd(),
-            &self.stop_handle.eventfd,
+            self.handle.stop_eventfd(),
+            self.handle.wake_eventfd(),
         )));
         event_loop.add_subscriber(watcher.clone());
 
@@ -236,37 +225,39 @@ impl Vm {
             None
         };
 
-        let stop = Arc::new(AtomicBool::new(false));
-        for vcpu in &mut self.vcpus {
-            vcpu.stop = stop.clone();
+        let mut threads = VcpuThreads::spawn(std::mem::take(&mut self.vcpus))?;
+        let mut loop_result = threads.run_all().map_err(Error::Vcpu);
+        if loop_result.is_ok() {
+            self.handle.set_state(VmState::Running);
         }
-        let mut threads = VcpuThreads::start(std::mem::take(&mut self.vcpus), stop)?;
-
-        let loop_result = loop {
+        let mut paused = false;
+        while loop_result.is_ok() {
             if watcher.lock().unwrap_or_else(|p| p.into_inner()).stopping() {
-                break Ok(());
+                break;
             }
             if let Err(err) = event_loop.run() {
-                break Err(Error::EventLoop(err));
+                loop_result = Err(Error::EventLoop(err));
+                break;
             }
-        };
+            while let Ok((request, reply)) = self.requests.try_recv() {
+                let answer = serve(request, &threads, &mut paused, &self.virtio, &self.handle);
+                // The requester may have gone away; nothing to do then.
+                let _ = reply.send(answer);
+            }
+        }
+        self.handle.set_state(VmState::Ended);
         let vcpu_error = threads.stop_all();
         if let Err(err) = std::io::stdout().flush() {
             log::debug!("cannot flush the console: {err}");
         }
         loop_result?;
 
-        if let Some(signum) = signals.received() {
-            log::info!("stopped by signal {signum}");
-            return Ok(VmOutcome::Signal(signum));
-        }
-        if self.exit.reason().is_none() && self.stop_handle.requested() {
-            return Ok(VmOutcome::Stopped);
-        }
+        let stopped = watcher.lock().unwrap_or_else(|p| p.into_inner()).stopping();
         match self.exit.reason() {
             Some(StopReason::PowerOff) => Ok(VmOutcome::PowerOff),
             Some(StopReason::Reset) => Ok(VmOutcome::Reset),
             Some(StopReason::Panic) => Ok(VmOutcome::Panic),
+            None if stopped => Ok(VmOutcome::Stopped),
             Some(StopReason::VcpuError) | None => {
                 if self.kvm.is_pvm {
                     log::warn!(
@@ -279,6 +270,55 @@ impl Vm {
                     .unwrap_or(Error::Internal("the VM stopped without a reason")))
             }
         }
+    }
+}
+
+/// Carries out one control request on the VMM thread.
+fn serve(
+    request: Request,
+    threads: &VcpuThreads,
+    paused: &mut bool,
+    virtio: &DeviceManager,
+    handle: &VmHandle,
+) -> Result<Answer, ControlError> {
+    match request {
+        Request::Pause if *paused => Ok(Answer::Done),
+        Request::Pause => {
+            // vCPUs first: once they are parked no driver can add work, then the devices
+            // finish what they have and stop.
+            threads.pause_all()?;
+            if let Err(err) = virtio.pause_all() {
+                threads.run_all()?;
+                return Err(err.into());
+            }
+            *paused = true;
+            handle.set_state(VmState::Paused);
+            log::debug!("VM paused");
+            Ok(Answer::Done)
+        }
+        Request::Resume if !*paused => Ok(Answer::Done),
+        Request::Resume => {
+            virtio.resume_all();
+            threads.run_all()?;
+            *paused = false;
+            handle.set_state(VmState::Running);
+            log::debug!("VM resumed");
+            Ok(Answer::Done)
+        }
+        Request::SaveVcpus if !*paused => Err(ControlError::NotPaused),
+        Request::SaveVcpus => Ok(Answer::Vcpus(threads.save_all()?)),
+        Request::RestoreVcpus(_) if !*paused => Err(ControlError::NotPaused),
+        Request::RestoreVcpus(states) if states.len() != threads.len() => {
+            Err(ControlError::VcpuCount {
+                expected: threads.len(),
+                given: states.len(),
+            })
+        }
+        Request::RestoreVcpus(states) => {
+            threads.restore_all(states)?;
+            Ok(Answer::Done)
+        }
+        Request::DeviceStates => Ok(Answer::Devices(virtio.states())),
     }
 }
 
@@ -390,6 +430,13 @@ fn create_vcpus(
     // Hardware-reduced ACPI means no PIT/PIC for Linux: the LAPIC timer in TSC-deadline mode is
     // what keeps time, and older KVMs only advertise it through the capability.
     let tsc_deadline = kvm.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    let msr_indices = Arc::new(
+        kvm.kvm
+            .get_msr_index_list()
+            .map_err(|e| Error::KvmIoctl("read the list of saveable MSRs", e))?
+            .as_slice()
+            .to_vec(),
+    );
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for id in 0..config.cpus {
         let fd = vm_fd
@@ -413,7 +460,9 @@ fn create_vcpus(
             io_bus: io_bus.clone(),
             mmio_bus: mmio_bus.clone(),
             exit: exit.clone(),
-            stop: Arc::new(AtomicBool::new(false)),
+            memory: memory.clone(),
+            msr_indices: msr_indices.clone(),
+            warnings: LogLimiter::new(),
         });
     }
     Ok(vcpus)

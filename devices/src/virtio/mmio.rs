@@ -20,9 +20,11 @@ use super::{
 };
 use crate::bus::BusDevice;
 use queue::{set_half, QueueRegisters};
+pub use state::{MmioState, QueueRegisterState, VirtioTransport};
 
 mod queue;
 pub mod regs;
+mod state;
 
 /// `MagicValue`: "virt" in little-endian.
 pub const MAGIC_VALUE: u32 = 0x7472_6976;
@@ -60,6 +62,10 @@ pub struct MmioTransport<D: VirtioDevice> {
     event_loop: Option<EventLoopHandle>,
     subscription: Option<Subscription>,
     active: bool,
+    /// Quiesced by [`VirtioTransport::pause`]: the device processes nothing until resumed.
+    paused: bool,
+    /// The queue positions the device handed back when it was paused.
+    paused_queues: Vec<virtio_queue::QueueState>,
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -113,6 +119,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             event_loop,
             subscription: None,
             active: false,
+            paused: false,
+            paused_queues: Vec::new(),
             status: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -360,7 +368,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 status::ACKNOWLEDGE => true,
                 status::DRIVER => self.status & status::ACKNOWLEDGE != 0,
                 status::FEATURES_OK => {
-                    self.status & status::DRIVER != 0 && self.features_acceptable()
+                    self.status & status::DRIVER != 0
+                        && self.features_acceptable()
+                        && self.device_accepts_features()
                 }
                 _ => self.status & status::FEATURES_OK != 0,
             };
@@ -395,6 +405,23 @@ impl<D: VirtioDevice> MmioTransport<D> {
         !self.driver_features_unknown
             && self.driver_features & (1 << features::VERSION_1) != 0
             && self.driver_features & !self.offered_features() == 0
+    }
+
+    /// The device's own say on the negotiated features (e.g. a combination it cannot honour).
+    fn device_accepts_features(&mut self) -> bool {
+        match self.device.check_features(self.driver_features) {
+            Ok(()) => true,
+            Err(err) => {
+                warn_limited!(
+                    self.warnings,
+                    "virtio-mmio",
+                    "virtio-mmio: virtio device type {} refuses driver features {:#x}: {err}",
+                    self.device.device_type(),
+                    self.driver_features
+                );
+                false
+            }
+        }
     }
 
     fn activate(&mut self) {
@@ -482,6 +509,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         self.device.reset();
         self.active = false;
+        self.paused = false;
+        self.paused_queues.clear();
         self.status = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;

@@ -22,12 +22,12 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{MutEventSubscriber, RemoteEndpoint, SubscriberId, SubscriberOps};
 use log::{debug, error};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 use kiln_arch::GuestMemoryMmap;
 
-pub(crate) use log_limit::LogLimiter;
+pub use log_limit::LogLimiter;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
@@ -212,6 +212,36 @@ pub trait VirtioDevice: Send {
     /// Stops the device and drops everything [`activate`](Self::activate) set up. Called on a
     /// driver reset, also when the device was never activated.
     fn reset(&mut self);
+    /// Checks the features the driver accepted, when it sets `FEATURES_OK` (virtio 1.2,
+    /// 3.1.1 step 5): an error refuses `FEATURES_OK`, so the driver sees the device cannot work
+    /// with that set. The device must honour what was negotiated from here on.
+    fn check_features(&mut self, features: u64) -> Result<(), FeaturesError> {
+        let _ = features;
+        Ok(())
+    }
+    /// Quiesces an active device: finishes the request in hand, takes nothing more from its
+    /// queues until [`resume`](Self::resume), and hands back each queue's position. Called
+    /// while no vCPU runs (the VM is paused), so the driver cannot add work meanwhile; queue
+    /// notifications that arrive are kept for the resume.
+    fn pause(&mut self) -> Result<Vec<QueueState>, PauseError> {
+        Ok(Vec::new())
+    }
+    /// Restarts queue processing after [`pause`](Self::pause), serving whatever was notified
+    /// in between.
+    fn resume(&mut self) {}
+}
+
+/// The driver accepted a set of features the device cannot honour.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FeaturesError(pub String);
+
+/// A device could not be quiesced.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// The device's I/O thread is gone (it panicked or could not be reached).
+    #[error("its I/O thread does not answer")]
+    WorkerGone,
 }
 
 /// Adds and removes device event handlers on the VMM thread's event loop from any thread.

@@ -35,9 +35,11 @@
 #define KIND_PIO_LOOP 2
 #define KIND_MMIO_LOOP 3
 #define KIND_TOUCH 4
+#define KIND_COUNT 5
+#define KIND_REP_IO 6
 
 #ifndef KIND
-#error "build with -DKIND=<0..4>"
+#error "build with -DKIND=<0..6>"
 #endif
 
 #define COM1_DATA 0x3f8
@@ -92,6 +94,8 @@
 
 /* `touch` writes from 2 MiB up; the image must end below (checked by the linker script). */
 #define TOUCH_START 0x200000
+/* `count` keeps its counter here, where the host can read it (above the image, below 4 MiB). */
+#define COUNT_ADDR 0x300000
 /* Our tables map 4 GiB; touching stops below the 32-bit MMIO gap at 0xd0000000. */
 #define TOUCH_MAX_MIB ((0xd0000000 - TOUCH_START) >> 20)
 
@@ -335,9 +339,29 @@ user_main:
     decq %rcx
     jnz 2b
 3:
+#elif KIND == KIND_COUNT
+    /* Counts to n in memory, checking after every step that memory and register agree: a
+     * pause, resume or state restore that loses or corrupts either is caught (#UD -> fault). */
+    movq param_n(%rip), %rcx
+    movl $COUNT_ADDR, %ebx
+    xorl %eax, %eax
+    movq %rax, (%rbx)
+    testq %rcx, %rcx
+    jz 2f
+1:  incq %rax
+    incq (%rbx)
+    cmpq (%rbx), %rax
+    jne count_mismatch
+    decq %rcx
+    jnz 1b
+2:
 #endif
 user_return:
     ud2
+#if KIND == KIND_COUNT
+count_mismatch:
+    ud2
+#endif
 
 /* ------------------------------------------------------------------------------------------ */
 /* Ring 0 again (from the #UD at user_return): port I/O, the done line, the end.             */
@@ -364,9 +388,33 @@ kernel_resume:
     decq %rcx
     jnz 3b
 4:
+#elif KIND == KIND_REP_IO
+    /* String port I/O: KVM hands these to the VMM as one exit with a count, which must become
+     * `count` single accesses. `rep outsb` writes the marker to COM1's data register... */
+    leaq rep_msg(%rip), %rsi
+    movq $rep_msg_end - rep_msg, %rcx
+    movw $COM1_DATA, %dx
+    cld
+    rep outsb
+    /* ...and `rep insb` reads COM1's line status register 4 times: each read must be an LSR
+     * read (transmitter empty), not the next registers. */
+    leaq rep_in_buffer(%rip), %rdi
+    movq $4, %rcx
+    movw $COM1_LSR, %dx
+    rep insb
+    leaq rep_in_ok_msg(%rip), %rsi
+    leaq rep_in_buffer(%rip), %rdi
+    movl $4, %ecx
+5:  testb $LSR_THR_EMPTY, (%rdi)
+    jnz 6f
+    leaq rep_in_bad_msg(%rip), %rsi
+6:  incq %rdi
+    decl %ecx
+    jnz 5b
+    call puts
 #endif
 
-#if KIND != KIND_HELLO
+#if KIND != KIND_HELLO && KIND != KIND_REP_IO
     leaq done_msg(%rip), %rsi
     call puts
     movq param_n(%rip), %rax
@@ -532,6 +580,10 @@ put_dec:
 /* ------------------------------------------------------------------------------------------ */
     .section .rodata
 hello_msg:       .asciz "KILN-GUEST-HELLO\n"
+rep_msg:         .ascii "KILN-GUEST-REP-OUTS\n"
+rep_msg_end:
+rep_in_ok_msg:   .asciz "KILN-GUEST-REP-INS-OK\n"
+rep_in_bad_msg:  .asciz "KILN-GUEST-REP-INS-BAD\n"
 done_msg:        .asciz "KILN-GUEST-DONE n="
 done_m_msg:      .asciz " m="
 fault_msg:       .asciz "KILN-GUEST-FAULT vector="
@@ -558,6 +610,7 @@ param_addr:  .quad DEFAULT_MMIO_ADDR
 param_hold:  .quad 0
 dec_buffer:  .fill 24, 1, 0
 dec_buffer_end: .byte 0
+rep_in_buffer: .fill 8, 1, 0
 
     .p2align 4
 gdt:

@@ -39,6 +39,12 @@ pub const DEFAULT_PORT: u16 = 0x80;
 pub const DEFAULT_MMIO_ADDR: u64 = 0xd010_0000;
 /// First byte the `touch` guest writes; it writes one byte per 4 KiB page from here.
 pub const TOUCH_START: u64 = 2 << 20;
+/// Guest-physical address of the `count` guest's 64-bit counter.
+pub const COUNT_ADDR: u64 = 3 << 20;
+/// Printed by the `rep-io` guest through one `rep outsb`.
+pub const REP_OUTS_MARKER: &str = "KILN-GUEST-REP-OUTS";
+/// Printed by the `rep-io` guest when each byte of its `rep insb` read the line status register.
+pub const REP_INS_OK_MARKER: &str = "KILN-GUEST-REP-INS-OK";
 
 /// One test guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,16 +59,24 @@ pub enum GuestKind {
     MmioLoop,
     /// Writes one byte per 4 KiB page over `m` MiB from 2 MiB up, from ring 3.
     Touch,
+    /// Counts to `n` in the u64 at [`COUNT_ADDR`] from ring 3, checking after every step that
+    /// memory and register agree (a mismatch faults).
+    Count,
+    /// String port I/O: one `rep outsb` of [`REP_OUTS_MARKER`] to COM1, then a `rep insb` of
+    /// four LSR reads, reported as [`REP_INS_OK_MARKER`] (or `...-BAD`).
+    RepIo,
 }
 
 impl GuestKind {
     /// Every kind.
-    pub const ALL: [GuestKind; 5] = [
+    pub const ALL: [GuestKind; 7] = [
         GuestKind::Exit,
         GuestKind::Hello,
         GuestKind::PioLoop,
         GuestKind::MmioLoop,
         GuestKind::Touch,
+        GuestKind::Count,
+        GuestKind::RepIo,
     ];
 
     /// Short name, also the ELF's file stem.
@@ -73,6 +87,8 @@ impl GuestKind {
             GuestKind::PioLoop => "pio-loop",
             GuestKind::MmioLoop => "mmio-loop",
             GuestKind::Touch => "touch",
+            GuestKind::Count => "count",
+            GuestKind::RepIo => "rep-io",
         }
     }
 
@@ -84,12 +100,14 @@ impl GuestKind {
             GuestKind::PioLoop => env!("KILN_GUEST_ELF_PIO_LOOP"),
             GuestKind::MmioLoop => env!("KILN_GUEST_ELF_MMIO_LOOP"),
             GuestKind::Touch => env!("KILN_GUEST_ELF_TOUCH"),
+            GuestKind::Count => env!("KILN_GUEST_ELF_COUNT"),
+            GuestKind::RepIo => env!("KILN_GUEST_ELF_REP_IO"),
         })
     }
 
     /// Whether this kind prints the done line ([`parse_done`]) when it finished.
     pub fn reports_done(self) -> bool {
-        !matches!(self, GuestKind::Exit | GuestKind::Hello)
+        !matches!(self, GuestKind::Exit | GuestKind::Hello | GuestKind::RepIo)
     }
 }
 

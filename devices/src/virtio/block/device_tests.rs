@@ -84,7 +84,7 @@ fn serve_until(
 #[test]
 fn configuration_space_reports_capacity_and_seg_max() {
     let image = TempImage::new("config", 3 * 1024 * 1024);
-    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap());
+    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap()).unwrap();
     let mut config = [0u8; 24];
     block.read_config(0, &mut config);
     assert_eq!(u64::from_le_bytes(config[..8].try_into().unwrap()), 6144);
@@ -104,7 +104,7 @@ fn configuration_space_reports_capacity_and_seg_max() {
     assert_eq!(block.features() & (1 << features::RO), 0);
     assert_ne!(block.features() & (1 << features::FLUSH), 0);
     drop(block);
-    let readonly = Block::new(DiskImage::open(image.path(), true, None).unwrap());
+    let readonly = Block::new(DiskImage::open(image.path(), true, None).unwrap()).unwrap();
     assert_ne!(readonly.features() & (1 << features::RO), 0);
 }
 
@@ -114,7 +114,7 @@ fn guest_requests_are_served_through_the_transport_and_event_loop() {
     let image = TempImage::new("e2e", 1024 * 1024);
     std::fs::write(image.path(), vec![0x3c; 1024 * 1024]).unwrap();
     let mut event_loop = EventManager::<SharedSubscriber>::new().unwrap();
-    let block = Block::new(DiskImage::open(image.path(), false, Some("e2e")).unwrap());
+    let block = Block::new(DiskImage::open(image.path(), false, Some("e2e")).unwrap()).unwrap();
     let mut t = MmioTransport::new(
         block,
         memory.clone(),
@@ -201,7 +201,7 @@ fn guest_requests_are_served_through_the_transport_and_event_loop() {
 fn activation_without_a_ready_queue_fails_cleanly() {
     let memory = guest_memory();
     let image = TempImage::new("noqueue", 4096);
-    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap());
+    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap()).unwrap();
     let mut t =
         MmioTransport::new(block, memory, EventFd::new(EFD_NONBLOCK).unwrap(), None).unwrap();
     write(&mut t, regs::STATUS, status::ACKNOWLEDGE);

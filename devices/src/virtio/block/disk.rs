@@ -7,6 +7,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 
@@ -82,6 +83,8 @@ pub struct DiskImage {
     sectors: u64,
     readonly: bool,
     id: [u8; ID_BYTES],
+    write_through: AtomicBool,
+    flushes: AtomicU64,
 }
 
 /// The serial number Kiln gives a disk without an explicit id: its file name, cut to
@@ -157,6 +160,8 @@ impl DiskImage {
             sectors: size / SECTOR_SIZE,
             readonly,
             id: padded,
+            write_through: AtomicBool::new(false),
+            flushes: AtomicU64::new(0),
         })
     }
 
@@ -219,7 +224,23 @@ impl DiskImage {
 
     /// Makes written data durable (`fdatasync`).
     pub fn flush(&self) -> io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
         self.file.sync_data()
+    }
+
+    /// Whether every write must be durable before it completes (the driver has no FLUSH).
+    pub fn write_through(&self) -> bool {
+        self.write_through.load(Ordering::Acquire)
+    }
+
+    /// Sets write-through mode, from the features the driver negotiated.
+    pub fn set_write_through(&self, on: bool) {
+        self.write_through.store(on, Ordering::Release);
+    }
+
+    /// How many times the image was made durable (guest flushes and write-through writes).
+    pub fn flush_count(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
     }
 }
 

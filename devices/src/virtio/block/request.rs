@@ -386,6 +386,9 @@ impl Request {
                     disk.write_from_guest(memory, segment.addr, segment.len as usize, offset)?;
                     offset += u64::from(segment.len);
                 }
+                if disk.write_through() {
+                    disk.flush()?;
+                }
                 Ok((request_status::OK, 0))
             }
             RequestType::Flush => {

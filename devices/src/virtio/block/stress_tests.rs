@@ -475,7 +475,7 @@ fn run_guest(event_idx: bool, depth: usize, duration: Duration) -> Driver {
     let memory = guest_memory();
     let (event_loop, handle) = EventLoopThread::start();
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap());
+    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap()).unwrap();
     let transport = MmioTransport::new(
         block,
         memory.clone(),
