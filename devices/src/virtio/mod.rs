@@ -13,7 +13,6 @@
 //! loop through its remote endpoint ([`EventLoopHandle`]).
 
 pub mod block;
-mod log_limit;
 pub mod mmio;
 
 use std::io;
@@ -21,13 +20,17 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{MutEventSubscriber, RemoteEndpoint, SubscriberId, SubscriberOps};
-use log::{debug, error};
+use log::debug;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use kiln_arch::GuestMemoryMmap;
 
+// The devices here name the limiter through this module.
+use crate::log_limit;
+
 pub(crate) use log_limit::LogLimiter;
+use log_limit::{error_limited, SharedLogLimiter};
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
@@ -82,6 +85,8 @@ pub struct Interrupt {
     status: AtomicU32,
     config_generation: AtomicU32,
     needs_reset: AtomicBool,
+    /// Interrupts are raised as often as the guest makes the device use buffers.
+    raise_errors: SharedLogLimiter,
 }
 
 impl Interrupt {
@@ -92,6 +97,7 @@ impl Interrupt {
             status: AtomicU32::new(0),
             config_generation: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
+            raise_errors: SharedLogLimiter::new(),
         }
     }
 
@@ -156,7 +162,11 @@ impl Interrupt {
         if let Err(err) = self.irq.write(1) {
             // Only fails if the counter would overflow; the guest then has an interrupt
             // pending anyway.
-            error!("cannot signal a virtio interrupt: {err}");
+            error_limited!(
+                self.raise_errors,
+                "virtio interrupt",
+                "cannot signal a virtio interrupt: {err}"
+            );
         }
     }
 }
