@@ -20,7 +20,8 @@ use kiln_devices::legacy::boot_timer::BootTimer;
 use kiln_devices::legacy::i8042::I8042Device;
 use kiln_devices::legacy::pvpanic::PvPanicDevice;
 use kiln_devices::legacy::serial::{EventFdTrigger, SerialDevice};
-use kiln_devices::virtio::{EventLoopHandle, LogLimiter};
+use kiln_devices::log_limit::LogLimiter;
+use kiln_devices::virtio::EventLoopHandle;
 
 use crate::config::{host_memory_mib, ConsoleConfig, VmConfig};
 use crate::device_manager::DeviceManager;

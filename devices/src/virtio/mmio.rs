@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use kiln_arch::GuestMemoryMmap;
 
-use super::log_limit::warn_limited;
+use super::log_limit::{debug_limited, error_limited, info_limited, warn_limited};
 use super::{
     features, status, Activation, EventLoopHandle, Interrupt, LogLimiter, Subscription,
     VirtioDevice, MAX_QUEUE_SIZE,
@@ -177,7 +177,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.queues.get_mut(index)
     }
 
-    fn read_register(&self, offset: u64) -> u32 {
+    fn read_register(&mut self, offset: u64) -> u32 {
         let queue = usize::try_from(self.queue_sel)
             .ok()
             .and_then(|index| self.queues.get(index));
@@ -197,7 +197,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             regs::STATUS => self.status(),
             regs::CONFIG_GENERATION => self.interrupt.config_generation(),
             _ => {
-                log::debug!("virtio-mmio: read of write-only or unknown register {offset:#x}");
+                debug_limited!(
+                    self.warnings,
+                    "virtio-mmio",
+                    "virtio-mmio: read of write-only or unknown register {offset:#x}"
+                );
                 0
             }
         }
@@ -322,7 +326,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         {
             Some(event) => {
                 if let Err(err) = event.write(1) {
-                    log::error!("virtio-mmio: cannot signal queue {value}: {err}");
+                    error_limited!(
+                        self.warnings,
+                        "virtio-mmio",
+                        "virtio-mmio: cannot signal queue {value}: {err}"
+                    );
                 }
             }
             None => warn_limited!(
@@ -348,7 +356,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         if value & status::FAILED != 0 && old & status::FAILED == 0 {
-            log::info!(
+            info_limited!(
+                self.warnings,
+                "virtio-mmio",
                 "virtio-mmio: the guest driver gave up on virtio device type {}",
                 self.device.device_type()
             );
@@ -574,5 +584,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
     }
 }
 
+#[cfg(test)]
+mod log_tests;
 #[cfg(test)]
 mod tests;

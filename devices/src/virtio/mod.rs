@@ -13,52 +13,61 @@
 //! loop through its remote endpoint ([`EventLoopHandle`]).
 
 pub mod block;
-mod log_limit;
 pub mod mmio;
+#[cfg(test)]
+mod spec_values_tests;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{MutEventSubscriber, RemoteEndpoint, SubscriberId, SubscriberOps};
-use log::{debug, error};
+use log::debug;
 use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 use kiln_arch::GuestMemoryMmap;
 
-pub use log_limit::LogLimiter;
+// The devices here name the limiter through this module.
+use crate::log_limit;
+
+pub(crate) use log_limit::LogLimiter;
+use log_limit::{error_limited, SharedLogLimiter};
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
+    use virtio_bindings::virtio_config as config;
+
     /// The guest found the device.
-    pub const ACKNOWLEDGE: u32 = 1;
+    pub const ACKNOWLEDGE: u32 = config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
     /// The guest has a driver for it.
-    pub const DRIVER: u32 = 2;
+    pub const DRIVER: u32 = config::VIRTIO_CONFIG_S_DRIVER;
     /// The driver is set up and the device is live.
-    pub const DRIVER_OK: u32 = 4;
+    pub const DRIVER_OK: u32 = config::VIRTIO_CONFIG_S_DRIVER_OK;
     /// Feature negotiation is complete.
-    pub const FEATURES_OK: u32 = 8;
+    pub const FEATURES_OK: u32 = config::VIRTIO_CONFIG_S_FEATURES_OK;
     /// The device hit an error it cannot recover from without a reset.
-    pub const NEEDS_RESET: u32 = 0x40;
+    pub const NEEDS_RESET: u32 = config::VIRTIO_CONFIG_S_NEEDS_RESET;
     /// The driver gave up on the device.
-    pub const FAILED: u32 = 0x80;
+    pub const FAILED: u32 = config::VIRTIO_CONFIG_S_FAILED;
 }
 
 /// Feature bit numbers that concern every device.
 pub mod features {
+    use virtio_bindings::{virtio_config, virtio_ring};
+
     /// The device is a virtio 1.x ("modern") device. Kiln's devices are nothing else.
-    pub const VERSION_1: u32 = 32;
+    pub const VERSION_1: u32 = virtio_config::VIRTIO_F_VERSION_1;
     /// Descriptors may point at tables of further descriptors.
-    pub const RING_INDIRECT_DESC: u32 = 28;
+    pub const RING_INDIRECT_DESC: u32 = virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
     /// `used_event`/`avail_event` notification suppression.
-    pub const RING_EVENT_IDX: u32 = 29;
+    pub const RING_EVENT_IDX: u32 = virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 }
 
 /// `InterruptStatus` bit: the device used buffers in a queue.
-pub const INTERRUPT_USED_RING: u32 = 1;
+pub const INTERRUPT_USED_RING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// `InterruptStatus` bit: the device configuration (or status) changed.
-pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
+pub const INTERRUPT_CONFIG_CHANGE: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// Largest queue the split-ring layout allows.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -82,6 +91,8 @@ pub struct Interrupt {
     status: AtomicU32,
     config_generation: AtomicU32,
     needs_reset: AtomicBool,
+    /// Interrupts are raised as often as the guest makes the device use buffers.
+    raise_errors: SharedLogLimiter,
 }
 
 impl Interrupt {
@@ -92,6 +103,7 @@ impl Interrupt {
             status: AtomicU32::new(0),
             config_generation: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
+            raise_errors: SharedLogLimiter::new(),
         }
     }
 
@@ -156,7 +168,11 @@ impl Interrupt {
         if let Err(err) = self.irq.write(1) {
             // Only fails if the counter would overflow; the guest then has an interrupt
             // pending anyway.
-            error!("cannot signal a virtio interrupt: {err}");
+            error_limited!(
+                self.raise_errors,
+                "virtio interrupt",
+                "cannot signal a virtio interrupt: {err}"
+            );
         }
     }
 }

@@ -14,7 +14,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use kiln_devices::bus::Bus;
 use kiln_devices::exit::{ExitNotifier, StopReason};
-use kiln_devices::virtio::LogLimiter;
+use kiln_devices::log_limit::LogLimiter;
 
 use crate::memory::GuestMemory;
 
@@ -116,14 +116,6 @@ pub struct Vcpu {
     pub warnings: LogLimiter,
 }
 
-/// Logs a debug line a guest can trigger on every exit: only when debug logging is on (no
-/// formatting cost otherwise) and at most at the limiter's rate.
-fn debug_limited(limiter: &mut LogLimiter, what: &str, message: impl FnOnce() -> String) {
-    if log::log_enabled!(log::Level::Debug) && limiter.allow(what) {
-        log::debug!("{}", message());
-    }
-}
-
 /// What one exit means for the run loop.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Flow {
@@ -157,9 +149,11 @@ impl Vcpu {
                 let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read() };
                 for (index, access) in data.chunks_mut(usize::from(size).max(1)).enumerate() {
                     if !self.io_bus.read(u64::from(port), access) && index == 0 {
-                        debug_limited(&mut self.warnings, "vCPU port I/O", || {
-                            format!("vCPU {id}: read of unhandled port {port:#x}")
-                        });
+                        kiln_devices::debug_limited!(
+                            self.warnings,
+                            "vCPU port I/O",
+                            "vCPU {id}: read of unhandled port {port:#x}"
+                        );
                     }
                 }
             }
@@ -169,24 +163,30 @@ impl Vcpu {
                 // `rep outs` arrives as one exit: `count` accesses of `size` bytes, in order.
                 for (index, access) in data.chunks(usize::from(size).max(1)).enumerate() {
                     if !self.io_bus.write(u64::from(port), access) && index == 0 {
-                        debug_limited(&mut self.warnings, "vCPU port I/O", || {
-                            format!("vCPU {id}: write of unhandled port {port:#x}: {access:x?}")
-                        });
+                        kiln_devices::debug_limited!(
+                            self.warnings,
+                            "vCPU port I/O",
+                            "vCPU {id}: write of unhandled port {port:#x}: {access:x?}"
+                        );
                     }
                 }
             }
             VcpuExit::MmioRead(address, data) => {
                 if !self.mmio_bus.read(address, data) {
-                    debug_limited(&mut self.warnings, "vCPU MMIO", || {
-                        format!("vCPU {id}: read of unhandled MMIO address {address:#x}")
-                    });
+                    kiln_devices::debug_limited!(
+                        self.warnings,
+                        "vCPU MMIO",
+                        "vCPU {id}: read of unhandled MMIO address {address:#x}"
+                    );
                 }
             }
             VcpuExit::MmioWrite(address, data) => {
                 if !self.mmio_bus.write(address, data) {
-                    debug_limited(&mut self.warnings, "vCPU MMIO", || {
-                        format!("vCPU {id}: write of unhandled MMIO address {address:#x}")
-                    });
+                    kiln_devices::debug_limited!(
+                        self.warnings,
+                        "vCPU MMIO",
+                        "vCPU {id}: write of unhandled MMIO address {address:#x}"
+                    );
                 }
             }
             VcpuExit::Hlt => {
@@ -206,9 +206,11 @@ impl Vcpu {
                     KVM_SYSTEM_EVENT_RESET => StopReason::Reset,
                     KVM_SYSTEM_EVENT_CRASH => StopReason::Panic,
                     other => {
-                        if self.warnings.allow("vCPU system events") {
-                            log::warn!("vCPU {id}: ignoring unknown system event {other}");
-                        }
+                        kiln_devices::warn_limited!(
+                            self.warnings,
+                            "vCPU system events",
+                            "vCPU {id}: ignoring unknown system event {other}"
+                        );
                         return Ok(Flow::Continue);
                     }
                 };
