@@ -8,7 +8,7 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -81,6 +81,7 @@ struct Shared {
     wake: EventFd,
     requests: Mutex<Option<Sender<Envelope>>>,
     state: Mutex<VmState>,
+    state_changed: Condvar,
 }
 
 /// Controls a VM from other threads. Cheap to clone; every operation on a VM that has ended
@@ -110,6 +111,7 @@ impl VmHandle {
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
             requests: Mutex::new(Some(sender)),
             state: Mutex::new(VmState::NotStarted),
+            state_changed: Condvar::new(),
         };
         Ok((
             Self {
@@ -204,8 +206,21 @@ impl VmHandle {
         &self.shared.wake
     }
 
+    /// Blocks until the VM has started (or ended without starting).
+    pub(crate) fn wait_until_started(&self) {
+        let mut state = lock(&self.shared.state);
+        while *state == VmState::NotStarted {
+            state = self
+                .shared
+                .state_changed
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
     pub(crate) fn set_state(&self, state: VmState) {
         *lock(&self.shared.state) = state;
+        self.shared.state_changed.notify_all();
         if state == VmState::Ended {
             // Later requests fail at once; queued ones are dropped with the receiver.
             lock(&self.shared.requests).take();

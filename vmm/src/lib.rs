@@ -23,7 +23,9 @@ pub mod vm;
 
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
 pub use handle::{ControlError, StopHandle, VmHandle, VmState};
-pub use vm::{Vm, VmOutcome};
+pub use vm::{RunningVm, Vm, VmOutcome};
+/// The guest-memory crate Kiln is built on, so embedders use the same version.
+pub use vm_memory;
 
 /// Everything that can stop Kiln from building or running a VM.
 #[derive(Debug, thiserror::Error)]

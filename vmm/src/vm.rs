@@ -48,6 +48,32 @@ pub enum VmOutcome {
     Stopped,
 }
 
+/// A VM running on its own thread (see [`Vm::start`]).
+#[derive(Debug)]
+pub struct RunningVm {
+    handle: VmHandle,
+    thread: std::thread::JoinHandle<Result<VmOutcome, Error>>,
+}
+
+impl RunningVm {
+    /// The VM's handle.
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
+    }
+
+    /// Whether the VM has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits for the VM to end and returns how it did.
+    pub fn wait(self) -> Result<VmOutcome, Error> {
+        self.thread
+            .join()
+            .unwrap_or(Err(Error::Internal("the VMM thread panicked")))
+    }
+}
+
 /// Devices the VM keeps a handle to after building the buses.
 struct LegacyDevices {
     serial: Arc<Mutex<SerialDevice>>,
@@ -192,13 +218,33 @@ impl Vm {
         self.handle()
     }
 
-    /// Runs the guest until it powers off, resets, panics, or is stopped through its
-    /// [`VmHandle`]. Serves the handle's requests (pause, resume...) meanwhile.
+    /// Runs the VM on a new thread (`kiln-vmm`) and returns once its vCPUs run, so that its
+    /// handle's requests are served from the first call on. [`RunningVm::wait`] gives the
+    /// outcome.
+    pub fn start(self) -> Result<RunningVm, Error> {
+        let handle = self.handle();
+        let thread = std::thread::Builder::new()
+            .name("kiln-vmm".into())
+            .spawn(move || self.run())
+            .map_err(|e| Error::Io("start the VMM thread", e))?;
+        handle.wait_until_started();
+        Ok(RunningVm { handle, thread })
+    }
+
+    /// Runs the guest on the calling thread until it powers off, resets, panics, or is stopped
+    /// through its [`VmHandle`]. Serves the handle's requests (pause, resume...) meanwhile.
     ///
-    /// The library installs no process-wide signal handlers apart from the vCPU kick (a no-op
-    /// handler for `SIGRTMIN`, shared by every VM of the process): an embedder or the CLI maps
-    /// its own signals to [`VmHandle::stop`].
-    pub fn run(mut self) -> Result<VmOutcome, Error> {
+    /// The library installs no process-wide signal handlers apart from the vCPU kick (a
+    /// handler for `SIGRTMIN` that keeps no VM state, shared by every VM of the process): an
+    /// embedder or the CLI maps its own signals to [`VmHandle::stop`].
+    pub fn run(self) -> Result<VmOutcome, Error> {
+        let handle = self.handle();
+        let result = self.run_to_end();
+        handle.set_state(VmState::Ended);
+        result
+    }
+
+    fn run_to_end(mut self) -> Result<VmOutcome, Error> {
         install_kick_handler().map_err(|e| Error::Io("install the vCPU kick handler", e))?;
         let mut event_loop = self.event_loop;
         let watcher = Arc::new(Mutex::new(StopWatcher::new(
@@ -227,10 +273,9 @@ impl Vm {
         };
 
         let mut threads = VcpuThreads::spawn(std::mem::take(&mut self.vcpus))?;
+        // Running from here on: requests are served once the loop below runs.
+        self.handle.set_state(VmState::Running);
         let mut loop_result = threads.run_all().map_err(Error::Vcpu);
-        if loop_result.is_ok() {
-            self.handle.set_state(VmState::Running);
-        }
         let mut paused = false;
         while loop_result.is_ok() {
             if watcher.lock().unwrap_or_else(|p| p.into_inner()).stopping() {

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use kiln_test_guests::process::{run_with_timeout, Finished};
 use kiln_test_guests::qemu::{Entry, QemuRun, QEMU};
-use kiln_test_guests::{parse_done, Done, GuestKind, Params, FAULT_MARKER, HELLO_MARKER};
+use kiln_test_guests::{
+    parse_done, Done, GuestKind, Params, FAULT_MARKER, HELLO_MARKER, REP_INS_OK_MARKER,
+    REP_OUTS_MARKER,
+};
 
 const MEMORY_MIB: u64 = 128;
 /// TCG boots these in well under a second; the margin covers a loaded 2-core machine.
@@ -215,4 +218,25 @@ fn hold_keeps_the_vm_running_after_its_work() {
         "{}",
         finished.describe()
     );
+}
+
+#[test]
+fn count_counts_to_n_under_both_entries() {
+    for entry in [Entry::Pvh, Entry::Direct] {
+        let finished = run("microvm", entry, GuestKind::Count, Params::with_n(100_000));
+        assert_done(&finished, GuestKind::Count, Done { n: 100_000, m: 16 });
+    }
+}
+
+#[test]
+fn rep_io_prints_both_markers() {
+    for entry in [Entry::Pvh, Entry::Direct] {
+        let finished = run("microvm", entry, GuestKind::RepIo, Params::default());
+        assert!(
+            finished.stdout.contains(REP_OUTS_MARKER)
+                && finished.stdout.contains(REP_INS_OK_MARKER),
+            "rep-io ({entry:?}): {}",
+            finished.describe()
+        );
+    }
 }

@@ -299,6 +299,12 @@ impl WorkerThread {
         }
     }
 
+    /// The OS thread's identity (tests check that resets reuse it).
+    #[cfg(test)]
+    pub(crate) fn thread_id(&self) -> Option<std::thread::ThreadId> {
+        self.thread.as_ref().map(|thread| thread.thread().id())
+    }
+
     /// Ends the thread after the request it is working on and waits for it.
     pub fn stop(&mut self) {
         // The thread may already be gone; then there is nothing to stop.

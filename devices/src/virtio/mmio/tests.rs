@@ -7,7 +7,7 @@ use vm_memory::GuestAddress;
 use super::*;
 use crate::test_logger::capture_logs;
 use crate::virtio::{
-    ActivateError, SharedSubscriber, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING,
+    ActivateError, FeaturesError, SharedSubscriber, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING,
 };
 
 const MEMORY_SIZE: usize = 0x10_0000;
@@ -40,6 +40,8 @@ struct MockDevice {
     activations: Vec<(Vec<bool>, Vec<u16>, u64)>,
     resets: usize,
     require_queue_0: bool,
+    /// Features `check_features` refuses.
+    refused_features: u64,
     events: Arc<AtomicUsize>,
     interrupt: Option<Arc<Interrupt>>,
 }
@@ -89,6 +91,13 @@ impl VirtioDevice for MockDevice {
 
     fn reset(&mut self) {
         self.resets += 1;
+    }
+
+    fn check_features(&mut self, features: u64) -> Result<(), FeaturesError> {
+        if features & self.refused_features != 0 {
+            return Err(FeaturesError("that combination is not supported".into()));
+        }
+        Ok(())
     }
 }
 
@@ -596,4 +605,21 @@ fn queue_sizes_must_be_powers_of_two() {
             ..
         }
     ));
+}
+
+#[test]
+fn features_ok_is_refused_when_the_device_cannot_honour_the_features() {
+    let mut t = transport_with(
+        MockDevice {
+            queue_sizes: vec![16],
+            refused_features: FEATURE_A,
+            ..Default::default()
+        },
+        None,
+    );
+    let status = negotiate(&mut t, VERSION_1 | FEATURE_A);
+    assert_eq!(status & status::FEATURES_OK, 0, "FEATURES_OK accepted");
+    // Without the refused feature the same device accepts.
+    write(&mut t, regs::STATUS, 0);
+    assert_eq!(negotiate(&mut t, VERSION_1), NEGOTIATED);
 }
