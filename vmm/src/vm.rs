@@ -272,10 +272,10 @@ impl Vm {
             None
         };
 
-        let mut threads = VcpuThreads::spawn(std::mem::take(&mut self.vcpus))?;
         // Running from here on: requests are served once the loop below runs.
         self.handle.set_state(VmState::Running);
-        let mut loop_result = threads.run_all().map_err(Error::Vcpu);
+        let mut threads = VcpuThreads::spawn(std::mem::take(&mut self.vcpus), true)?;
+        let mut loop_result = Ok(());
         let mut paused = false;
         while loop_result.is_ok() {
             if watcher.lock().unwrap_or_else(|p| p.into_inner()).stopping() {

@@ -72,10 +72,11 @@ fn vcpu_thread(
     mut vcpu: Vcpu,
     commands: Receiver<VcpuCommand>,
     replies: Sender<VcpuReply>,
+    start_running: bool,
 ) -> Result<(), VcpuError> {
     let _kick_target = KickTarget::register(vcpu.fd.get_kvm_run());
     let id = vcpu.id;
-    let mut running = false;
+    let mut running = start_running;
     let mut failure = None;
     loop {
         let command = if running {
@@ -206,8 +207,10 @@ pub struct VcpuThreads {
 }
 
 impl VcpuThreads {
-    /// Starts one parked thread per vCPU. On failure, the threads already started are stopped.
-    pub fn spawn(vcpus: Vec<Vcpu>) -> Result<Self, VcpuError> {
+    /// Starts one thread per vCPU, running the guest at once (`start_running`, which saves
+    /// the start-up a round trip per vCPU) or parked until [`run_all`](Self::run_all). On
+    /// failure, the threads already started are stopped.
+    pub fn spawn(vcpus: Vec<Vcpu>, start_running: bool) -> Result<Self, VcpuError> {
         let mut threads = Self {
             handles: Vec::with_capacity(vcpus.len()),
         };
@@ -217,7 +220,7 @@ impl VcpuThreads {
             let (reply_sender, replies) = channel();
             let spawned = std::thread::Builder::new()
                 .name(format!("kiln-vcpu{id}"))
-                .spawn(move || vcpu_thread(vcpu, command_receiver, reply_sender));
+                .spawn(move || vcpu_thread(vcpu, command_receiver, reply_sender, start_running));
             match spawned {
                 Ok(thread) => threads.handles.push(VcpuHandle {
                     id,
