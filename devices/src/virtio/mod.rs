@@ -14,8 +14,12 @@
 
 pub mod block;
 pub mod mmio;
+pub mod rng;
 #[cfg(test)]
 mod spec_values_tests;
+#[cfg(test)]
+pub(crate) mod test_driver;
+pub mod vsock;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
