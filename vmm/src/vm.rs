@@ -143,6 +143,10 @@ impl Vm {
         let mut virtio = DeviceManager::new();
         let loop_handle = EventLoopHandle::new(event_loop.remote_endpoint());
         virtio.add_disks(&vm_fd, &memory, &loop_handle, disks)?;
+        if let Some(vsock) = &config.vsock {
+            virtio.add_vsock(&vm_fd, &memory, &loop_handle, vsock)?;
+        }
+        virtio.add_rng(&vm_fd, &memory, &loop_handle, &config.rng)?;
 
         let kernel = load_kernel(&memory, &config.kernel)?;
         let initrd = match &config.initrd {

@@ -40,7 +40,9 @@ impl Guest {
 
     fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0u8; len];
-        self.memory.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        self.memory
+            .read_slice(&mut buf, GuestAddress(addr))
+            .unwrap();
         buf
     }
 }
@@ -78,13 +80,23 @@ fn the_rate_limit_holds_requests_until_tokens_refill() {
         guest.request(0x10_0000 + i * 0x1000, 512, WRITE);
     }
     guest.device.run_pass();
-    let used: u32 = guest.queue.take_used(&guest.memory).iter().map(|u| u.1).sum();
+    let used: u32 = guest
+        .queue
+        .take_used(&guest.memory)
+        .iter()
+        .map(|u| u.1)
+        .sum();
     assert_eq!(used, 1000, "one second's worth at once");
     guest.device.run_pass();
     assert!(guest.queue.take_used(&guest.memory).is_empty());
     std::thread::sleep(Duration::from_millis(600));
     guest.device.run_pass();
-    let more: u32 = guest.queue.take_used(&guest.memory).iter().map(|u| u.1).sum();
+    let more: u32 = guest
+        .queue
+        .take_used(&guest.memory)
+        .iter()
+        .map(|u| u.1)
+        .sum();
     assert!((500..=1000).contains(&more), "{more} bytes after 0.6 s");
 }
 
@@ -107,6 +119,10 @@ fn token_bucket_arithmetic() {
     assert_eq!(limit.take(150, start), 100);
     assert_eq!(limit.take(10, start), 0);
     assert_eq!(limit.take(10, start + Duration::from_millis(50)), 5);
-    assert_eq!(limit.take(1000, start + Duration::from_secs(100)), 100, "capped at one second");
+    assert_eq!(
+        limit.take(1000, start + Duration::from_secs(100)),
+        100,
+        "capped at one second"
+    );
     assert!(limit.wait_for(64) >= Duration::from_millis(600));
 }
