@@ -76,6 +76,19 @@ pub const INTERRUPT_CONFIG_CHANGE: u32 = virtio_bindings::virtio_mmio::VIRTIO_MM
 /// Largest queue the split-ring layout allows.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 
+/// Takes the next available descriptor chain. `Err` means the available ring is corrupt (its
+/// index ran more than the queue size ahead): nothing more can be taken from the queue until the
+/// driver resets the device. (`QueueT::pop_descriptor_chain` would say `None` for both, and a
+/// device that then asks again because the ring index moved would spin.)
+pub fn next_chain<'a>(
+    queue: &mut Queue,
+    memory: &'a GuestMemoryMmap,
+) -> Result<Option<virtio_queue::DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
+    use virtio_queue::QueueOwnedT;
+    let mut available = queue.iter(memory)?;
+    Ok(available.next())
+}
+
 /// An event subscriber that can be shared with the VMM thread's event loop.
 ///
 /// The same type as `kiln_vmm::event_loop::SharedSubscriber`; it is spelled out here because

@@ -20,8 +20,8 @@ use kiln_arch::GuestMemoryMmap;
 
 use crate::log_limit::warn_limited;
 use crate::virtio::{
-    features as ring_features, ActivateError, Activation, Interrupt, LogLimiter, PauseError,
-    SharedSubscriber, VirtioDevice,
+    features as ring_features, next_chain, ActivateError, Activation, Interrupt, LogLimiter,
+    PauseError, SharedSubscriber, VirtioDevice,
 };
 use std::os::fd::AsRawFd;
 
@@ -181,13 +181,25 @@ impl Core {
         };
         let mut served = 0;
         let mut throttled = false;
+        let mut broken = false;
         'passes: loop {
             if queue.disable_notification(&*memory).is_err() {
                 break;
             }
             while served < PASS_BUDGET {
-                let Some(chain) = queue.pop_descriptor_chain(&*memory) else {
-                    break;
+                let chain = match next_chain(queue, memory) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(err) => {
+                        warn_limited!(
+                            self.warnings,
+                            "virtio-rng",
+                            "virtio-rng: {err}; the device stops until the guest resets it"
+                        );
+                        interrupt.signal_needs_reset();
+                        broken = true;
+                        break 'passes;
+                    }
                 };
                 let head = chain.head_index();
                 let room: usize = chain
@@ -223,6 +235,11 @@ impl Core {
         }
         if served > 0 && queue.needs_notification(&*memory).unwrap_or(true) {
             interrupt.signal_used_queue();
+        }
+        if broken {
+            // Nothing more until the driver resets the device (activation starts afresh).
+            self.active = None;
+            return;
         }
         if throttled {
             let wait = self

@@ -126,3 +126,18 @@ fn token_bucket_arithmetic() {
     );
     assert!(limit.wait_for(64) >= Duration::from_millis(600));
 }
+
+#[test]
+fn a_corrupt_available_ring_stops_the_device_instead_of_spinning() {
+    let mut guest = guest(None);
+    // Available index far ahead of the ring (the queue sits at 0x1000, 64 entries).
+    guest
+        .memory
+        .write_obj(500u16, GuestAddress(0x1000 + 16 * 64 + 2))
+        .unwrap();
+    guest.device.run_pass();
+    assert!(guest.interrupt.needs_reset());
+    guest.request(0x10_0000, 16, WRITE);
+    guest.device.run_pass();
+    assert_eq!(guest.device.bytes_given(), 0);
+}

@@ -22,8 +22,8 @@ use super::packet::{self, Header, VsockPacket, EVENT_SIZE, EVENT_TRANSPORT_RESET
 use super::{DEVICE_TYPE, EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::log_limit::warn_limited;
 use crate::virtio::{
-    features as ring_features, ActivateError, Activation, Interrupt, LogLimiter, PauseError,
-    SharedSubscriber, VirtioDevice,
+    features as ring_features, next_chain, ActivateError, Activation, Interrupt, LogLimiter,
+    PauseError, SharedSubscriber, VirtioDevice,
 };
 
 /// Packets moved per queue and pass before the handler lets other events of the loop run.
@@ -51,6 +51,8 @@ struct Queues {
     tx: Queue,
     event: Queue,
     interrupt: Arc<Interrupt>,
+    /// A ring is corrupt: the device does nothing more until the driver resets it.
+    broken: bool,
 }
 
 /// What the event handler and the device share.
@@ -144,7 +146,7 @@ impl Core {
     /// One pass: everything that can move, moves, unless paused.
     fn run(&mut self) {
         self.muxer.poll_events();
-        if self.paused_since.is_some() || self.queues.is_none() {
+        if self.paused_since.is_some() || self.queues.as_ref().is_none_or(|q| q.broken) {
             return;
         }
         let mut rx_used = 0;
@@ -191,7 +193,13 @@ impl Core {
         let Some(queues) = &mut self.queues else {
             return 0;
         };
-        let Queues { memory, tx, .. } = queues;
+        let Queues {
+            memory,
+            tx,
+            interrupt,
+            broken,
+            ..
+        } = queues;
         let mut taken = 0;
         loop {
             if let Err(err) = tx.disable_notification(memory) {
@@ -199,8 +207,14 @@ impl Core {
                 return taken;
             }
             while taken < PASS_BUDGET && self.muxer.accepts_guest_packets() {
-                let Some(mut chain) = tx.pop_descriptor_chain(&*memory) else {
-                    break;
+                let mut chain = match next_chain(tx, memory) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(err) => {
+                        queues_broken(&mut self.warnings, interrupt, "TX", &err);
+                        *broken = true;
+                        return taken;
+                    }
                 };
                 let head = chain.head_index();
                 let raw = chain.clone();
@@ -252,16 +266,30 @@ impl Core {
         let Some(queues) = &mut self.queues else {
             return 0;
         };
-        let Queues { memory, rx, .. } = queues;
+        let Queues {
+            memory,
+            rx,
+            interrupt,
+            broken,
+            ..
+        } = queues;
         let mut given = 0;
         loop {
             if let Err(err) = rx.disable_notification(memory) {
                 warn_limited!(self.warnings, "vsock", "vsock: RX queue: {err}");
                 return given;
             }
+            // Nothing was ready to send after all: stop, even with buffers left.
+            let mut idle = false;
             while given < PASS_BUDGET && self.muxer.has_output() {
-                let Some(mut chain) = rx.pop_descriptor_chain(&*memory) else {
-                    break;
+                let mut chain = match next_chain(rx, memory) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(err) => {
+                        queues_broken(&mut self.warnings, interrupt, "RX", &err);
+                        *broken = true;
+                        return given;
+                    }
                 };
                 let head = chain.head_index();
                 let used =
@@ -270,6 +298,7 @@ impl Core {
                             Some(used) => used,
                             None => {
                                 rx.go_to_previous_position();
+                                idle = true;
                                 break;
                             }
                         },
@@ -289,7 +318,7 @@ impl Core {
                 given += 1;
             }
             match rx.enable_notification(memory) {
-                Ok(true) if given < PASS_BUDGET && self.muxer.has_output() => continue,
+                Ok(true) if !idle && given < PASS_BUDGET && self.muxer.has_output() => continue,
                 Ok(_) => return given,
                 Err(err) => {
                     warn_limited!(self.warnings, "vsock", "vsock: RX queue: {err}");
@@ -311,10 +340,17 @@ impl Core {
             memory,
             event,
             interrupt,
+            broken,
             ..
         } = queues;
-        let Some(chain) = event.pop_descriptor_chain(&*memory) else {
-            return;
+        let chain = match next_chain(event, memory) {
+            Ok(Some(chain)) => chain,
+            Ok(None) => return,
+            Err(err) => {
+                queues_broken(&mut self.warnings, interrupt, "event", &err);
+                *broken = true;
+                return;
+            }
         };
         let head = chain.head_index();
         let target = chain
@@ -344,6 +380,21 @@ impl Core {
             interrupt.signal_used_queue();
         }
     }
+}
+
+/// A corrupt ring: logged, and the driver is told the device needs a reset.
+fn queues_broken(
+    warnings: &mut LogLimiter,
+    interrupt: &Interrupt,
+    queue: &str,
+    err: &virtio_queue::Error,
+) {
+    warn_limited!(
+        warnings,
+        "vsock",
+        "vsock: {queue} queue: {err}; the device stops until the guest resets it"
+    );
+    interrupt.signal_needs_reset();
 }
 
 impl VirtioDevice for Vsock {
@@ -412,6 +463,7 @@ impl VirtioDevice for Vsock {
             tx,
             event,
             interrupt,
+            broken: false,
         });
         self.active = true;
         log::debug!("vsock (guest CID {}): activated", self.guest_cid);

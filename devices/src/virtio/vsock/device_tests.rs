@@ -647,3 +647,20 @@ fn the_socket_path_must_be_free_and_is_removed_with_the_device() {
     drop(device);
     assert!(!path.exists());
 }
+
+#[test]
+fn a_corrupt_available_ring_stops_the_device_instead_of_spinning() {
+    let mut guest = Guest::new();
+    // The TX ring's index runs far ahead of anything the driver could have made available.
+    guest
+        .memory
+        .write_obj(1000u16, GuestAddress(0x3000 + 16 * 256 + 2))
+        .unwrap();
+    let started = std::time::Instant::now();
+    guest.device.run_pass();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(guest.interrupt.needs_reset(), "the driver is told to reset");
+    // Host clients are still served by a later activation; this one does nothing more.
+    guest.give_rx(2);
+    assert!(guest.received().is_empty());
+}

@@ -477,8 +477,9 @@ impl Muxer {
         self.resets.clear();
     }
 
-    /// Writes the next packet for the guest into a receive buffer: `Some(used length)`, or
-    /// `None` when there is nothing to send (the buffer is untouched).
+    /// Writes the next packet for the guest into a receive buffer: `Some(used length)` (0: the
+    /// buffer cannot hold what is next and goes back empty), or `None` when there is nothing to
+    /// send (the buffer is untouched).
     pub fn write_packet(&mut self, packet: &mut super::packet::VsockPacket<'_, ()>) -> Option<u32> {
         if let Some(rst) = self.resets.pop_front() {
             return Some(write_header(packet, &rst));
@@ -499,10 +500,11 @@ impl Muxer {
                 Some(Outgoing::Control(op, flags)) => conn.header(self.guest_cid, op, flags, 0),
                 Some(Outgoing::Data(credit)) => {
                     let Some(buffer) = packet.data_slice() else {
-                        // A receive buffer without room for data: send nothing on it.
+                        // A receive buffer without room for data (no driver does that): it goes
+                        // back empty, so a broken driver cannot stall the queue.
                         self.ready.push_front(key);
                         conn.listed = true;
-                        return None;
+                        return Some(0);
                     };
                     let room = buffer.len().min(credit as usize);
                     let Ok(mut target) = buffer.subslice(0, room) else {
