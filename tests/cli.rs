@@ -166,6 +166,62 @@ fn config_file_errors_name_the_field() {
 }
 
 #[test]
+fn bad_vsock_and_rng_arguments_are_refused_before_the_guest_runs() {
+    let kernel = GuestKind::Exit.path().to_str().unwrap();
+    for (extra, fragment) in [
+        (&["--vsock", "cid=3"][..], "no uds=PATH given"),
+        (
+            &["--vsock", "cid=3,uds=/tmp/x,mode=fast"],
+            "unknown option 'mode=fast'",
+        ),
+        (&["--rng", "rate=0/s"], "at least 1 byte per second"),
+    ] {
+        let mut args = vec!["run", "--kernel", kernel];
+        args.extend_from_slice(extra);
+        assert_refused(&kiln(&args), EXIT_USAGE, &[fragment]);
+    }
+    let taken = temp_file("taken.sock", b"");
+    let taken_spec = format!("cid=3,uds={}", taken.display());
+    let free = std::env::temp_dir().join(format!("kiln-cli-{}-free.sock", std::process::id()));
+    let reserved_spec = format!("cid=2,uds={}", free.display());
+    let nowhere = "cid=3,uds=/nonexistent-kiln-dir/v.sock".to_string();
+    for (spec, fragment) in [
+        (taken_spec, "already exists"),
+        (reserved_spec, "must be between 3 and"),
+        (nowhere, "not an existing directory"),
+    ] {
+        assert_refused(
+            &kiln(&["run", "--kernel", kernel, "--vsock", &spec]),
+            EXIT_KILN_ERROR,
+            &[fragment],
+        );
+    }
+    std::fs::remove_file(&taken).unwrap();
+    assert!(!free.exists());
+}
+
+#[test]
+fn the_vsock_socket_is_removed_when_the_vm_ends() {
+    let socket = std::env::temp_dir().join(format!("kiln-cli-{}-vm.sock", std::process::id()));
+    let output = kiln(&[
+        "run",
+        "--kernel",
+        GuestKind::Exit.path().to_str().unwrap(),
+        "--vsock",
+        &format!("cid=3,uds={}", socket.display()),
+        "--console",
+        "none",
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!socket.exists(), "the socket file was left behind");
+}
+
+#[test]
 fn sigterm_stops_a_running_guest_with_143() {
     let cmdline = Params {
         hold: true,

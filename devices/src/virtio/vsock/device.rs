@@ -575,5 +575,8 @@ impl MutEventSubscriber for VsockHandler {
 }
 
 #[cfg(test)]
+#[path = "bad_input_tests.rs"]
+mod bad_input_tests;
+#[cfg(test)]
 #[path = "device_tests.rs"]
 mod tests;
