@@ -241,7 +241,13 @@ impl Muxer {
     fn record(&mut self, token: u64, set: EventSet) {
         match token {
             LISTENER_TOKEN => self.listener_ready = true,
-            TIMER_TOKEN => self.timer_fired = true,
+            TIMER_TOKEN => {
+                // Read it now: a readable timer would keep the epoll set (and so the event
+                // loop) awake while the device is paused and not serving deadlines.
+                let _ = self.timer.wait();
+                self.timer_armed = None;
+                self.timer_fired = true;
+            }
             _ => match self.targets.get(&token) {
                 Some(Target::Handshake) => {
                     if let Some(handshake) = self.handshakes.get_mut(&token) {

@@ -19,9 +19,6 @@ impl Muxer {
     /// deadlines. Call only while the device runs.
     pub fn service_host(&mut self) {
         if std::mem::take(&mut self.timer_fired) {
-            // EAGAIN: the timer was re-armed after it fired; the deadlines are checked anyway.
-            let _ = self.timer.wait();
-            self.timer_armed = None;
             self.expire(Instant::now());
         }
         if std::mem::take(&mut self.listener_ready) {
