@@ -2,6 +2,7 @@
 //!
 //!   vsock_replay [FILE|DIR]...            replay files (a corpus, a crash artifact)
 //!   vsock_replay --random N [--seed S]    N mutations of the built-in seeds
+//!   vsock_replay --write-seeds DIR        write the built-in seeds as files (a starting corpus)
 //!
 //! A broken invariant panics, with the input that did it named first. Inputs that take more
 //! than 100 ms are reported (the device must never wait on a socket).
@@ -49,6 +50,21 @@ fn main() -> ExitCode {
             }
             "--seed" => {
                 seed = value.parse().unwrap_or(1);
+                i += 1;
+            }
+            "--write-seeds" => {
+                let dir = PathBuf::from(&value);
+                if let Err(err) = std::fs::create_dir_all(&dir) {
+                    eprintln!("cannot create {}: {err}", dir.display());
+                    return ExitCode::FAILURE;
+                }
+                for (name, input) in vsock_seeds() {
+                    let path = dir.join(format!("seed-{name}"));
+                    if let Err(err) = std::fs::write(&path, input) {
+                        eprintln!("cannot write {}: {err}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
                 i += 1;
             }
             path => inputs.extend(files(Path::new(path))),
