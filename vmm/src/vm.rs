@@ -17,7 +17,7 @@ use kiln_devices::bus::Bus;
 use kiln_devices::exit::{ExitNotifier, StopReason};
 use kiln_devices::legacy::acpi_pm::AcpiPmDevice;
 use kiln_devices::legacy::boot_timer::BootTimer;
-use kiln_devices::legacy::i8042::I8042Device;
+use kiln_devices::legacy::i8042::{I8042Device, I8042_PORT_LEN};
 use kiln_devices::legacy::pvpanic::PvPanicDevice;
 use kiln_devices::legacy::serial::{EventFdTrigger, SerialDevice};
 use kiln_devices::virtio::EventLoopHandle;
@@ -178,7 +178,14 @@ impl Vm {
             serial_trigger,
             console_output(&config.console)?,
         )));
-        let (io_bus, mmio_bus) = build_buses(&exit, &serial, start, &virtio)?;
+        let keyboard_irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| Error::Io("create the i8042 keyboard interrupt eventfd", e))?;
+        vm_fd
+            .register_irqfd(&keyboard_irq, layout::I8042_KEYBOARD_IRQ)
+            .map_err(|e| Error::KvmIoctl("connect the i8042 keyboard interrupt", e))?;
+        let i8042 = I8042Device::new(exit.clone())
+            .with_keyboard_interrupt(EventFdTrigger::new(keyboard_irq));
+        let (io_bus, mmio_bus) = build_buses(&exit, &serial, i8042, start, &virtio)?;
 
         let vcpus = create_vcpus(
             &kvm, &vm_fd, &memory, &config, &kernel, io_bus, mmio_bus, &exit,
@@ -326,6 +333,7 @@ fn configure_platform(
 fn build_buses(
     exit: &ExitNotifier,
     serial: &Arc<Mutex<SerialDevice>>,
+    i8042: I8042Device,
     start: Instant,
     virtio: &DeviceManager,
 ) -> Result<(Arc<Bus>, Arc<Bus>), Error> {
@@ -336,9 +344,9 @@ fn build_buses(
         .map_err(bus_err("serial port"))?;
     io_bus
         .insert(
-            Arc::new(Mutex::new(I8042Device::new(exit.clone()))),
+            Arc::new(Mutex::new(i8042)),
             u64::from(layout::I8042_PORT_BASE),
-            5,
+            I8042_PORT_LEN,
         )
         .map_err(bus_err("i8042"))?;
     io_bus
