@@ -3,7 +3,7 @@
 //! - [`bus`]: the address buses (port I/O and MMIO) a vCPU exit is dispatched on.
 //! - [`exit`]: the single channel through which any device asks the VM to stop.
 //! - [`legacy`]: the few PC-compatible devices a microVM still needs (COM1 serial,
-//!   i8042 reset, pvpanic, ACPI power management, boot timer).
+//!   i8042 keyboard controller, pvpanic, ACPI power management, boot timer).
 //! - [`virtio`]: the virtio-mmio transport and the virtio devices (block).
 #![deny(missing_docs)]
 
