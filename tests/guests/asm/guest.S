@@ -269,6 +269,37 @@ fault_stubs:
 
 /* Stack: vector, error code, RIP, CS, RFLAGS, RSP, SS. */
 fault_common:
+#if KIND == KIND_COUNT
+    /* The #UD at count_report: print the count and go back to ring 3 past the ud2. */
+    cmpq $VECTOR_UD, (%rsp)
+    jne 5f
+    pushq %rax
+    leaq count_report(%rip), %rax
+    cmpq %rax, 24(%rsp)
+    popq %rax
+    jne 5f
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %r8
+    leaq count_msg(%rip), %rsi
+    call puts
+    movl $COUNT_ADDR, %eax
+    movq (%rax), %rax
+    call put_dec
+    movb $'\n', %al
+    call putc
+    popq %r8
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rax
+    addq $2, 16(%rsp)
+    addq $16, %rsp
+    iretq
+5:
+#endif
     cmpq $VECTOR_UD, (%rsp)
     jne 1f
     leaq user_return(%rip), %rax
@@ -342,7 +373,15 @@ user_main:
 #elif KIND == KIND_COUNT
     /* Counts to n in memory, checking after every step that memory and register agree: a
      * pause, resume or state restore that loses or corrupts either is caught (#UD -> fault). */
-    movq param_n(%rip), %rcx
+    /* With report=K, every 2^K steps a #UD at count_report makes ring 0 print the count. */
+    movq param_report(%rip), %rcx
+    movq $-1, %rdx
+    testq %rcx, %rcx
+    jz 3f
+    movl $1, %edx
+    shlq %cl, %rdx
+    decq %rdx
+3:  movq param_n(%rip), %rcx
     movl $COUNT_ADDR, %ebx
     xorl %eax, %eax
     movq %rax, (%rbx)
@@ -352,7 +391,11 @@ user_main:
     incq (%rbx)
     cmpq (%rbx), %rax
     jne count_mismatch
-    decq %rcx
+    testq %rdx, %rax
+    jnz 4f
+count_report:
+    ud2
+4:  decq %rcx
     jnz 1b
 2:
 #endif
@@ -458,6 +501,9 @@ parse_cmdline:
     call parse_key
     leaq key_hold(%rip), %rdi
     leaq param_hold(%rip), %rbx
+    call parse_key
+    leaq key_report(%rip), %rdi
+    leaq param_report(%rip), %rbx
     call parse_key
 3:  movb (%rsi), %al                /* skip the rest of the token */
     testb %al, %al
@@ -596,6 +642,8 @@ key_m:           .asciz "m="
 key_port:        .asciz "port="
 key_addr:        .asciz "addr="
 key_hold:        .asciz "hold="
+key_report:      .asciz "report="
+count_msg:       .asciz "KILN-GUEST-COUNT "
 
 /* ------------------------------------------------------------------------------------------ */
 /* Data (file-backed so it is valid whatever the loader does with .bss).                      */
@@ -608,6 +656,7 @@ param_m:     .quad DEFAULT_M
 param_port:  .quad DEFAULT_PORT
 param_addr:  .quad DEFAULT_MMIO_ADDR
 param_hold:  .quad 0
+param_report: .quad 0
 dec_buffer:  .fill 24, 1, 0
 dec_buffer_end: .byte 0
 rep_in_buffer: .fill 8, 1, 0

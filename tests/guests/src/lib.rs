@@ -41,6 +41,8 @@ pub const DEFAULT_MMIO_ADDR: u64 = 0xd010_0000;
 pub const TOUCH_START: u64 = 2 << 20;
 /// Guest-physical address of the `count` guest's 64-bit counter.
 pub const COUNT_ADDR: u64 = 3 << 20;
+/// Printed by the `count` guest with `report=K` every 2^K steps: `KILN-GUEST-COUNT <count>`.
+pub const COUNT_MARKER: &str = "KILN-GUEST-COUNT";
 /// Printed by the `rep-io` guest through one `rep outsb`.
 pub const REP_OUTS_MARKER: &str = "KILN-GUEST-REP-OUTS";
 /// Printed by the `rep-io` guest when each byte of its `rep insb` read the line status register.
@@ -163,6 +165,8 @@ pub struct Params {
     pub mmio_addr: Option<u64>,
     /// Halt for good (interrupts off) when done instead of ending the VM: keeps it running.
     pub hold: bool,
+    /// `count` prints its count every 2^report steps.
+    pub report: Option<u64>,
 }
 
 impl Params {
@@ -200,6 +204,9 @@ impl Params {
         if self.hold {
             parts.push("hold=1".to_string());
         }
+        if let Some(report) = self.report {
+            parts.push(format!("report={report}"));
+        }
         parts.join(" ")
     }
 }
@@ -211,6 +218,15 @@ pub struct Done {
     pub n: u64,
     /// The MiB count it used (after capping).
     pub m: u64,
+}
+
+/// The counts a `count` guest reported (`KILN-GUEST-COUNT <count>` lines), in order.
+pub fn parse_counts(output: &str) -> Vec<u64> {
+    output
+        .lines()
+        .filter_map(|line| line.trim_end().strip_prefix(COUNT_MARKER))
+        .filter_map(|count| count.trim().parse().ok())
+        .collect()
 }
 
 /// Finds `KILN-GUEST-DONE n=<n> m=<m>` in a guest's console output.
@@ -300,8 +316,12 @@ mod tests {
             port: Some(0x80),
             mmio_addr: Some(0xd010_0000),
             hold: true,
+            report: Some(20),
         };
-        assert_eq!(all.cmdline(), "n=1 m=2 port=0x80 addr=0xd0100000 hold=1");
+        assert_eq!(
+            all.cmdline(),
+            "n=1 m=2 port=0x80 addr=0xd0100000 hold=1 report=20"
+        );
     }
 
     #[test]

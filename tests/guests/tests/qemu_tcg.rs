@@ -10,8 +10,8 @@ use std::time::Duration;
 use kiln_test_guests::process::{run_with_timeout, Finished};
 use kiln_test_guests::qemu::{Entry, QemuRun, QEMU};
 use kiln_test_guests::{
-    parse_done, Done, GuestKind, Params, FAULT_MARKER, HELLO_MARKER, REP_INS_OK_MARKER,
-    REP_OUTS_MARKER,
+    parse_counts, parse_done, Done, GuestKind, Params, FAULT_MARKER, HELLO_MARKER,
+    REP_INS_OK_MARKER, REP_OUTS_MARKER,
 };
 
 const MEMORY_MIB: u64 = 128;
@@ -223,8 +223,20 @@ fn hold_keeps_the_vm_running_after_its_work() {
 #[test]
 fn count_counts_to_n_under_both_entries() {
     for entry in [Entry::Pvh, Entry::Direct] {
-        let finished = run("microvm", entry, GuestKind::Count, Params::with_n(100_000));
+        let params = Params {
+            n: Some(100_000),
+            report: Some(15),
+            ..Params::default()
+        };
+        let finished = run("microvm", entry, GuestKind::Count, params);
         assert_done(&finished, GuestKind::Count, Done { n: 100_000, m: 16 });
+        // Every 2^15 steps: 32768, 65536, 98304.
+        assert_eq!(
+            parse_counts(&finished.stdout),
+            vec![32768, 65536, 98304],
+            "{}",
+            finished.describe()
+        );
     }
 }
 
