@@ -11,8 +11,10 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod console_output;
 pub mod device_manager;
 pub mod event_loop;
+pub mod host_fd;
 pub mod kvm;
 pub mod loader;
 pub mod memory;

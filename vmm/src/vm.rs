@@ -1,7 +1,5 @@
 //! A microVM from a [`VmConfig`]: built by [`Vm::new`], run to its end by [`Vm::run`].
 
-use std::fs::File;
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -23,6 +21,7 @@ use kiln_devices::legacy::serial::{EventFdTrigger, SerialDevice};
 use kiln_devices::virtio::EventLoopHandle;
 
 use crate::config::{host_memory_mib, ConsoleConfig, VmConfig};
+use crate::console_output::{self, ConsoleDrain};
 use crate::device_manager::DeviceManager;
 use crate::event_loop::{ConsoleInput, EventLoop, StopWatcher};
 use crate::kvm::{open_kvm, KvmHost, KVM_DEVICE};
@@ -98,6 +97,8 @@ pub struct Vm {
     event_loop: EventLoop,
     _virtio: DeviceManager,
     stop_handle: StopHandle,
+    /// Writes the guest's console output on the event loop; finished when the VM ends.
+    console: Arc<Mutex<ConsoleDrain>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -174,9 +175,10 @@ impl Vm {
                 .try_clone()
                 .map_err(|e| Error::Io("clone the serial interrupt eventfd", e))?,
         );
+        let (console_writer, console) = console_output::open(&config.console)?;
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             serial_trigger,
-            console_output(&config.console)?,
+            Box::new(console_writer),
         )));
         let (io_bus, mmio_bus) = build_buses(&exit, &serial, start, &virtio)?;
 
@@ -196,6 +198,7 @@ impl Vm {
             event_loop,
             _virtio: virtio,
             stop_handle: StopHandle::new().map_err(|e| Error::Io("create the stop eventfd", e))?,
+            console: Arc::new(Mutex::new(console)),
         })
     }
 
@@ -217,6 +220,7 @@ impl Vm {
             &self.stop_handle.eventfd,
         )));
         event_loop.add_subscriber(watcher.clone());
+        event_loop.add_subscriber(self.console.clone());
 
         let _raw_terminal = if self.config.console == ConsoleConfig::Stdio {
             let raw_terminal = RawTerminal::enable(libc::STDIN_FILENO).unwrap_or_else(|err| {
@@ -251,9 +255,11 @@ impl Vm {
             }
         };
         let vcpu_error = threads.stop_all();
-        if let Err(err) = std::io::stdout().flush() {
-            log::debug!("cannot flush the console: {err}");
-        }
+        // Bounded: a reader that stopped reading cannot hold the VM's end.
+        self.console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finish();
         loop_result?;
 
         if let Some(signum) = signals.received() {
@@ -280,19 +286,6 @@ impl Vm {
             }
         }
     }
-}
-
-fn console_output(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, Error> {
-    Ok(match console {
-        ConsoleConfig::Stdio => Box::new(std::io::stdout()),
-        ConsoleConfig::None => Box::new(std::io::sink()),
-        ConsoleConfig::File(path) => {
-            Box::new(File::create(path).map_err(|source| Error::ConsoleFile {
-                path: path.clone(),
-                source,
-            })?)
-        }
-    })
 }
 
 fn configure_platform(

@@ -24,7 +24,8 @@
  * an ACPI GED poweroff (0x34 to MMIO 0xfea00200: QEMU microvm, which has no i8042; QEMU stops
  * the vCPU a little later, so the guest spins a while), then a triple fault.
  *
- * Output on COM1: `hello` prints KILN-GUEST-HELLO; the loop kinds print
+ * Output on COM1: `hello` prints KILN-GUEST-HELLO; `flood` prints "KILN-GUEST-FLOOD <i>" for
+ * i = 1..=n as fast as the UART takes it (n = 2^64-1 floods for good); the loop kinds print
  * "KILN-GUEST-DONE n=<n> m=<m>" when they finished, so a crash (which also ends in a reset)
  * is never mistaken for success. An unexpected exception prints KILN-GUEST-FAULT with the
  * vector, error code and RIP, writes the pvpanic port and ends the VM.
@@ -35,9 +36,10 @@
 #define KIND_PIO_LOOP 2
 #define KIND_MMIO_LOOP 3
 #define KIND_TOUCH 4
+#define KIND_FLOOD 5
 
 #ifndef KIND
-#error "build with -DKIND=<0..4>"
+#error "build with -DKIND=<0..5>"
 #endif
 
 #define COM1_DATA 0x3f8
@@ -364,6 +366,19 @@ kernel_resume:
     decq %rcx
     jnz 3b
 4:
+#elif KIND == KIND_FLOOD
+    movl $1, %ebx                   /* line number; puts/putc/put_dec leave RBX alone */
+1:  cmpq param_n(%rip), %rbx
+    ja 2f
+    leaq flood_msg(%rip), %rsi
+    call puts
+    movq %rbx, %rax
+    call put_dec
+    movb $'\n', %al
+    call putc
+    incq %rbx
+    jnz 1b
+2:
 #endif
 
 #if KIND != KIND_HELLO
@@ -532,6 +547,7 @@ put_dec:
 /* ------------------------------------------------------------------------------------------ */
     .section .rodata
 hello_msg:       .asciz "KILN-GUEST-HELLO\n"
+flood_msg:       .asciz "KILN-GUEST-FLOOD "
 done_msg:        .asciz "KILN-GUEST-DONE n="
 done_m_msg:      .asciz " m="
 fault_msg:       .asciz "KILN-GUEST-FAULT vector="

@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Name of each guest (also its file stem) and the `KIND` it is assembled with.
-pub const GUESTS: [(&str, u32); 5] = [
+pub const GUESTS: [(&str, u32); 6] = [
     ("exit", 0),
     ("hello", 1),
     ("pio-loop", 2),
     ("mmio-loop", 3),
     ("touch", 4),
+    ("flood", 5),
 ];
 
 /// File stem of the QEMU shim that enters a guest the way Kiln does (tests only).

@@ -24,6 +24,8 @@ use std::str::FromStr;
 
 /// Printed (with a newline) by [`GuestKind::Hello`].
 pub const HELLO_MARKER: &str = "KILN-GUEST-HELLO";
+/// Starts each line of [`GuestKind::Flood`]: `KILN-GUEST-FLOOD <i>` for i = 1..=n.
+pub const FLOOD_MARKER: &str = "KILN-GUEST-FLOOD";
 /// Printed by the loop kinds once their work is done: `KILN-GUEST-DONE n=<n> m=<m>`.
 pub const DONE_MARKER: &str = "KILN-GUEST-DONE";
 /// Printed on an unexpected exception, with vector, error code and RIP.
@@ -53,16 +55,20 @@ pub enum GuestKind {
     MmioLoop,
     /// Writes one byte per 4 KiB page over `m` MiB from 2 MiB up, from ring 3.
     Touch,
+    /// Prints `n` numbered lines on COM1 from ring 0 ([`flood_line`]), as fast as the UART
+    /// takes them; `n = u64::MAX` floods for good.
+    Flood,
 }
 
 impl GuestKind {
     /// Every kind.
-    pub const ALL: [GuestKind; 5] = [
+    pub const ALL: [GuestKind; 6] = [
         GuestKind::Exit,
         GuestKind::Hello,
         GuestKind::PioLoop,
         GuestKind::MmioLoop,
         GuestKind::Touch,
+        GuestKind::Flood,
     ];
 
     /// Short name, also the ELF's file stem.
@@ -73,6 +79,7 @@ impl GuestKind {
             GuestKind::PioLoop => "pio-loop",
             GuestKind::MmioLoop => "mmio-loop",
             GuestKind::Touch => "touch",
+            GuestKind::Flood => "flood",
         }
     }
 
@@ -84,6 +91,7 @@ impl GuestKind {
             GuestKind::PioLoop => env!("KILN_GUEST_ELF_PIO_LOOP"),
             GuestKind::MmioLoop => env!("KILN_GUEST_ELF_MMIO_LOOP"),
             GuestKind::Touch => env!("KILN_GUEST_ELF_TOUCH"),
+            GuestKind::Flood => env!("KILN_GUEST_ELF_FLOOD"),
         })
     }
 
@@ -122,6 +130,11 @@ impl FromStr for GuestKind {
     }
 }
 
+/// Line `i` (from 1) of [`GuestKind::Flood`]'s output, newline included.
+pub fn flood_line(i: u64) -> String {
+    format!("{FLOOD_MARKER} {i}\n")
+}
+
 /// Path of the ELF built for `kind`.
 pub fn path(kind: GuestKind) -> &'static Path {
     kind.path()
@@ -135,7 +148,7 @@ pub fn direct_entry_shim_path() -> &'static Path {
 /// Guest parameters, passed on the kernel command line; `None` keeps the guest's default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Params {
-    /// Loop count of `pio-loop` and `mmio-loop`.
+    /// Loop count of `pio-loop` and `mmio-loop`; line count of `flood`.
     pub n: Option<u64>,
     /// MiB written by `touch` (capped by the guest below the MMIO gap, 3326 MiB).
     pub m: Option<u64>,
