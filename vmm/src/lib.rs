@@ -11,10 +11,12 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod console_output;
 mod control;
 pub mod device_manager;
 pub mod event_loop;
 pub mod handle;
+pub mod host_fd;
 pub mod kvm;
 pub mod loader;
 pub mod memory;

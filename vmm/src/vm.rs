@@ -1,7 +1,5 @@
 //! A microVM from a [`VmConfig`]: built by [`Vm::new`], run to its end by [`Vm::run`].
 
-use std::fs::File;
-use std::io::Write;
 use std::path::Path;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -25,6 +23,7 @@ use kiln_devices::log_limit::LogLimiter;
 use kiln_devices::virtio::EventLoopHandle;
 
 use crate::config::{host_memory_mib, ConsoleConfig, VmConfig};
+use crate::console_output::{self, ConsoleDrain};
 use crate::control::Controller;
 use crate::device_manager::DeviceManager;
 use crate::event_loop::{ConsoleInput, EventLoop, StopWatcher};
@@ -106,6 +105,8 @@ pub struct Vm {
     devices_paused: bool,
     /// Start with the vCPUs parked (a restore asked to stay paused).
     start_paused: bool,
+    /// Writes the guest's console output on the event loop; finished when the VM ends.
+    console: Arc<Mutex<ConsoleDrain>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -201,7 +202,8 @@ impl Vm {
                 .try_clone()
                 .map_err(|e| Error::Io("clone the serial interrupt eventfd", e))?,
         );
-        let serial_out = console_output(&config.console)?;
+        let (console_writer, console) = console_output::open(&config.console)?;
+        let serial_out: Box<dyn std::io::Write + Send> = Box::new(console_writer);
         let serial = match snapshot {
             None => SerialDevice::new(serial_trigger, serial_out),
             Some((saved, _)) => SerialDevice::restore(&saved.serial, serial_trigger, serial_out)
@@ -245,6 +247,7 @@ impl Vm {
             requests,
             devices_paused: snapshot.is_some(),
             start_paused: false,
+            console: Arc::new(Mutex::new(console)),
         })
     }
 
@@ -301,6 +304,7 @@ impl Vm {
             self.handle.wake_eventfd(),
         )));
         event_loop.add_subscriber(watcher.clone());
+        event_loop.add_subscriber(self.console.clone());
 
         let _raw_terminal = if self.config.console == ConsoleConfig::Stdio {
             let raw_terminal = RawTerminal::enable(libc::STDIN_FILENO).unwrap_or_else(|err| {
@@ -357,9 +361,11 @@ impl Vm {
         }
         self.handle.set_state(VmState::Ended);
         let vcpu_error = controller.threads.stop_all();
-        if let Err(err) = std::io::stdout().flush() {
-            log::debug!("cannot flush the console: {err}");
-        }
+        // Bounded: a reader that stopped reading cannot hold the VM's end.
+        self.console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finish();
         loop_result?;
 
         let stopped = watcher.lock().unwrap_or_else(|p| p.into_inner()).stopping();
@@ -459,19 +465,6 @@ fn restore_vm_state(vm_fd: &VmFd, saved: &SavedIrqchip) -> Result<(), Error> {
     };
     vm_fd.set_clock(&clock).map_err(kvm("restore kvmclock"))?;
     Ok(())
-}
-
-fn console_output(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, Error> {
-    Ok(match console {
-        ConsoleConfig::Stdio => Box::new(std::io::stdout()),
-        ConsoleConfig::None => Box::new(std::io::sink()),
-        ConsoleConfig::File(path) => {
-            Box::new(File::create(path).map_err(|source| Error::ConsoleFile {
-                path: path.clone(),
-                source,
-            })?)
-        }
-    })
 }
 
 fn configure_platform(

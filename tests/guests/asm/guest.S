@@ -24,7 +24,8 @@
  * an ACPI GED poweroff (0x34 to MMIO 0xfea00200: QEMU microvm, which has no i8042; QEMU stops
  * the vCPU a little later, so the guest spins a while), then a triple fault.
  *
- * Output on COM1: `hello` prints KILN-GUEST-HELLO; the loop kinds print
+ * Output on COM1: `hello` prints KILN-GUEST-HELLO; `flood` prints "KILN-GUEST-FLOOD <i>" for
+ * i = 1..=n as fast as the UART takes it (n = 2^64-1 floods for good); the loop kinds print
  * "KILN-GUEST-DONE n=<n> m=<m>" when they finished, so a crash (which also ends in a reset)
  * is never mistaken for success. An unexpected exception prints KILN-GUEST-FAULT with the
  * vector, error code and RIP, writes the pvpanic port and ends the VM.
@@ -37,9 +38,10 @@
 #define KIND_TOUCH 4
 #define KIND_COUNT 5
 #define KIND_REP_IO 6
+#define KIND_FLOOD 7
 
 #ifndef KIND
-#error "build with -DKIND=<0..6>"
+#error "build with -DKIND=<0..7>"
 #endif
 
 #define COM1_DATA 0x3f8
@@ -455,6 +457,19 @@ kernel_resume:
     decl %ecx
     jnz 5b
     call puts
+#elif KIND == KIND_FLOOD
+    movl $1, %ebx                   /* line number; puts/putc/put_dec leave RBX alone */
+1:  cmpq param_n(%rip), %rbx
+    ja 2f
+    leaq flood_msg(%rip), %rsi
+    call puts
+    movq %rbx, %rax
+    call put_dec
+    movb $'\n', %al
+    call putc
+    incq %rbx
+    jnz 1b
+2:
 #endif
 
 #if KIND != KIND_HELLO && KIND != KIND_REP_IO
@@ -630,6 +645,7 @@ rep_msg:         .ascii "KILN-GUEST-REP-OUTS\n"
 rep_msg_end:
 rep_in_ok_msg:   .asciz "KILN-GUEST-REP-INS-OK\n"
 rep_in_bad_msg:  .asciz "KILN-GUEST-REP-INS-BAD\n"
+flood_msg:       .asciz "KILN-GUEST-FLOOD "
 done_msg:        .asciz "KILN-GUEST-DONE n="
 done_m_msg:      .asciz " m="
 fault_msg:       .asciz "KILN-GUEST-FAULT vector="

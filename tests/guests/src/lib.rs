@@ -24,6 +24,8 @@ use std::str::FromStr;
 
 /// Printed (with a newline) by [`GuestKind::Hello`].
 pub const HELLO_MARKER: &str = "KILN-GUEST-HELLO";
+/// Starts each line of [`GuestKind::Flood`]: `KILN-GUEST-FLOOD <i>` for i = 1..=n.
+pub const FLOOD_MARKER: &str = "KILN-GUEST-FLOOD";
 /// Printed by the loop kinds once their work is done: `KILN-GUEST-DONE n=<n> m=<m>`.
 pub const DONE_MARKER: &str = "KILN-GUEST-DONE";
 /// Printed on an unexpected exception, with vector, error code and RIP.
@@ -67,11 +69,14 @@ pub enum GuestKind {
     /// String port I/O: one `rep outsb` of [`REP_OUTS_MARKER`] to COM1, then a `rep insb` of
     /// four LSR reads, reported as [`REP_INS_OK_MARKER`] (or `...-BAD`).
     RepIo,
+    /// Prints `n` numbered lines on COM1 from ring 0 ([`flood_line`]), as fast as the UART
+    /// takes them; `n = u64::MAX` floods for good.
+    Flood,
 }
 
 impl GuestKind {
     /// Every kind.
-    pub const ALL: [GuestKind; 7] = [
+    pub const ALL: [GuestKind; 8] = [
         GuestKind::Exit,
         GuestKind::Hello,
         GuestKind::PioLoop,
@@ -79,6 +84,7 @@ impl GuestKind {
         GuestKind::Touch,
         GuestKind::Count,
         GuestKind::RepIo,
+        GuestKind::Flood,
     ];
 
     /// Short name, also the ELF's file stem.
@@ -91,6 +97,7 @@ impl GuestKind {
             GuestKind::Touch => "touch",
             GuestKind::Count => "count",
             GuestKind::RepIo => "rep-io",
+            GuestKind::Flood => "flood",
         }
     }
 
@@ -104,6 +111,7 @@ impl GuestKind {
             GuestKind::Touch => env!("KILN_GUEST_ELF_TOUCH"),
             GuestKind::Count => env!("KILN_GUEST_ELF_COUNT"),
             GuestKind::RepIo => env!("KILN_GUEST_ELF_REP_IO"),
+            GuestKind::Flood => env!("KILN_GUEST_ELF_FLOOD"),
         })
     }
 
@@ -142,6 +150,11 @@ impl FromStr for GuestKind {
     }
 }
 
+/// Line `i` (from 1) of [`GuestKind::Flood`]'s output, newline included.
+pub fn flood_line(i: u64) -> String {
+    format!("{FLOOD_MARKER} {i}\n")
+}
+
 /// Path of the ELF built for `kind`.
 pub fn path(kind: GuestKind) -> &'static Path {
     kind.path()
@@ -155,7 +168,7 @@ pub fn direct_entry_shim_path() -> &'static Path {
 /// Guest parameters, passed on the kernel command line; `None` keeps the guest's default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Params {
-    /// Loop count of `pio-loop` and `mmio-loop`.
+    /// Loop count of `pio-loop` and `mmio-loop`; line count of `flood`.
     pub n: Option<u64>,
     /// MiB written by `touch` (capped by the guest below the MMIO gap, 3326 MiB).
     pub m: Option<u64>,

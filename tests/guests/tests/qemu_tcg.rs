@@ -10,7 +10,7 @@ use std::time::Duration;
 use kiln_test_guests::process::{run_with_timeout, Finished};
 use kiln_test_guests::qemu::{Entry, QemuRun, QEMU};
 use kiln_test_guests::{
-    parse_counts, parse_done, Done, GuestKind, Params, FAULT_MARKER, HELLO_MARKER,
+    flood_line, parse_counts, parse_done, Done, GuestKind, Params, FAULT_MARKER, HELLO_MARKER,
     REP_INS_OK_MARKER, REP_OUTS_MARKER,
 };
 
@@ -132,6 +132,21 @@ fn touch_pvh_microvm() {
 #[test]
 fn touch_direct_microvm() {
     touch_covers_most_of_memory(Entry::Direct);
+}
+
+#[test]
+fn flood_prints_n_numbered_lines_in_order() {
+    for entry in [Entry::Pvh, Entry::Direct] {
+        let finished = run("microvm", entry, GuestKind::Flood, Params::with_n(300));
+        let lines: String = (1..=300).map(flood_line).collect();
+        assert!(
+            finished.stdout.contains(&lines),
+            "flood ({entry:?}) did not print lines 1..=300 in order: {}",
+            finished.describe()
+        );
+        assert!(!finished.stdout.contains(&flood_line(301)));
+        assert_done(&finished, GuestKind::Flood, Done { n: 300, m: 16 });
+    }
 }
 
 #[test]
