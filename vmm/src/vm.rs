@@ -215,17 +215,18 @@ impl Vm {
         if let Some((saved, _)) = snapshot {
             restore_vm_state(&vm_fd, &saved.irqchip)?;
         }
-        let vcpus = create_vcpus(
+        let mut vcpus = create_vcpus(
             &kvm, &vm_fd, &memory, &config, entry, io_bus, mmio_bus, &exit,
         )?;
         if let Some((saved, _)) = snapshot {
-            for (vcpu, state) in vcpus.iter().zip(&saved.vcpus) {
+            for (vcpu, state) in vcpus.iter_mut().zip(&saved.vcpus) {
                 state.restore(&vcpu.fd).map_err(|source| {
                     Error::Vcpu(crate::vcpu::VcpuError::State {
                         id: vcpu.id,
                         source,
                     })
                 })?;
+                vcpu.cpuid.clone_from(&state.cpuid);
             }
             virtio.restore_states(&saved.virtio)?;
         }
@@ -594,6 +595,7 @@ fn create_vcpus(
             exit: exit.clone(),
             memory: memory.clone(),
             msr_indices: msr_indices.clone(),
+            cpuid: cpuid.as_slice().to_vec(),
             warnings: LogLimiter::new(),
         });
     }

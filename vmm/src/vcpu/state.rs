@@ -6,7 +6,7 @@
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -80,8 +80,13 @@ fn write_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateErr
 
 impl VcpuState {
     /// Reads the state of a vCPU that is not running. `msr_indices` is the host's list of
-    /// saveable MSRs.
-    pub fn save(fd: &VcpuFd, msr_indices: &[u32]) -> Result<Self, StateError> {
+    /// saveable MSRs; `cpuid` is what the vCPU was given (KVM_GET_CPUID2 is not trusted for it:
+    /// some hosts, PVM among them, report the host's own CPUID there).
+    pub fn save(
+        fd: &VcpuFd,
+        msr_indices: &[u32],
+        cpuid: &[kvm_cpuid_entry2],
+    ) -> Result<Self, StateError> {
         // MP state first: KVM_GET_MP_STATE also settles pending INIT/SIPI and APIC events.
         let mp_state = fd.get_mp_state().map_err(read_error("MP state"))?;
         let regs = fd.get_regs().map_err(read_error("registers"))?;
@@ -92,11 +97,7 @@ impl VcpuState {
         let xcrs = fd.get_xcrs().ok();
         let debug_regs = fd.get_debug_regs().map_err(read_error("debug registers"))?;
         let lapic = fd.get_lapic().map_err(read_error("local APIC"))?;
-        let cpuid = fd
-            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-            .map_err(read_error("CPUID"))?
-            .as_slice()
-            .to_vec();
+        let cpuid = cpuid.to_vec();
         let msrs = read_msrs(fd, msr_indices)?;
         let events = fd.get_vcpu_events().map_err(read_error("pending events"))?;
         Ok(Self {
