@@ -26,11 +26,12 @@ impl Drop for Dir {
 }
 
 fn vcpu() -> VcpuState {
-    let mut regs = kvm_bindings::kvm_regs::default();
-    regs.rip = 0x10_0000;
-    regs.rax = 0x1234_5678_9abc_def0;
     VcpuState {
-        regs,
+        regs: kvm_bindings::kvm_regs {
+            rip: 0x10_0000,
+            rax: 0x1234_5678_9abc_def0,
+            ..Default::default()
+        },
         sregs: Default::default(),
         fpu: kvm_bindings::kvm_fpu {
             fcw: 0x37f,
