@@ -232,6 +232,8 @@ impl<D: VirtioDevice> VirtioTransport for MmioTransport<D> {
             state.needs_reset,
         );
         if state.active {
+            // Paused before it gets its queues: it must not take requests until the VM runs.
+            self.device.pause()?;
             self.activate_at(&state.queues);
             if !self.active {
                 return Err(RestoreError::Activation);
