@@ -2,10 +2,10 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Guest memory as Kiln uses it everywhere.
-pub type GuestMemory = GuestMemoryMmap<()>;
+pub type GuestMemory = kiln_arch::GuestMemoryMmap;
 
 /// Why guest memory could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +33,7 @@ pub enum MemoryError {
 /// Maps `size` bytes of guest RAM laid out around the 32-bit MMIO gap.
 pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
     let regions = kiln_arch::memory::arch_memory_regions(size);
-    GuestMemoryMmap::from_ranges(&regions).map_err(|err| MemoryError::Allocate {
+    GuestMemory::from_ranges(&regions).map_err(|err| MemoryError::Allocate {
         mib: size >> 20,
         reason: err.to_string(),
     })
@@ -64,8 +64,13 @@ pub fn advise_huge_pages(memory: &GuestMemory) {
     }
 }
 
-/// Hands every region to KVM, one slot each.
-pub fn register_guest_memory(vm_fd: &VmFd, memory: &GuestMemory) -> Result<(), MemoryError> {
+/// Hands every region to KVM, one slot each (slot = region index); with `track_dirty`, KVM
+/// logs the pages vCPUs write (for diff snapshots).
+pub fn register_guest_memory(
+    vm_fd: &VmFd,
+    memory: &GuestMemory,
+    track_dirty: bool,
+) -> Result<(), MemoryError> {
     for (slot, region) in (0u32..).zip(memory.iter()) {
         let base = region.start_addr().raw_value();
         let host_address =
@@ -77,7 +82,11 @@ pub fn register_guest_memory(vm_fd: &VmFd, memory: &GuestMemory) -> Result<(), M
                 })?;
         let kvm_region = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if track_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: base,
             memory_size: region.len(),
             userspace_addr: host_address as u64,

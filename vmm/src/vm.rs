@@ -32,8 +32,8 @@ use crate::kvm::{open_kvm, KvmHost, KVM_DEVICE};
 use crate::loader::{load_cmdline, load_initrd, load_kernel, LoadedKernel};
 use crate::memory::{advise_huge_pages, create_guest_memory, register_guest_memory, GuestMemory};
 use crate::snapshot::{
-    check_cpuid, check_disks, map_memory_file, read_state_file, RestoreConfig, SavedIrqchip,
-    SnapshotError, VmSnapshot,
+    check_cpuid, check_disks, map_memory_layers, read_state_file, MemoryLayer, RestoreConfig,
+    SavedIrqchip, SnapshotError, VmSnapshot,
 };
 use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, Vcpu, VcpuThreads};
@@ -107,6 +107,8 @@ pub struct Vm {
     start_paused: bool,
     /// Writes the guest's console output on the event loop; finished when the VM ends.
     console: Arc<Mutex<ConsoleDrain>>,
+    /// The memory files of the snapshot this VM was restored from (a diff layers on them).
+    memory_layers: Vec<MemoryLayer>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -133,6 +135,9 @@ impl Vm {
         let mut config = snapshot.config.clone();
         config.console = restore.console.clone();
         config.disks = disks;
+        if let Some(track) = restore.track_dirty_pages {
+            config.track_dirty_pages = track;
+        }
         if snapshot.vcpus.len() != usize::from(config.cpus) {
             return Err(SnapshotError::Corrupt {
                 path: restore.state.clone(),
@@ -176,9 +181,9 @@ impl Vm {
                 advise_huge_pages(&memory);
                 memory
             }
-            Some((saved, path)) => map_memory_file(path, &saved.memory, saved.snapshot_id)?,
+            Some((saved, path)) => map_memory_layers(path, &saved.memory, &saved.memory_layers)?,
         };
-        register_guest_memory(&vm_fd, &memory)?;
+        register_guest_memory(&vm_fd, &memory, config.track_dirty_pages)?;
 
         let event_loop = EventLoop::new().map_err(Error::EventLoop)?;
         let mut virtio = DeviceManager::new();
@@ -220,7 +225,7 @@ impl Vm {
         )?;
         if let Some((saved, _)) = snapshot {
             for (vcpu, state) in vcpus.iter_mut().zip(&saved.vcpus) {
-                state.restore(&vcpu.fd).map_err(|source| {
+                state.restore(&vcpu.fd, &vcpu.cpuid).map_err(|source| {
                     Error::Vcpu(crate::vcpu::VcpuError::State {
                         id: vcpu.id,
                         source,
@@ -249,6 +254,9 @@ impl Vm {
             devices_paused: snapshot.is_some(),
             start_paused: false,
             console: Arc::new(Mutex::new(console)),
+            memory_layers: snapshot
+                .map(|(saved, path)| restored_layers(saved, path))
+                .unwrap_or_default(),
         })
     }
 
@@ -344,6 +352,7 @@ impl Vm {
             memory: &self.memory,
             serial: &self.devices.serial,
             config: &self.config,
+            layers: std::mem::take(&mut self.memory_layers),
         };
         let mut loop_result = Ok(());
         while loop_result.is_ok() {
@@ -388,6 +397,16 @@ impl Vm {
             }
         }
     }
+}
+
+/// The chain a restored VM's next diff snapshot layers on: the snapshot's own, with its newest
+/// file where it was restored from.
+fn restored_layers(saved: &VmSnapshot, path: &Path) -> Vec<MemoryLayer> {
+    let mut layers = saved.memory_layers.clone();
+    if let Some(last) = layers.last_mut() {
+        last.path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    }
+    layers
 }
 
 /// The VM itself: TSS address, in-kernel irqchip (PICs, IOAPIC, LAPICs) and PIT.
