@@ -104,6 +104,7 @@ fn measure(guest: &Path, memory_mib: u32, reps: usize, dir: &Path) -> Row {
         let started = Instant::now();
         let mut config = RestoreConfig::new(&state, &mem);
         config.console = ConsoleConfig::None;
+        config.track_dirty_pages = Some(false);
         let restored = Vm::restore(&config, started).expect("restore");
         restore.push(started.elapsed().as_secs_f64() * 1e3);
         let restored_memory = restored.guest_memory();
