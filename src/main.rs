@@ -3,6 +3,7 @@
 //! It only turns arguments into a `VmConfig` and the VM's outcome into an exit status.
 
 mod logger;
+mod signals;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,9 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use kiln_vmm::config::{parse_memory_mib, ConfigError, DiskConfig};
+use kiln_vmm::snapshot::RestoreConfig;
 use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
+use signals::StopSignals;
 
 /// Exit status when the guest kernel panicked.
 const EXIT_GUEST_PANIC: u8 = 3;
@@ -34,6 +37,43 @@ enum Command {
     /// Exit status: 0 when the guest powers off or reboots, 3 when its kernel panics,
     /// 1 for Kiln errors, 2 for usage errors, 128+N when stopped by signal N.
     Run(RunArgs),
+    /// Restore a snapshot (a state file and its memory file) and run the guest on from there.
+    ///
+    /// The snapshot's disks are reopened by path and must be unchanged since it was taken;
+    /// `--disk N=PATH` uses another image for disk N (from 1), e.g. a copy for a clone.
+    /// Exit status as for `run`.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The snapshot's state file.
+    #[arg(long)]
+    state: PathBuf,
+    /// The snapshot's memory file.
+    #[arg(long = "memory-file")]
+    memory_file: PathBuf,
+    /// Serial console: stdio, none, or file=PATH [default: stdio].
+    #[arg(long, default_value = "stdio")]
+    console: ConsoleConfig,
+    /// Use IMAGE for the snapshot's disk N (from 1) instead of its own path.
+    #[arg(long = "disk", value_name = "N=IMAGE", value_parser = parse_disk_override)]
+    disks: Vec<(usize, PathBuf)>,
+}
+
+fn parse_disk_override(text: &str) -> Result<(usize, PathBuf), String> {
+    let (index, path) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not N=IMAGE"))?;
+    let index: usize = index
+        .parse()
+        .ok()
+        .filter(|index| *index >= 1)
+        .ok_or_else(|| format!("'{index}' is not a disk number (1, 2, ...)"))?;
+    if path.is_empty() {
+        return Err(format!("'{text}' names no image"));
+    }
+    Ok((index - 1, PathBuf::from(path)))
 }
 
 #[derive(Args)]
@@ -113,30 +153,61 @@ impl RunArgs {
     }
 }
 
-fn exit_status(outcome: VmOutcome) -> ExitCode {
-    match outcome {
+/// How `kiln run` ended: the guest's own way, or a stop signal Kiln received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunEnd {
+    Guest(VmOutcome),
+    Signal(i32),
+}
+
+fn exit_status(end: RunEnd) -> ExitCode {
+    match end {
         // The CLI never hands out a stop handle; a stop through one is still a clean end.
-        VmOutcome::PowerOff | VmOutcome::Reset | VmOutcome::Stopped => ExitCode::SUCCESS,
-        VmOutcome::Panic => ExitCode::from(EXIT_GUEST_PANIC),
-        VmOutcome::Signal(signum) => ExitCode::from(128u8.saturating_add(signum as u8)),
+        RunEnd::Guest(VmOutcome::PowerOff | VmOutcome::Reset | VmOutcome::Stopped) => {
+            ExitCode::SUCCESS
+        }
+        RunEnd::Guest(VmOutcome::Panic) => ExitCode::from(EXIT_GUEST_PANIC),
+        RunEnd::Signal(signum) => ExitCode::from(128u8.saturating_add(signum as u8)),
     }
 }
 
-fn run(args: RunArgs, start: Instant) -> Result<VmOutcome, kiln_vmm::Error> {
+fn run(args: RunArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error> {
     let config = args.into_config()?;
-    let vm = Vm::new(config, start)?;
-    let outcome = vm.run()?;
-    log::info!("guest ended: {}", describe(outcome));
-    Ok(outcome)
+    run_to_end(Vm::new(config, start)?)
 }
 
-fn describe(outcome: VmOutcome) -> String {
-    match outcome {
-        VmOutcome::PowerOff => "powered off".into(),
-        VmOutcome::Reset => "rebooted".into(),
-        VmOutcome::Panic => "kernel panic".into(),
-        VmOutcome::Signal(signum) => format!("stopped by signal {signum}"),
-        VmOutcome::Stopped => "stopped on request".into(),
+fn restore(args: RestoreArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error> {
+    let mut restore = RestoreConfig::new(args.state, args.memory_file);
+    restore.console = args.console;
+    restore.disk_overrides = args.disks;
+    let vm = Vm::restore(&restore, start)?;
+    log::info!(
+        "restored in {:.1} ms",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+    run_to_end(vm)
+}
+
+/// Runs a built VM with SIGINT/SIGTERM/SIGHUP mapped to a stop.
+fn run_to_end(vm: Vm) -> Result<RunEnd, kiln_vmm::Error> {
+    let signals = StopSignals::install(vm.handle().stop_fd())
+        .map_err(|e| kiln_vmm::Error::Io("install signal handlers", e))?;
+    let outcome = vm.run()?;
+    let end = match signals.received() {
+        Some(signum) => RunEnd::Signal(signum),
+        None => RunEnd::Guest(outcome),
+    };
+    log::info!("guest ended: {}", describe(end));
+    Ok(end)
+}
+
+fn describe(end: RunEnd) -> String {
+    match end {
+        RunEnd::Guest(VmOutcome::PowerOff) => "powered off".into(),
+        RunEnd::Guest(VmOutcome::Reset) => "rebooted".into(),
+        RunEnd::Guest(VmOutcome::Panic) => "kernel panic".into(),
+        RunEnd::Guest(VmOutcome::Stopped) => "stopped on request".into(),
+        RunEnd::Signal(signum) => format!("stopped by signal {signum}"),
     }
 }
 
@@ -145,13 +216,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logger::init(cli.log_level);
     match cli.command {
-        Command::Run(args) => match run(args, start) {
-            Ok(outcome) => exit_status(outcome),
-            Err(err) => {
-                log::error!("{err}");
-                ExitCode::from(EXIT_KILN_ERROR)
-            }
-        },
+        Command::Run(args) => finish(run(args, start)),
+        Command::Restore(args) => finish(restore(args, start)),
+    }
+}
+
+fn finish(result: Result<RunEnd, kiln_vmm::Error>) -> ExitCode {
+    match result {
+        Ok(end) => exit_status(end),
+        Err(err) => {
+            log::error!("{err}");
+            ExitCode::from(EXIT_KILN_ERROR)
+        }
     }
 }
 
@@ -166,6 +242,42 @@ mod tests {
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).expect("valid arguments").command {
             Command::Run(run) => run,
+            Command::Restore(_) => panic!("not a run command"),
+        }
+    }
+
+    #[test]
+    fn restore_takes_disk_overrides_numbered_from_one() {
+        let Command::Restore(args) = parse(&[
+            "restore",
+            "--state",
+            "s",
+            "--memory-file",
+            "m",
+            "--disk",
+            "2=/copy.img",
+        ])
+        .expect("valid arguments")
+        .command
+        else {
+            panic!("not a restore command");
+        };
+        assert_eq!(args.disks, vec![(1, PathBuf::from("/copy.img"))]);
+        assert_eq!(args.console, ConsoleConfig::Stdio);
+        for bad in ["0=/x", "x=/y", "1=", "/no-number"] {
+            assert!(
+                parse(&[
+                    "restore",
+                    "--state",
+                    "s",
+                    "--memory-file",
+                    "m",
+                    "--disk",
+                    bad
+                ])
+                .is_err(),
+                "{bad} was accepted"
+            );
         }
     }
 
@@ -288,9 +400,18 @@ mod tests {
 
     #[test]
     fn outcomes_map_to_documented_statuses() {
-        assert_eq!(exit_status(VmOutcome::PowerOff), ExitCode::SUCCESS);
-        assert_eq!(exit_status(VmOutcome::Reset), ExitCode::SUCCESS);
-        assert_eq!(exit_status(VmOutcome::Panic), ExitCode::from(3));
-        assert_eq!(exit_status(VmOutcome::Signal(15)), ExitCode::from(143));
+        assert_eq!(
+            exit_status(RunEnd::Guest(VmOutcome::PowerOff)),
+            ExitCode::SUCCESS
+        );
+        assert_eq!(
+            exit_status(RunEnd::Guest(VmOutcome::Reset)),
+            ExitCode::SUCCESS
+        );
+        assert_eq!(
+            exit_status(RunEnd::Guest(VmOutcome::Panic)),
+            ExitCode::from(3)
+        );
+        assert_eq!(exit_status(RunEnd::Signal(15)), ExitCode::from(143));
     }
 }

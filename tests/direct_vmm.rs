@@ -14,7 +14,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use kiln_test_guests::process::{run_with_timeout, Finished};
-use kiln_test_guests::{parse_done, Done, GuestKind, FAULT_MARKER, HELLO_MARKER};
+use kiln_test_guests::{
+    parse_done, Done, GuestKind, FAULT_MARKER, HELLO_MARKER, REP_INS_OK_MARKER, REP_OUTS_MARKER,
+};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 /// Generous for a 2-core machine running other tests; a hang still fails.
@@ -173,6 +175,27 @@ fn a_guest_fault_ends_as_a_guest_panic() {
         finished.code(),
         Some(GUEST_PANIC_STATUS),
         "a guest panic must give status {GUEST_PANIC_STATUS}: {}",
+        finished.describe()
+    );
+}
+
+#[test]
+fn string_port_io_is_one_access_per_element() {
+    // `rep outsb` / `rep insb` reach Kiln as one exit with a count: each element is its own
+    // access to the same port (not one wide access spread over the next ports).
+    let finished = kiln(GuestKind::RepIo, "", 1, "128M");
+    assert_clean_exit(&finished, "rep-io");
+    assert!(
+        finished
+            .stdout
+            .lines()
+            .any(|line| line.trim_end() == REP_OUTS_MARKER),
+        "the rep outsb line did not arrive whole: {}",
+        finished.describe()
+    );
+    assert!(
+        finished.stdout.contains(REP_INS_OK_MARKER),
+        "rep insb did not read the line status register each time: {}",
         finished.describe()
     );
 }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use log::error;
+use crate::log_limit::{error_limited, SharedLogLimiter};
 
 /// A device that decodes a range of bus addresses.
 ///
@@ -74,6 +74,8 @@ struct BusEntry {
 pub struct Bus {
     /// Keyed by base address.
     devices: BTreeMap<u64, BusEntry>,
+    /// A guest that found input making a device model panic can repeat it on every exit.
+    poison_warnings: SharedLogLimiter,
 }
 
 impl Bus {
@@ -139,7 +141,7 @@ impl Bus {
         data.fill(0xff);
         match self.resolve(addr, data.len()) {
             Some((entry, offset)) => {
-                lock_device(&entry.device, addr).read(offset, data);
+                lock_device(&entry.device, addr, &self.poison_warnings).read(offset, data);
                 true
             }
             None => false,
@@ -152,7 +154,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((entry, offset)) => {
-                lock_device(&entry.device, addr).write(offset, data);
+                lock_device(&entry.device, addr, &self.poison_warnings).write(offset, data);
                 true
             }
             None => false,
@@ -180,9 +182,12 @@ impl std::fmt::Debug for Bus {
 fn lock_device<'a>(
     device: &'a Mutex<dyn BusDevice + 'static>,
     addr: u64,
+    poison_warnings: &SharedLogLimiter,
 ) -> MutexGuard<'a, dyn BusDevice + 'static> {
     device.lock().unwrap_or_else(|poisoned| {
-        error!(
+        error_limited!(
+            poison_warnings,
+            "bus",
             "bus device at {addr:#x} panicked during an earlier access; continuing with its state"
         );
         device.clear_poison();
@@ -193,6 +198,8 @@ fn lock_device<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log_limit::BURST;
+    use crate::test_logger::capture_logs;
 
     /// Records accesses and answers reads with `offset as u8 + index`.
     #[derive(Default)]
@@ -383,5 +390,32 @@ mod tests {
         assert!(bus.read(0x505, &mut data));
         assert_eq!(data, [2]);
         assert!(!device.is_poisoned());
+    }
+
+    #[test]
+    fn repeatedly_poisoned_device_is_reported_at_a_limited_rate() {
+        struct AlwaysPanics;
+        impl BusDevice for AlwaysPanics {
+            fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
+            fn write(&mut self, _offset: u64, _data: &[u8]) {
+                panic!("simulated device bug");
+            }
+        }
+        let mut bus = Bus::new();
+        bus.insert(Arc::new(Mutex::new(AlwaysPanics)), 0x505, 1)
+            .unwrap();
+        let panics = 3 * BURST as usize;
+        let (caught, lines) = capture_logs(|| {
+            (0..panics)
+                .filter(|_| {
+                    let write = std::panic::AssertUnwindSafe(|| bus.write(0x505, &[1]));
+                    std::panic::catch_unwind(write).is_err()
+                })
+                .count()
+        });
+        assert_eq!(caught, panics);
+        // Every access after the first found the device poisoned.
+        assert_eq!(lines.len(), BURST as usize, "{lines:?}");
+        assert!(lines.iter().all(|(level, _)| *level == log::Level::Error));
     }
 }

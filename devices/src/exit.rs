@@ -9,6 +9,8 @@ use std::io;
 use std::sync::{Arc, OnceLock};
 
 use log::{debug, error};
+
+use crate::log_limit::{debug_limited, SharedLogLimiter};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Why a VM is stopping.
@@ -32,6 +34,8 @@ pub enum StopReason {
 pub struct ExitNotifier {
     eventfd: Arc<EventFd>,
     reason: Arc<OnceLock<StopReason>>,
+    /// Stop requests after the first one: a guest can repeat them until its vCPUs are stopped.
+    later_requests: Arc<SharedLogLimiter>,
 }
 
 impl ExitNotifier {
@@ -40,6 +44,7 @@ impl ExitNotifier {
         Ok(Self {
             eventfd: Arc::new(EventFd::new(EFD_NONBLOCK)?),
             reason: Arc::new(OnceLock::new()),
+            later_requests: Arc::new(SharedLogLimiter::new()),
         })
     }
 
@@ -60,7 +65,9 @@ impl ExitNotifier {
             }
             Err(_) => {
                 if let Some(first) = self.reason() {
-                    debug!(
+                    debug_limited!(
+                        self.later_requests,
+                        "VM stop",
                         "VM already stopping ({first:?}); ignoring later stop request {reason:?}"
                     );
                 }
@@ -82,6 +89,8 @@ impl ExitNotifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log_limit::BURST;
+    use crate::test_logger::capture_logs;
 
     #[test]
     fn no_reason_and_nothing_to_read_until_notified() {
@@ -129,5 +138,20 @@ mod tests {
         }
         assert!(reasons.contains(&exit.reason().unwrap()));
         assert_eq!(exit.eventfd().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn repeated_stop_requests_are_logged_at_a_limited_rate() {
+        let exit = ExitNotifier::new().unwrap();
+        let device_side = exit.clone();
+        let ((), lines) = capture_logs(|| {
+            exit.notify(StopReason::PowerOff);
+            for _ in 0..1000 {
+                device_side.notify(StopReason::Reset);
+            }
+        });
+        assert_eq!(exit.reason(), Some(StopReason::PowerOff));
+        assert_eq!(lines.len(), 1 + BURST as usize, "{lines:?}");
+        assert!(lines[0].1.contains("stop requested"), "{lines:?}");
     }
 }

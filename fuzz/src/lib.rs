@@ -19,9 +19,11 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_arch::GuestMemoryMmap;
+use kiln_devices::virtio::block::request_type::{FLUSH, GET_ID, IN, OUT};
 use kiln_devices::virtio::block::worker::QueueWorker;
 use kiln_devices::virtio::block::DiskImage;
 use kiln_devices::virtio::Interrupt;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -253,29 +255,30 @@ impl InputBuilder {
     }
 }
 
-const NEXT: u16 = 1;
-const WRITE: u16 = 2;
-const INDIRECT: u16 = 4;
+// Descriptor flags as the `u16` a descriptor holds (the UAPI states them as `u32`).
+const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 
 /// Valid and interesting inputs to start from: each kind of request, an indirect chain, a loop.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut seeds = Vec::new();
     let mut b = InputBuilder::new(16, false, false);
-    b.header(0x400, 0, 2)
+    b.header(0x400, IN, 2)
         .descriptor(0, 0x400, 16, NEXT, 1)
         .descriptor(1, 0x1000, 1024, WRITE | NEXT, 2)
         .descriptor(2, 0x410, 1, WRITE, 0)
         .available(0);
-    b.header(0x420, 1, 5)
+    b.header(0x420, OUT, 5)
         .descriptor(3, 0x420, 16, NEXT, 4)
         .descriptor(4, HIGH_START, 512, NEXT, 5)
         .descriptor(5, 0x430, 1, WRITE, 0)
         .available(3);
-    b.header(0x440, 4, 0)
+    b.header(0x440, FLUSH, 0)
         .descriptor(6, 0x440, 16, NEXT, 7)
         .descriptor(7, 0x450, 1, WRITE, 0)
         .available(6);
-    b.header(0x460, 8, 0)
+    b.header(0x460, GET_ID, 0)
         .descriptor(8, 0x460, 16, NEXT, 9)
         .descriptor(9, 0x2000, 20, WRITE | NEXT, 10)
         .descriptor(10, 0x470, 1, WRITE, 0)
@@ -283,7 +286,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds.push(("read-write-flush-getid", b.build()));
 
     let mut b = InputBuilder::new(8, true, true);
-    b.header(0x400, 1, 0)
+    b.header(0x400, OUT, 0)
         .descriptor(0, 0x400, 16, NEXT, 1)
         .descriptor(1, 0x1000, 512, NEXT, 2)
         .descriptor(2, 0x410, 1, WRITE, 0)
@@ -292,7 +295,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
 
     // One descriptor pointing at a three-entry indirect table at 0x600.
     let mut b = InputBuilder::new(4, false, false);
-    b.header(0x400, 0, 1)
+    b.header(0x400, IN, 1)
         .descriptor(0, 0x600, 48, INDIRECT, 0)
         .descriptor_at(0x600, 0x400, 16, NEXT, 1)
         .descriptor_at(0x610, 0x1000, 512, WRITE | NEXT, 2)
@@ -301,7 +304,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds.push(("indirect-read", b.build()));
 
     let mut b = InputBuilder::new(4, false, false);
-    b.header(0x400, 0, 0)
+    b.header(0x400, IN, 0)
         .descriptor(0, 0x400, 16, NEXT, 1)
         .descriptor(1, 0x1000, 512, WRITE | NEXT, 0)
         .available(0)

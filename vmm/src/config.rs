@@ -79,6 +79,10 @@ pub struct VmConfig {
     /// Disks, in the order the guest sees them (`vda`, `vdb`, ...).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// Track the pages the guest and devices write, so that diff snapshots can save only
+    /// those (costs a little speed on guest writes while on).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 fn default_cpus() -> u8 {
@@ -189,6 +193,7 @@ impl VmConfig {
             memory_mib: DEFAULT_MEMORY_MIB,
             console: ConsoleConfig::default(),
             disks: Vec::new(),
+            track_dirty_pages: false,
         }
     }
 

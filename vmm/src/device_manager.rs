@@ -17,8 +17,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use kiln_arch::layout::{VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use kiln_devices::bus::{Bus, BusDevice, BusError};
 use kiln_devices::virtio::block::{Block, DiskError, DiskImage};
-use kiln_devices::virtio::mmio::{regs, MmioTransport, TransportError};
-use kiln_devices::virtio::{EventLoopHandle, VirtioDevice};
+use kiln_devices::virtio::mmio::{regs, MmioState, MmioTransport, TransportError, VirtioTransport};
+use kiln_devices::virtio::{EventLoopHandle, PauseError, VirtioDevice};
 
 use crate::config::{disk_name, DiskConfig};
 use crate::memory::GuestMemory;
@@ -59,7 +59,19 @@ pub enum DeviceError {
     /// The device could not be placed on the MMIO bus.
     #[error("{0}: {1}")]
     Bus(String, BusError),
+    /// The device's I/O thread could not be started.
+    #[error("{0}: cannot start its I/O thread: {1}")]
+    Thread(String, std::io::Error),
+    /// A device could not be quiesced.
+    #[error("{0}: cannot pause: {1}")]
+    Pause(String, PauseError),
+    /// A device's saved state could not be restored.
+    #[error("{0}: cannot restore its state: {1}")]
+    Restore(String, String),
 }
+
+/// A disk's transport, typed: what the VMM (and later its API) uses to reach the device.
+pub type BlockHandle = Arc<Mutex<MmioTransport<Block>>>;
 
 /// The KVM calls that wire a device up; a trait so that tests can record them.
 pub trait IrqAndIoEvents {
@@ -98,12 +110,14 @@ pub struct OpenDisk {
     pub image: DiskImage,
 }
 
-/// One placed virtio device.
+/// One placed virtio device, reachable two ways: as a bus device (for vCPUs) and through its
+/// lifecycle operations (pause, resume, state).
 struct VirtioSlot {
     what: String,
     base: u64,
     irq: u32,
-    transport: Arc<Mutex<dyn BusDevice>>,
+    bus_device: Arc<Mutex<dyn BusDevice>>,
+    transport: Arc<Mutex<dyn VirtioTransport>>,
 }
 
 /// The VM's virtio devices.
@@ -111,6 +125,7 @@ pub struct DeviceManager {
     addresses: AddressAllocator,
     irqs: IdAllocator,
     slots: Vec<VirtioSlot>,
+    disks: Vec<BlockHandle>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -136,6 +151,7 @@ impl DeviceManager {
             irqs: IdAllocator::new(VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST)
                 .expect("the virtio IRQ lines are a valid range"),
             slots: Vec::new(),
+            disks: Vec::new(),
         }
     }
 
@@ -183,14 +199,73 @@ impl DeviceManager {
                 if disk.readonly { ", read-only" } else { "" }
             );
             let sectors = image.sectors();
-            let (base, irq) =
-                self.add_virtio_device(kvm, memory, event_loop, Block::new(image), what.clone())?;
+            let block = Block::new(image).map_err(|err| DeviceError::Thread(what.clone(), err))?;
+            let (transport, base, irq) =
+                self.add_virtio_device(kvm, memory, event_loop, block, what.clone())?;
+            self.disks.push(transport);
             log::debug!("{what}: {sectors} sectors, virtio-mmio at {base:#x}, IRQ {irq}");
         }
         Ok(())
     }
 
-    /// Places `device` in the next free slot and wires it to KVM; returns its base and IRQ.
+    /// The disks' transports, in order (`vda` first).
+    pub fn disks(&self) -> &[BlockHandle] {
+        &self.disks
+    }
+
+    /// Quiesces every device (the vCPUs must be paused first, so that no driver adds work);
+    /// on failure, the devices already paused are resumed.
+    pub fn pause_all(&self) -> Result<(), DeviceError> {
+        for (index, slot) in self.slots.iter().enumerate() {
+            if let Err(err) = lock(&slot.transport).pause() {
+                for earlier in &self.slots[..index] {
+                    lock(&earlier.transport).resume();
+                }
+                return Err(DeviceError::Pause(slot.what.clone(), err));
+            }
+        }
+        Ok(())
+    }
+
+    /// Restarts every device after [`pause_all`](Self::pause_all).
+    pub fn resume_all(&self) {
+        for slot in &self.slots {
+            lock(&slot.transport).resume();
+        }
+    }
+
+    /// Puts every transport into its saved state, in slot order (a snapshot restore: the
+    /// devices were just created in the same order as when it was taken).
+    pub fn restore_states(&self, states: &[MmioState]) -> Result<(), DeviceError> {
+        if states.len() != self.slots.len() {
+            return Err(DeviceError::Restore(
+                "virtio devices".into(),
+                format!(
+                    "the snapshot has {} virtio devices, this VM {}",
+                    states.len(),
+                    self.slots.len()
+                ),
+            ));
+        }
+        for (slot, state) in self.slots.iter().zip(states) {
+            lock(&slot.transport)
+                .restore(state)
+                .map_err(|err| DeviceError::Restore(slot.what.clone(), err.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Each device's description and transport state, in slot order.
+    pub fn states(&self) -> Vec<(String, MmioState)> {
+        self.slots
+            .iter()
+            .map(|slot| (slot.what.clone(), lock(&slot.transport).state()))
+            .collect()
+    }
+
+    /// Places `device` in the next free slot and wires it to KVM; returns its transport, base
+    /// and IRQ.
+    #[allow(clippy::type_complexity)]
     pub fn add_virtio_device<D: VirtioDevice + 'static>(
         &mut self,
         kvm: &dyn IrqAndIoEvents,
@@ -198,7 +273,7 @@ impl DeviceManager {
         event_loop: &EventLoopHandle,
         device: D,
         what: String,
-    ) -> Result<(u64, u32), DeviceError> {
+    ) -> Result<(Arc<Mutex<MmioTransport<D>>>, u64, u32), DeviceError> {
         let base = self
             .addresses
             .allocate(VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE, AllocPolicy::FirstMatch)
@@ -228,13 +303,15 @@ impl DeviceManager {
             kvm.register_mmio_ioevent(event, base + regs::QUEUE_NOTIFY, index as u32)
                 .map_err(kvm_error("connect a queue notification (ioeventfd)"))?;
         }
+        let transport = Arc::new(Mutex::new(transport));
         self.slots.push(VirtioSlot {
             what,
             base,
             irq,
-            transport: Arc::new(Mutex::new(transport)),
+            bus_device: transport.clone(),
+            transport: transport.clone(),
         });
-        Ok((base, irq))
+        Ok((transport, base, irq))
     }
 
     /// Kernel arguments announcing every device: `virtio_mmio.device=4K@0xd0001000:5`.
@@ -264,11 +341,19 @@ impl DeviceManager {
     pub fn attach(&self, mmio_bus: &mut Bus) -> Result<(), DeviceError> {
         for slot in &self.slots {
             mmio_bus
-                .insert(slot.transport.clone(), slot.base, VIRTIO_MMIO_SIZE)
+                .insert(slot.bus_device.clone(), slot.base, VIRTIO_MMIO_SIZE)
                 .map_err(|err| DeviceError::Bus(slot.what.clone(), err))?;
         }
         Ok(())
     }
+}
+
+/// Locks a device, also after a panic on another thread (the transport's state stays valid:
+/// every register write is applied whole or not at all).
+fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Default for DeviceManager {

@@ -127,9 +127,16 @@ fn slots_run_out_after_the_last_irq_line() {
     let mut last = (0, 0);
     for _ in 0..VIRTIO_SLOTS {
         let disk = DiskImage::open(&images.0[0], true, None).unwrap();
-        last = manager
-            .add_virtio_device(&kvm, &memory, &handle, Block::new(disk), "disk".into())
+        let (_, base, irq) = manager
+            .add_virtio_device(
+                &kvm,
+                &memory,
+                &handle,
+                Block::new(disk).unwrap(),
+                "disk".into(),
+            )
             .unwrap();
+        last = (base, irq);
     }
     assert_eq!(last, (0xd000_1000 + 18 * 0x1000, 23));
     let disk = DiskImage::open(&images.0[0], true, None).unwrap();
@@ -138,7 +145,7 @@ fn slots_run_out_after_the_last_irq_line() {
             &kvm,
             &memory,
             &handle,
-            Block::new(disk),
+            Block::new(disk).unwrap(),
             "one too many".into(),
         )
         .unwrap_err();

@@ -11,18 +11,25 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod console_output;
+mod control;
 pub mod device_manager;
 pub mod event_loop;
+pub mod handle;
+pub mod host_fd;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
-pub mod signals;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
 
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
-pub use vm::{StopHandle, Vm, VmOutcome};
+pub use handle::{ControlError, StopHandle, VmHandle, VmState};
+pub use vm::{RunningVm, Vm, VmOutcome};
+/// The guest-memory crate Kiln is built on, so embedders use the same version.
+pub use vm_memory;
 
 /// Everything that can stop Kiln from building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +83,9 @@ pub enum Error {
     /// A vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
+    /// A snapshot could not be restored.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
     /// A Kiln bug: should never be seen.
     #[error("internal error: {0}")]
     Internal(&'static str),

@@ -2,12 +2,12 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-};
+use vm_memory::bitmap::NewBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 /// Guest memory as Kiln uses it everywhere.
-pub type GuestMemory = GuestMemoryMmap<()>;
+pub type GuestMemory = kiln_arch::GuestMemoryMmap;
 
 /// Why guest memory could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -51,22 +51,47 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
     };
     let regions = kiln_arch::memory::arch_memory_regions(size)
         .into_iter()
-        .map(|(base, len)| {
-            let _hole = AlignedHole::open(len);
-            GuestRegionMmap::from_range(base, len, None)
-        })
+        .map(|(base, len)| aligned_region(base, len))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| allocate_error(err.to_string()))?;
-    for region in &regions {
-        if !(region.as_ptr() as usize).is_multiple_of(HUGE_PAGE_SIZE) {
-            log::debug!(
-                "guest memory at {:#x} landed at host address {:p}, not 2 MiB aligned",
-                region.start_addr().raw_value(),
-                region.as_ptr()
-            );
+        .map_err(allocate_error)?;
+    GuestMemory::from_regions(regions).map_err(|err| allocate_error(err.to_string()))
+}
+
+/// Maps one region at a 2 MiB-aligned host address if it can. A try fails when a free gap
+/// between `len` and `len + 2 MiB` lies above the hole (or another thread maps into the hole
+/// first); the next try keeps the misplaced mapping, so it cannot land in that gap again.
+fn aligned_region<B: NewBitmap>(
+    base: GuestAddress,
+    len: usize,
+) -> Result<GuestRegionMmap<B>, String> {
+    const TRIES: usize = 8;
+    let mut misplaced = Vec::new();
+    loop {
+        // The bitmap first: a large one is allocated with mmap, which must not take the hole.
+        let bitmap = B::with_len(len);
+        let hole = AlignedHole::open(len);
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, bitmap)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .build()
+            .map_err(|err| err.to_string())?;
+        drop(hole);
+        let aligned = (mapping.as_ptr() as usize).is_multiple_of(HUGE_PAGE_SIZE);
+        if aligned || misplaced.len() + 1 == TRIES {
+            if !aligned {
+                log::debug!(
+                    "guest memory at {:#x} landed at host address {:p}, not 2 MiB aligned",
+                    base.raw_value(),
+                    mapping.as_ptr()
+                );
+            }
+            // Unmapped here: untouched and MAP_NORESERVE, they never cost memory.
+            drop(misplaced);
+            return GuestRegionMmap::new(mapping, base)
+                .ok_or_else(|| format!("region at {:#x} overflows", base.raw_value()));
         }
+        misplaced.push(mapping);
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|err| allocate_error(err.to_string()))
 }
 
 /// A free, 2 MiB-aligned stretch of address space of exactly the size about to be mapped,
@@ -166,8 +191,13 @@ unsafe fn madvise_or_log(address: *mut u8, len: usize, advice: libc::c_int) {
     }
 }
 
-/// Hands every region to KVM, one slot each.
-pub fn register_guest_memory(vm_fd: &VmFd, memory: &GuestMemory) -> Result<(), MemoryError> {
+/// Hands every region to KVM, one slot each (slot = region index); with `track_dirty`, KVM
+/// logs the pages vCPUs write (for diff snapshots).
+pub fn register_guest_memory(
+    vm_fd: &VmFd,
+    memory: &GuestMemory,
+    track_dirty: bool,
+) -> Result<(), MemoryError> {
     for (slot, region) in (0u32..).zip(memory.iter()) {
         let base = region.start_addr().raw_value();
         let host_address =
@@ -179,7 +209,11 @@ pub fn register_guest_memory(vm_fd: &VmFd, memory: &GuestMemory) -> Result<(), M
                 })?;
         let kvm_region = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if track_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: base,
             memory_size: region.len(),
             userspace_addr: host_address as u64,

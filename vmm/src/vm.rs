@@ -1,8 +1,7 @@
 //! A microVM from a [`VmConfig`]: built by [`Vm::new`], run to its end by [`Vm::run`].
 
-use std::fs::File;
-use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::Path;
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -20,15 +19,22 @@ use kiln_devices::legacy::boot_timer::BootTimer;
 use kiln_devices::legacy::i8042::{I8042Device, I8042_PORT_LEN};
 use kiln_devices::legacy::pvpanic::PvPanicDevice;
 use kiln_devices::legacy::serial::{EventFdTrigger, SerialDevice};
+use kiln_devices::log_limit::LogLimiter;
 use kiln_devices::virtio::EventLoopHandle;
 
 use crate::config::{host_memory_mib, ConsoleConfig, VmConfig};
+use crate::console_output::{self, ConsoleDrain};
+use crate::control::Controller;
 use crate::device_manager::DeviceManager;
 use crate::event_loop::{ConsoleInput, EventLoop, StopWatcher};
+use crate::handle::{Envelope, VmHandle, VmState};
 use crate::kvm::{open_kvm, KvmHost, KVM_DEVICE};
 use crate::loader::{load_cmdline, load_initrd, load_kernel, LoadedKernel};
 use crate::memory::{advise_huge_pages, create_guest_memory, register_guest_memory, GuestMemory};
-use crate::signals::StopSignals;
+use crate::snapshot::{
+    check_cpuid, check_disks, map_memory_layers, read_state_file, MemoryLayer, RestoreConfig,
+    SavedIrqchip, SnapshotError, VmSnapshot,
+};
 use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, Vcpu, VcpuThreads};
 use crate::Error;
@@ -42,39 +48,34 @@ pub enum VmOutcome {
     Reset,
     /// The guest kernel panicked (pvpanic).
     Panic,
-    /// Kiln received this signal and stopped the guest.
-    Signal(i32),
-    /// The embedder asked the VM to stop through its [`StopHandle`].
+    /// The VM was stopped from outside through its [`VmHandle`] (an embedder, or the CLI on a
+    /// stop signal).
     Stopped,
 }
 
-/// Stops a running VM from another thread: what an embedder holds while [`Vm::run`] blocks.
-/// Cheap to clone; stopping a VM that already ended does nothing.
-#[derive(Debug, Clone)]
-pub struct StopHandle {
-    eventfd: Arc<EventFd>,
-    requested: Arc<AtomicBool>,
+/// A VM running on its own thread (see [`Vm::start`]).
+#[derive(Debug)]
+pub struct RunningVm {
+    handle: VmHandle,
+    thread: std::thread::JoinHandle<Result<VmOutcome, Error>>,
 }
 
-impl StopHandle {
-    fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            eventfd: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
-            requested: Arc::new(AtomicBool::new(false)),
-        })
+impl RunningVm {
+    /// The VM's handle.
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
     }
 
-    /// Asks the VM to stop; [`Vm::run`] then returns [`VmOutcome::Stopped`] (unless the guest
-    /// ended first for its own reason).
-    pub fn stop(&self) {
-        self.requested.store(true, Ordering::SeqCst);
-        if let Err(err) = self.eventfd.write(1) {
-            log::error!("cannot wake the VMM thread to stop the VM: {err}");
-        }
+    /// Whether the VM has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
     }
 
-    fn requested(&self) -> bool {
-        self.requested.load(Ordering::SeqCst)
+    /// Waits for the VM to end and returns how it did.
+    pub fn wait(self) -> Result<VmOutcome, Error> {
+        self.thread
+            .join()
+            .unwrap_or(Err(Error::Internal("the VMM thread panicked")))
     }
 }
 
@@ -86,18 +87,28 @@ struct LegacyDevices {
 /// A built microVM, not yet running.
 pub struct Vm {
     config: VmConfig,
-    // Field order is drop order: vCPUs and the VM fd go before the memory they point into.
+    // Field order is drop order: vCPUs and the VM fd go before the memory they point into
+    // (each vCPU also holds its own reference to the memory).
     vcpus: Vec<Vcpu>,
-    _vm_fd: VmFd,
+    vm_fd: VmFd,
     kvm: KvmHost,
-    _memory: GuestMemory,
+    memory: GuestMemory,
     exit: ExitNotifier,
     devices: LegacyDevices,
     _serial_irq: EventFd,
     /// Created early: virtio devices subscribe to it through its remote endpoint.
     event_loop: EventLoop,
-    _virtio: DeviceManager,
-    stop_handle: StopHandle,
+    virtio: DeviceManager,
+    handle: VmHandle,
+    requests: Receiver<Envelope>,
+    /// Restored from a snapshot: devices are paused until the VM runs.
+    devices_paused: bool,
+    /// Start with the vCPUs parked (a restore asked to stay paused).
+    start_paused: bool,
+    /// Writes the guest's console output on the event loop; finished when the VM ends.
+    console: Arc<Mutex<ConsoleDrain>>,
+    /// The memory files of the snapshot this VM was restored from (a diff layers on them).
+    memory_layers: Vec<MemoryLayer>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -111,6 +122,43 @@ impl Vm {
     /// and vCPUs. `start` is when the process started (the boot timer measures from it).
     pub fn new(config: VmConfig, start: Instant) -> Result<Self, Error> {
         config.validate(host_memory_mib())?;
+        Self::build(config, start, None)
+    }
+
+    /// Builds a VM from a snapshot (see [`crate::snapshot`]): checks the state file, this
+    /// host's CPU features and the disks before anything is created, maps the memory file,
+    /// and puts every vCPU and device back where it was. The guest then runs on from there
+    /// (or waits for [`VmHandle::resume`] when `restore.resume` is false).
+    pub fn restore(restore: &RestoreConfig, start: Instant) -> Result<Self, Error> {
+        let snapshot = read_state_file(&restore.state)?;
+        let disks = check_disks(&snapshot.disks, &restore.disk_overrides)?;
+        let mut config = snapshot.config.clone();
+        config.console = restore.console.clone();
+        config.disks = disks;
+        if let Some(track) = restore.track_dirty_pages {
+            config.track_dirty_pages = track;
+        }
+        if snapshot.vcpus.len() != usize::from(config.cpus) {
+            return Err(SnapshotError::Corrupt {
+                path: restore.state.clone(),
+                reason: format!(
+                    "{} vCPU states for a VM of {} vCPUs",
+                    snapshot.vcpus.len(),
+                    config.cpus
+                ),
+            }
+            .into());
+        }
+        let mut vm = Self::build(config, start, Some((&snapshot, restore.memory.as_path())))?;
+        vm.start_paused = !restore.resume;
+        Ok(vm)
+    }
+
+    fn build(
+        config: VmConfig,
+        start: Instant,
+        snapshot: Option<(&VmSnapshot, &Path)>,
+    ) -> Result<Self, Error> {
         let disks = DeviceManager::open_disks(&config.disks)?;
         let kvm = open_kvm(KVM_DEVICE)?;
         if usize::from(config.cpus) > kvm.max_vcpus {
@@ -119,49 +167,34 @@ impl Vm {
                 max: kvm.max_vcpus,
             });
         }
-        let vm_fd = kvm
-            .kvm
-            .create_vm()
-            .map_err(|e| Error::KvmIoctl("create the VM", e))?;
-        vm_fd
-            .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
-            .map_err(|e| Error::KvmIoctl("set the TSS address", e))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(|e| Error::KvmIoctl("create the in-kernel irqchip", e))?;
-        let pit_config = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd
-            .create_pit2(pit_config)
-            .map_err(|e| Error::KvmIoctl("create the in-kernel PIT", e))?;
+        if let Some((saved, _)) = snapshot {
+            let host = host_cpuid(&kvm, config.cpus)?;
+            for vcpu in &saved.vcpus {
+                check_cpuid(&vcpu.cpuid, &host)?;
+            }
+        }
+        let vm_fd = create_vm_fd(&kvm)?;
 
-        let memory = create_guest_memory(config.memory_bytes())?;
-        advise_huge_pages(&memory);
-        register_guest_memory(&vm_fd, &memory)?;
+        let memory = match snapshot {
+            None => {
+                let memory = create_guest_memory(config.memory_bytes())?;
+                advise_huge_pages(&memory);
+                memory
+            }
+            Some((saved, path)) => map_memory_layers(path, &saved.memory, &saved.memory_layers)?,
+        };
+        register_guest_memory(&vm_fd, &memory, config.track_dirty_pages)?;
 
         let event_loop = EventLoop::new().map_err(Error::EventLoop)?;
         let mut virtio = DeviceManager::new();
         let loop_handle = EventLoopHandle::new(event_loop.remote_endpoint());
         virtio.add_disks(&vm_fd, &memory, &loop_handle, disks)?;
 
-        let kernel = load_kernel(&memory, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(load_initrd(&memory, path, kernel.end)?),
-            None => None,
+        let entry = match snapshot {
+            None => load_guest(&memory, &config, &virtio)?,
+            // Every register comes from the snapshot.
+            Some(_) => GuestAddress(0),
         };
-        let cmdline = config.kernel_cmdline(&virtio.cmdline_args());
-        let cmdline_size = load_cmdline(&memory, &cmdline)?;
-        log::debug!("kernel command line: {cmdline}");
-        configure_platform(
-            &memory,
-            &config,
-            &kernel,
-            initrd,
-            cmdline_size,
-            virtio.acpi_devices(),
-        )?;
 
         let exit = ExitNotifier::new().map_err(|e| Error::Io("create the exit eventfd", e))?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
@@ -174,10 +207,14 @@ impl Vm {
                 .try_clone()
                 .map_err(|e| Error::Io("clone the serial interrupt eventfd", e))?,
         );
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_trigger,
-            console_output(&config.console)?,
-        )));
+        let (console_writer, console) = console_output::open(&config.console)?;
+        let serial_out: Box<dyn std::io::Write + Send> = Box::new(console_writer);
+        let serial = match snapshot {
+            None => SerialDevice::new(serial_trigger, serial_out),
+            Some((saved, _)) => SerialDevice::restore(&saved.serial, serial_trigger, serial_out)
+                .map_err(|err| SnapshotError::Device("serial port".into(), err.to_string()))?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         let keyboard_irq = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| Error::Io("create the i8042 keyboard interrupt eventfd", e))?;
         vm_fd
@@ -187,43 +224,103 @@ impl Vm {
             .with_keyboard_interrupt(EventFdTrigger::new(keyboard_irq));
         let (io_bus, mmio_bus) = build_buses(&exit, &serial, i8042, start, &virtio)?;
 
-        let vcpus = create_vcpus(
-            &kvm, &vm_fd, &memory, &config, &kernel, io_bus, mmio_bus, &exit,
+        if let Some((saved, _)) = snapshot {
+            restore_vm_state(&vm_fd, &saved.irqchip)?;
+        }
+        let mut vcpus = create_vcpus(
+            &kvm, &vm_fd, &memory, &config, entry, io_bus, mmio_bus, &exit,
         )?;
+        if let Some((saved, _)) = snapshot {
+            for (vcpu, state) in vcpus.iter_mut().zip(&saved.vcpus) {
+                state.restore(&vcpu.fd, &vcpu.cpuid).map_err(|source| {
+                    Error::Vcpu(crate::vcpu::VcpuError::State {
+                        id: vcpu.id,
+                        source,
+                    })
+                })?;
+                vcpu.cpuid.clone_from(&state.cpuid);
+            }
+            virtio.restore_states(&saved.virtio)?;
+        }
+        let (handle, requests) =
+            VmHandle::new().map_err(|e| Error::Io("create the control eventfds", e))?;
 
         Ok(Self {
             config,
             vcpus,
-            _vm_fd: vm_fd,
+            vm_fd,
             kvm,
-            _memory: memory,
+            memory,
             exit,
             devices: LegacyDevices { serial },
             _serial_irq: serial_irq,
             event_loop,
-            _virtio: virtio,
-            stop_handle: StopHandle::new().map_err(|e| Error::Io("create the stop eventfd", e))?,
+            virtio,
+            handle,
+            requests,
+            devices_paused: snapshot.is_some(),
+            start_paused: false,
+            console: Arc::new(Mutex::new(console)),
+            memory_layers: snapshot
+                .map(|(saved, path)| restored_layers(saved, path))
+                .unwrap_or_default(),
         })
     }
 
-    /// A handle another thread can use to stop this VM once [`Vm::run`] is under way.
-    pub fn stop_handle(&self) -> StopHandle {
-        self.stop_handle.clone()
+    /// A handle other threads use to control the VM (stop, pause, resume...) while
+    /// [`Vm::run`] blocks.
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
     }
 
-    /// Runs the guest until it powers off, resets, panics, Kiln gets a stop signal, or the
-    /// [`StopHandle`] is used.
-    pub fn run(mut self) -> Result<VmOutcome, Error> {
+    /// The guest's memory (a new reference to the same mapping): embedders and tests read or
+    /// write guest RAM through it with vm-memory's `Bytes` methods.
+    pub fn guest_memory(&self) -> GuestMemory {
+        self.memory.clone()
+    }
+
+    /// A handle another thread can use to stop this VM once [`Vm::run`] is under way (the
+    /// same as [`Vm::handle`]).
+    pub fn stop_handle(&self) -> VmHandle {
+        self.handle()
+    }
+
+    /// Runs the VM on a new thread (`kiln-vmm`) and returns once its vCPUs run, so that its
+    /// handle's requests are served from the first call on. [`RunningVm::wait`] gives the
+    /// outcome.
+    pub fn start(self) -> Result<RunningVm, Error> {
+        let handle = self.handle();
+        let thread = std::thread::Builder::new()
+            .name("kiln-vmm".into())
+            .spawn(move || self.run())
+            .map_err(|e| Error::Io("start the VMM thread", e))?;
+        handle.wait_until_started();
+        Ok(RunningVm { handle, thread })
+    }
+
+    /// Runs the guest on the calling thread until it powers off, resets, panics, or is stopped
+    /// through its [`VmHandle`]. Serves the handle's requests (pause, resume...) meanwhile.
+    ///
+    /// The library installs no process-wide signal handlers apart from the vCPU kick (a
+    /// handler for `SIGRTMIN` that keeps no VM state, shared by every VM of the process): an
+    /// embedder or the CLI maps its own signals to [`VmHandle::stop`].
+    pub fn run(self) -> Result<VmOutcome, Error> {
+        let handle = self.handle();
+        let result = self.run_to_end();
+        handle.set_state(VmState::Ended);
+        result
+    }
+
+    fn run_to_end(mut self) -> Result<VmOutcome, Error> {
         install_kick_handler().map_err(|e| Error::Io("install the vCPU kick handler", e))?;
-        let signals =
-            StopSignals::install().map_err(|e| Error::Io("install signal handlers", e))?;
         let mut event_loop = self.event_loop;
         let watcher = Arc::new(Mutex::new(StopWatcher::new(
             self.exit.eventfd(),
-            signals.eventfd(),
-            &self.stop_handle.eventfd,
+            self.handle.stop_eventfd(),
+            self.handle.wake_eventfd(),
         )));
         event_loop.add_subscriber(watcher.clone());
+        event_loop.add_subscriber(self.console.clone());
 
         let _raw_terminal = if self.config.console == ConsoleConfig::Stdio {
             let raw_terminal = RawTerminal::enable(libc::STDIN_FILENO).unwrap_or_else(|err| {
@@ -243,37 +340,57 @@ impl Vm {
             None
         };
 
-        let stop = Arc::new(AtomicBool::new(false));
-        for vcpu in &mut self.vcpus {
-            vcpu.stop = stop.clone();
+        // Running (or paused) from here on: requests are served once the loop below runs.
+        let mut paused = self.start_paused;
+        if self.devices_paused && !paused {
+            self.virtio.resume_all();
         }
-        let mut threads = VcpuThreads::start(std::mem::take(&mut self.vcpus), stop)?;
-
-        let loop_result = loop {
+        self.handle.set_state(if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        });
+        let threads = VcpuThreads::spawn(std::mem::take(&mut self.vcpus), !paused)?;
+        let mut controller = Controller {
+            threads,
+            virtio: &self.virtio,
+            handle: &self.handle,
+            vm_fd: &self.vm_fd,
+            memory: &self.memory,
+            serial: &self.devices.serial,
+            config: &self.config,
+            layers: std::mem::take(&mut self.memory_layers),
+        };
+        let mut loop_result = Ok(());
+        while loop_result.is_ok() {
             if watcher.lock().unwrap_or_else(|p| p.into_inner()).stopping() {
-                break Ok(());
+                break;
             }
             if let Err(err) = event_loop.run() {
-                break Err(Error::EventLoop(err));
+                loop_result = Err(Error::EventLoop(err));
+                break;
             }
-        };
-        let vcpu_error = threads.stop_all();
-        if let Err(err) = std::io::stdout().flush() {
-            log::debug!("cannot flush the console: {err}");
+            while let Ok((request, reply)) = self.requests.try_recv() {
+                let answer = controller.serve(request, &mut paused);
+                // The requester may have gone away; nothing to do then.
+                let _ = reply.send(answer);
+            }
         }
+        self.handle.set_state(VmState::Ended);
+        let vcpu_error = controller.threads.stop_all();
+        // Bounded: a reader that stopped reading cannot hold the VM's end.
+        self.console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finish();
         loop_result?;
 
-        if let Some(signum) = signals.received() {
-            log::info!("stopped by signal {signum}");
-            return Ok(VmOutcome::Signal(signum));
-        }
-        if self.exit.reason().is_none() && self.stop_handle.requested() {
-            return Ok(VmOutcome::Stopped);
-        }
+        let stopped = watcher.lock().unwrap_or_else(|p| p.into_inner()).stopping();
         match self.exit.reason() {
             Some(StopReason::PowerOff) => Ok(VmOutcome::PowerOff),
             Some(StopReason::Reset) => Ok(VmOutcome::Reset),
             Some(StopReason::Panic) => Ok(VmOutcome::Panic),
+            None if stopped => Ok(VmOutcome::Stopped),
             Some(StopReason::VcpuError) | None => {
                 if self.kvm.is_pvm {
                     log::warn!(
@@ -289,17 +406,92 @@ impl Vm {
     }
 }
 
-fn console_output(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, Error> {
-    Ok(match console {
-        ConsoleConfig::Stdio => Box::new(std::io::stdout()),
-        ConsoleConfig::None => Box::new(std::io::sink()),
-        ConsoleConfig::File(path) => {
-            Box::new(File::create(path).map_err(|source| Error::ConsoleFile {
-                path: path.clone(),
-                source,
-            })?)
-        }
-    })
+/// The chain a restored VM's next diff snapshot layers on: the snapshot's own, with its newest
+/// file where it was restored from.
+fn restored_layers(saved: &VmSnapshot, path: &Path) -> Vec<MemoryLayer> {
+    let mut layers = saved.memory_layers.clone();
+    if let Some(last) = layers.last_mut() {
+        last.path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    }
+    layers
+}
+
+/// The VM itself: TSS address, in-kernel irqchip (PICs, IOAPIC, LAPICs) and PIT.
+fn create_vm_fd(kvm: &KvmHost) -> Result<VmFd, Error> {
+    let vm_fd = kvm
+        .kvm
+        .create_vm()
+        .map_err(|e| Error::KvmIoctl("create the VM", e))?;
+    vm_fd
+        .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        .map_err(|e| Error::KvmIoctl("set the TSS address", e))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(|e| Error::KvmIoctl("create the in-kernel irqchip", e))?;
+    let pit_config = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd
+        .create_pit2(pit_config)
+        .map_err(|e| Error::KvmIoctl("create the in-kernel PIT", e))?;
+    Ok(vm_fd)
+}
+
+/// Loads kernel, initrd and command line and writes the boot tables; returns the entry point.
+fn load_guest(
+    memory: &GuestMemory,
+    config: &VmConfig,
+    virtio: &DeviceManager,
+) -> Result<GuestAddress, Error> {
+    let kernel = load_kernel(memory, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(load_initrd(memory, path, kernel.end)?),
+        None => None,
+    };
+    let cmdline = config.kernel_cmdline(&virtio.cmdline_args());
+    let cmdline_size = load_cmdline(memory, &cmdline)?;
+    log::debug!("kernel command line: {cmdline}");
+    configure_platform(
+        memory,
+        config,
+        &kernel,
+        initrd,
+        cmdline_size,
+        virtio.acpi_devices(),
+    )?;
+    Ok(kernel.entry)
+}
+
+/// The CPUID a new vCPU gets on this host (KVM's supported set, adjusted as Kiln adjusts it).
+fn host_cpuid(kvm: &KvmHost, cpus: u8) -> Result<kvm_bindings::CpuId, Error> {
+    let mut cpuid = kvm
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::KvmIoctl("read the supported CPUID", e))?;
+    kiln_arch::cpuid::filter_cpuid(&mut cpuid, 0, cpus).map_err(arch("set up CPUID"))?;
+    let tsc_deadline = kvm.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    kiln_arch::cpuid::set_tsc_deadline_timer(&mut cpuid, tsc_deadline)
+        .map_err(arch("set up CPUID"))?;
+    Ok(cpuid)
+}
+
+/// Puts the interrupt controllers, the PIT and kvmclock back as a snapshot saved them.
+fn restore_vm_state(vm_fd: &VmFd, saved: &SavedIrqchip) -> Result<(), Error> {
+    let kvm = |what| move |err| Error::from(SnapshotError::Kvm(what, err));
+    for chip in [&saved.pic_master, &saved.pic_slave, &saved.ioapic] {
+        vm_fd
+            .set_irqchip(chip)
+            .map_err(kvm("restore the interrupt controllers"))?;
+    }
+    vm_fd.set_pit2(&saved.pit).map_err(kvm("restore the PIT"))?;
+    // The guest's clock continues from the snapshot's time (no flags: no realtime catch-up).
+    let clock = kvm_bindings::kvm_clock_data {
+        clock: saved.clock.clock,
+        ..Default::default()
+    };
+    vm_fd.set_clock(&clock).map_err(kvm("restore kvmclock"))?;
+    Ok(())
 }
 
 fn configure_platform(
@@ -386,7 +578,7 @@ fn create_vcpus(
     vm_fd: &VmFd,
     memory: &GuestMemory,
     config: &VmConfig,
-    kernel: &LoadedKernel,
+    entry: GuestAddress,
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     exit: &ExitNotifier,
@@ -398,6 +590,13 @@ fn create_vcpus(
     // Hardware-reduced ACPI means no PIT/PIC for Linux: the LAPIC timer in TSC-deadline mode is
     // what keeps time, and older KVMs only advertise it through the capability.
     let tsc_deadline = kvm.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    let msr_indices = Arc::new(
+        kvm.kvm
+            .get_msr_index_list()
+            .map_err(|e| Error::KvmIoctl("read the list of saveable MSRs", e))?
+            .as_slice()
+            .to_vec(),
+    );
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for id in 0..config.cpus {
         let fd = vm_fd
@@ -411,7 +610,7 @@ fn create_vcpus(
         fd.set_cpuid2(&cpuid)
             .map_err(|e| Error::KvmIoctl("set the vCPU's CPUID", e))?;
         kiln_arch::msr::setup_msrs(&fd).map_err(arch("set the boot MSRs"))?;
-        kiln_arch::regs::setup_regs(&fd, kernel.entry).map_err(arch("set the registers"))?;
+        kiln_arch::regs::setup_regs(&fd, entry).map_err(arch("set the registers"))?;
         kiln_arch::regs::setup_fpu(&fd).map_err(arch("set up the FPU"))?;
         kiln_arch::regs::setup_sregs(memory, &fd).map_err(arch("set the special registers"))?;
         kiln_arch::interrupts::set_lint(&fd).map_err(arch("set up the local APIC"))?;
@@ -421,7 +620,10 @@ fn create_vcpus(
             io_bus: io_bus.clone(),
             mmio_bus: mmio_bus.clone(),
             exit: exit.clone(),
-            stop: Arc::new(AtomicBool::new(false)),
+            memory: memory.clone(),
+            msr_indices: msr_indices.clone(),
+            cpuid: cpuid.as_slice().to_vec(),
+            warnings: LogLimiter::new(),
         });
     }
     Ok(vcpus)

@@ -263,9 +263,7 @@ fn tsc_deadline_follows_kvm() {
 
 #[test]
 fn kvm_accepts_the_filtered_cpuid() {
-    let Some((kvm, _vm, vcpu)) = kvm_vcpu() else {
-        return;
-    };
+    let (kvm, _vm, vcpu) = kvm_vcpu();
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
     let mut cpuid = supported.clone();
     filter_cpuid(&mut cpuid, 0, 2).unwrap();

@@ -5,10 +5,9 @@
 //! sleep control register with the `_S5_` sleep type, and resets by writing the
 //! FADT's reset value to the reset register.
 
-use log::{debug, info, warn};
-
 use crate::bus::BusDevice;
 use crate::exit::{ExitNotifier, StopReason};
+use crate::log_limit::{debug_limited, info_limited, warn_limited, LogLimiter};
 
 use kiln_arch::layout::{
     ACPI_PM_PORT_LEN, ACPI_RESET_OFFSET, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE,
@@ -34,6 +33,11 @@ pub struct AcpiPmDevice {
     exit: ExitNotifier,
     /// Sleep status register; only WAK_STS is ever set.
     sleep_status: u8,
+    /// The guest can repeat any write on every exit: writes that do nothing...
+    ignored_writes: LogLimiter,
+    /// ...and power-off or reset requests until its vCPUs are stopped (apart, so that a flood
+    /// of the former never hides the latter).
+    stop_requests: LogLimiter,
 }
 
 impl AcpiPmDevice {
@@ -42,22 +46,36 @@ impl AcpiPmDevice {
         Self {
             exit,
             sleep_status: 0,
+            ignored_writes: LogLimiter::new(),
+            stop_requests: LogLimiter::new(),
         }
     }
 
     fn write_sleep_control(&mut self, value: u8) {
         if value & ACPI_SLEEP_ENABLE_BIT == 0 {
-            debug!("acpi: sleep control write {value:#x} without SLP_EN");
+            debug_limited!(
+                self.ignored_writes,
+                "acpi",
+                "acpi: sleep control write {value:#x} without SLP_EN"
+            );
             return;
         }
         let sleep_type = (value >> SLEEP_TYPE_SHIFT) & SLEEP_TYPE_MASK;
         if sleep_type == ACPI_S5_SLEEP_TYPE {
-            info!("acpi: guest requested power off (S5)");
+            info_limited!(
+                self.stop_requests,
+                "acpi",
+                "acpi: guest requested power off (S5)"
+            );
             self.exit.notify(StopReason::PowerOff);
         } else {
             // No suspend support: "wake up" at once. Linux spins on WAK_STS after
             // entering a sleep state, so leaving it clear would hang the vCPU.
-            warn!("acpi: ignoring request for unsupported sleep type {sleep_type}");
+            warn_limited!(
+                self.ignored_writes,
+                "acpi",
+                "acpi: ignoring request for unsupported sleep type {sleep_type}"
+            );
             self.sleep_status |= WAKE_STATUS;
         }
     }
@@ -68,10 +86,14 @@ impl AcpiPmDevice {
             // Status bits are write-one-to-clear.
             SLEEP_STATUS_OFFSET => self.sleep_status &= !value,
             RESET_OFFSET if value == ACPI_RESET_VALUE => {
-                info!("acpi: guest requested reset");
+                info_limited!(self.stop_requests, "acpi", "acpi: guest requested reset");
                 self.exit.notify(StopReason::Reset);
             }
-            _ => debug!("acpi: ignoring write {value:#x} at offset {offset}"),
+            _ => debug_limited!(
+                self.ignored_writes,
+                "acpi",
+                "acpi: ignoring write {value:#x} at offset {offset}"
+            ),
         }
     }
 
@@ -103,6 +125,8 @@ impl BusDevice for AcpiPmDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log_limit::BURST;
+    use crate::test_logger::capture_logs;
 
     fn device() -> (AcpiPmDevice, ExitNotifier) {
         let exit = ExitNotifier::new().unwrap();
@@ -180,5 +204,32 @@ mod tests {
         let mut data = [0xffu8; 3];
         acpi.read(0, &mut data);
         assert_eq!(data, [0, 0, 0]);
+    }
+
+    #[test]
+    fn guest_write_floods_are_rate_limited() {
+        let (mut acpi, exit) = device();
+        let ((), lines) = capture_logs(|| {
+            for _ in 0..1000 {
+                acpi.write(SLEEP_CONTROL_OFFSET, &[0x03]);
+                acpi.write(SLEEP_CONTROL_OFFSET, &[sleep_control(1)]);
+                acpi.write(RESET_OFFSET, &[0x06]);
+            }
+            for _ in 0..1000 {
+                acpi.write(RESET_OFFSET, &[ACPI_RESET_VALUE]);
+            }
+        });
+        assert_eq!(exit.reason(), Some(StopReason::Reset));
+        // 3000 ignored writes share one budget; the reset requests have their own (and so
+        // do the exit notifier's lines about them).
+        let count = |text: &str| lines.iter().filter(|(_, line)| line.contains(text)).count();
+        assert_eq!(
+            count("acpi: guest requested reset"),
+            BURST as usize,
+            "{lines:?}"
+        );
+        assert_eq!(count("acpi: "), 2 * BURST as usize, "{lines:?}");
+        assert_eq!(count("VM "), 1 + BURST as usize, "{lines:?}");
+        assert_eq!(lines.len(), 3 * BURST as usize + 1, "{lines:?}");
     }
 }

@@ -7,9 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use log::{debug, info};
+use log::info;
 
 use crate::bus::BusDevice;
+use crate::log_limit::{debug_limited, LogLimiter};
 
 /// The value a guest writes to say "booted".
 pub const BOOT_COMPLETE_MAGIC: u8 = 123;
@@ -19,6 +20,8 @@ pub const BOOT_COMPLETE_MAGIC: u8 = 123;
 pub struct BootTimer {
     start: Instant,
     boot_time: Option<Duration>,
+    /// The guest can repeat an ignored write on every exit. (The boot time is logged once.)
+    ignored_writes: LogLimiter,
 }
 
 impl BootTimer {
@@ -27,6 +30,7 @@ impl BootTimer {
         Self {
             start,
             boot_time: None,
+            ignored_writes: LogLimiter::new(),
         }
     }
 
@@ -44,7 +48,11 @@ impl BusDevice for BootTimer {
     fn write(&mut self, offset: u64, data: &[u8]) {
         // Only a single-byte write of the magic value at offset 0 counts.
         if offset != 0 || data != [BOOT_COMPLETE_MAGIC] {
-            debug!("boot timer: ignoring write {data:x?} at offset {offset:#x}");
+            debug_limited!(
+                self.ignored_writes,
+                "boot timer",
+                "boot timer: ignoring write {data:x?} at offset {offset:#x}"
+            );
             return;
         }
         if self.boot_time.is_some() {
@@ -63,6 +71,8 @@ impl BusDevice for BootTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log_limit::BURST;
+    use crate::test_logger::capture_logs;
 
     #[test]
     fn magic_write_records_time_since_start() {
@@ -106,5 +116,20 @@ mod tests {
         let mut data = [0xffu8; 4];
         timer.read(0, &mut data);
         assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn ignored_write_floods_are_rate_limited_and_never_hide_the_boot_time() {
+        let mut timer = BootTimer::new(Instant::now());
+        let ((), lines) = capture_logs(|| {
+            for _ in 0..1000 {
+                timer.write(0, &[122]);
+            }
+            timer.write(0, &[BOOT_COMPLETE_MAGIC]);
+        });
+        assert_eq!(lines.len(), BURST as usize + 1, "{lines:?}");
+        let (level, last) = lines.last().unwrap();
+        assert_eq!(*level, log::Level::Info);
+        assert!(last.starts_with("Guest-boot-time = "), "{last}");
     }
 }

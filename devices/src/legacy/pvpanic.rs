@@ -4,10 +4,9 @@
 //! and writes the event bits when they happen. A panic stops the VM with
 //! [`StopReason::Panic`] instead of leaving a dead guest spinning until a timeout.
 
-use log::{debug, info};
-
 use crate::bus::BusDevice;
 use crate::exit::{ExitNotifier, StopReason};
+use crate::log_limit::{debug_limited, info_limited, LogLimiter};
 
 /// Event bit: the guest kernel panicked.
 pub const PVPANIC_PANICKED: u8 = 1 << 0;
@@ -20,12 +19,20 @@ pub const PVPANIC_PORT_LEN: u64 = 1;
 #[derive(Debug)]
 pub struct PvPanicDevice {
     exit: ExitNotifier,
+    /// The guest can repeat any write on every exit: malformed ones...
+    ignored_writes: LogLimiter,
+    /// ...and crash reports (apart, so that a flood of the former never hides the latter).
+    crash_reports: LogLimiter,
 }
 
 impl PvPanicDevice {
     /// Creates the device; a reported panic goes to `exit`.
     pub fn new(exit: ExitNotifier) -> Self {
-        Self { exit }
+        Self {
+            exit,
+            ignored_writes: LogLimiter::new(),
+            crash_reports: LogLimiter::new(),
+        }
     }
 }
 
@@ -39,11 +46,19 @@ impl BusDevice for PvPanicDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let (0, &[events]) = (offset, data) else {
-            debug!("pvpanic: ignoring write {data:x?} at offset {offset}");
+            debug_limited!(
+                self.ignored_writes,
+                "pvpanic",
+                "pvpanic: ignoring write {data:x?} at offset {offset}"
+            );
             return;
         };
         if events & PVPANIC_CRASH_LOADED != 0 {
-            info!("pvpanic: guest panicked and is starting its crash kernel");
+            info_limited!(
+                self.crash_reports,
+                "pvpanic",
+                "pvpanic: guest panicked and is starting its crash kernel"
+            );
         }
         if events & PVPANIC_PANICKED != 0 {
             self.exit.notify(StopReason::Panic);
@@ -54,6 +69,8 @@ impl BusDevice for PvPanicDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log_limit::BURST;
+    use crate::test_logger::capture_logs;
 
     fn device() -> (PvPanicDevice, ExitNotifier) {
         let exit = ExitNotifier::new().unwrap();
@@ -91,5 +108,23 @@ mod tests {
         let (mut pvpanic, exit) = device();
         pvpanic.write(0, &[PVPANIC_PANICKED, 0]);
         assert_eq!(exit.reason(), None);
+    }
+
+    #[test]
+    fn guest_write_floods_are_rate_limited() {
+        let (mut pvpanic, exit) = device();
+        let ((), lines) = capture_logs(|| {
+            for _ in 0..1000 {
+                pvpanic.write(0, &[PVPANIC_PANICKED, 0]);
+                pvpanic.write(0, &[PVPANIC_CRASH_LOADED]);
+            }
+        });
+        assert_eq!(exit.reason(), None);
+        let crash_reports = lines
+            .iter()
+            .filter(|(_, line)| line.contains("crash kernel"))
+            .count();
+        assert_eq!(crash_reports, BURST as usize, "{lines:?}");
+        assert_eq!(lines.len(), 2 * BURST as usize, "{lines:?}");
     }
 }

@@ -13,16 +13,18 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use kiln_arch::GuestMemoryMmap;
 
-use super::log_limit::warn_limited;
+use super::log_limit::{debug_limited, error_limited, info_limited, warn_limited};
 use super::{
     features, status, Activation, EventLoopHandle, Interrupt, LogLimiter, Subscription,
     VirtioDevice, MAX_QUEUE_SIZE,
 };
 use crate::bus::BusDevice;
 use queue::{set_half, QueueRegisters};
+pub use state::{MmioState, QueuePosition, QueueRegisterState, RestoreError, VirtioTransport};
 
 mod queue;
 pub mod regs;
+mod state;
 
 /// `MagicValue`: "virt" in little-endian.
 pub const MAGIC_VALUE: u32 = 0x7472_6976;
@@ -60,6 +62,10 @@ pub struct MmioTransport<D: VirtioDevice> {
     event_loop: Option<EventLoopHandle>,
     subscription: Option<Subscription>,
     active: bool,
+    /// Quiesced by [`VirtioTransport::pause`]: the device processes nothing until resumed.
+    paused: bool,
+    /// The queue positions the device handed back when it was paused.
+    paused_queues: Vec<QueuePosition>,
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -113,6 +119,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             event_loop,
             subscription: None,
             active: false,
+            paused: false,
+            paused_queues: Vec::new(),
             status: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -169,7 +177,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.queues.get_mut(index)
     }
 
-    fn read_register(&self, offset: u64) -> u32 {
+    fn read_register(&mut self, offset: u64) -> u32 {
         let queue = usize::try_from(self.queue_sel)
             .ok()
             .and_then(|index| self.queues.get(index));
@@ -189,7 +197,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             regs::STATUS => self.status(),
             regs::CONFIG_GENERATION => self.interrupt.config_generation(),
             _ => {
-                log::debug!("virtio-mmio: read of write-only or unknown register {offset:#x}");
+                debug_limited!(
+                    self.warnings,
+                    "virtio-mmio",
+                    "virtio-mmio: read of write-only or unknown register {offset:#x}"
+                );
                 0
             }
         }
@@ -314,7 +326,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         {
             Some(event) => {
                 if let Err(err) = event.write(1) {
-                    log::error!("virtio-mmio: cannot signal queue {value}: {err}");
+                    error_limited!(
+                        self.warnings,
+                        "virtio-mmio",
+                        "virtio-mmio: cannot signal queue {value}: {err}"
+                    );
                 }
             }
             None => warn_limited!(
@@ -340,7 +356,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         if value & status::FAILED != 0 && old & status::FAILED == 0 {
-            log::info!(
+            info_limited!(
+                self.warnings,
+                "virtio-mmio",
                 "virtio-mmio: the guest driver gave up on virtio device type {}",
                 self.device.device_type()
             );
@@ -360,7 +378,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 status::ACKNOWLEDGE => true,
                 status::DRIVER => self.status & status::ACKNOWLEDGE != 0,
                 status::FEATURES_OK => {
-                    self.status & status::DRIVER != 0 && self.features_acceptable()
+                    self.status & status::DRIVER != 0
+                        && self.features_acceptable()
+                        && self.device_accepts_features()
                 }
                 _ => self.status & status::FEATURES_OK != 0,
             };
@@ -397,7 +417,30 @@ impl<D: VirtioDevice> MmioTransport<D> {
             && self.driver_features & !self.offered_features() == 0
     }
 
+    /// The device's own say on the negotiated features (e.g. a combination it cannot honour).
+    fn device_accepts_features(&mut self) -> bool {
+        match self.device.check_features(self.driver_features) {
+            Ok(()) => true,
+            Err(err) => {
+                warn_limited!(
+                    self.warnings,
+                    "virtio-mmio",
+                    "virtio-mmio: virtio device type {} refuses driver features {:#x}: {err}",
+                    self.device.device_type(),
+                    self.driver_features
+                );
+                false
+            }
+        }
+    }
+
     fn activate(&mut self) {
+        self.activate_at(&[]);
+    }
+
+    /// Activates the device with its queues at `positions` (a restored snapshot's; empty: the
+    /// rings' start, as on a driver's `DRIVER_OK`).
+    fn activate_at(&mut self, positions: &[QueuePosition]) {
         if self.interrupt.needs_reset() {
             log::warn!("virtio-mmio: not starting a device that needs a reset");
             return;
@@ -407,7 +450,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
         for (index, regs) in self.queues.iter().enumerate() {
             let queue = if regs.ready {
                 match regs.build(&self.memory, event_idx) {
-                    Ok(queue) => queue,
+                    Ok(mut queue) => {
+                        if let Some(position) = positions.get(index) {
+                            queue.set_next_avail(position.next_avail);
+                            queue.set_next_used(position.next_used);
+                        }
+                        queue
+                    }
                     Err(err) => {
                         log::warn!("virtio-mmio: queue {index} became invalid: {err}");
                         self.interrupt.signal_needs_reset();
@@ -482,6 +531,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         self.device.reset();
         self.active = false;
+        self.paused = false;
+        self.paused_queues.clear();
         self.status = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -545,5 +596,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
     }
 }
 
+#[cfg(test)]
+mod log_tests;
 #[cfg(test)]
 mod tests;

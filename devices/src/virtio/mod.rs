@@ -13,52 +13,61 @@
 //! loop through its remote endpoint ([`EventLoopHandle`]).
 
 pub mod block;
-mod log_limit;
 pub mod mmio;
+#[cfg(test)]
+mod spec_values_tests;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{MutEventSubscriber, RemoteEndpoint, SubscriberId, SubscriberOps};
-use log::{debug, error};
-use virtio_queue::Queue;
+use log::debug;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 use kiln_arch::GuestMemoryMmap;
 
+// The devices here name the limiter through this module.
+use crate::log_limit;
+
 pub(crate) use log_limit::LogLimiter;
+use log_limit::{error_limited, SharedLogLimiter};
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
+    use virtio_bindings::virtio_config as config;
+
     /// The guest found the device.
-    pub const ACKNOWLEDGE: u32 = 1;
+    pub const ACKNOWLEDGE: u32 = config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
     /// The guest has a driver for it.
-    pub const DRIVER: u32 = 2;
+    pub const DRIVER: u32 = config::VIRTIO_CONFIG_S_DRIVER;
     /// The driver is set up and the device is live.
-    pub const DRIVER_OK: u32 = 4;
+    pub const DRIVER_OK: u32 = config::VIRTIO_CONFIG_S_DRIVER_OK;
     /// Feature negotiation is complete.
-    pub const FEATURES_OK: u32 = 8;
+    pub const FEATURES_OK: u32 = config::VIRTIO_CONFIG_S_FEATURES_OK;
     /// The device hit an error it cannot recover from without a reset.
-    pub const NEEDS_RESET: u32 = 0x40;
+    pub const NEEDS_RESET: u32 = config::VIRTIO_CONFIG_S_NEEDS_RESET;
     /// The driver gave up on the device.
-    pub const FAILED: u32 = 0x80;
+    pub const FAILED: u32 = config::VIRTIO_CONFIG_S_FAILED;
 }
 
 /// Feature bit numbers that concern every device.
 pub mod features {
+    use virtio_bindings::{virtio_config, virtio_ring};
+
     /// The device is a virtio 1.x ("modern") device. Kiln's devices are nothing else.
-    pub const VERSION_1: u32 = 32;
+    pub const VERSION_1: u32 = virtio_config::VIRTIO_F_VERSION_1;
     /// Descriptors may point at tables of further descriptors.
-    pub const RING_INDIRECT_DESC: u32 = 28;
+    pub const RING_INDIRECT_DESC: u32 = virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
     /// `used_event`/`avail_event` notification suppression.
-    pub const RING_EVENT_IDX: u32 = 29;
+    pub const RING_EVENT_IDX: u32 = virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 }
 
 /// `InterruptStatus` bit: the device used buffers in a queue.
-pub const INTERRUPT_USED_RING: u32 = 1;
+pub const INTERRUPT_USED_RING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// `InterruptStatus` bit: the device configuration (or status) changed.
-pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
+pub const INTERRUPT_CONFIG_CHANGE: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// Largest queue the split-ring layout allows.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -82,6 +91,8 @@ pub struct Interrupt {
     status: AtomicU32,
     config_generation: AtomicU32,
     needs_reset: AtomicBool,
+    /// Interrupts are raised as often as the guest makes the device use buffers.
+    raise_errors: SharedLogLimiter,
 }
 
 impl Interrupt {
@@ -92,6 +103,7 @@ impl Interrupt {
             status: AtomicU32::new(0),
             config_generation: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
+            raise_errors: SharedLogLimiter::new(),
         }
     }
 
@@ -145,6 +157,14 @@ impl Interrupt {
         &self.irq
     }
 
+    /// Sets the registers a snapshot saved.
+    pub(crate) fn restore(&self, status: u32, config_generation: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::Release);
+        self.config_generation
+            .store(config_generation, Ordering::Release);
+        self.needs_reset.store(needs_reset, Ordering::Release);
+    }
+
     /// Back to power-on state (device reset): no pending interrupt, no reset request.
     pub(crate) fn reset(&self) {
         self.status.store(0, Ordering::Release);
@@ -156,7 +176,11 @@ impl Interrupt {
         if let Err(err) = self.irq.write(1) {
             // Only fails if the counter would overflow; the guest then has an interrupt
             // pending anyway.
-            error!("cannot signal a virtio interrupt: {err}");
+            error_limited!(
+                self.raise_errors,
+                "virtio interrupt",
+                "cannot signal a virtio interrupt: {err}"
+            );
         }
     }
 }
@@ -212,6 +236,36 @@ pub trait VirtioDevice: Send {
     /// Stops the device and drops everything [`activate`](Self::activate) set up. Called on a
     /// driver reset, also when the device was never activated.
     fn reset(&mut self);
+    /// Checks the features the driver accepted, when it sets `FEATURES_OK` (virtio 1.2,
+    /// 3.1.1 step 5): an error refuses `FEATURES_OK`, so the driver sees the device cannot work
+    /// with that set. The device must honour what was negotiated from here on.
+    fn check_features(&mut self, features: u64) -> Result<(), FeaturesError> {
+        let _ = features;
+        Ok(())
+    }
+    /// Quiesces an active device: finishes the request in hand, takes nothing more from its
+    /// queues until [`resume`](Self::resume), and hands back each queue's position. Called
+    /// while no vCPU runs (the VM is paused), so the driver cannot add work meanwhile; queue
+    /// notifications that arrive are kept for the resume.
+    fn pause(&mut self) -> Result<Vec<QueueState>, PauseError> {
+        Ok(Vec::new())
+    }
+    /// Restarts queue processing after [`pause`](Self::pause), serving whatever was notified
+    /// in between.
+    fn resume(&mut self) {}
+}
+
+/// The driver accepted a set of features the device cannot honour.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FeaturesError(pub String);
+
+/// A device could not be quiesced.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// The device's I/O thread is gone (it panicked or could not be reached).
+    #[error("its I/O thread does not answer")]
+    WorkerGone,
 }
 
 /// Adds and removes device event handlers on the VMM thread's event loop from any thread.

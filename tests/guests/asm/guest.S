@@ -24,7 +24,8 @@
  * an ACPI GED poweroff (0x34 to MMIO 0xfea00200: QEMU microvm, which has no i8042; QEMU stops
  * the vCPU a little later, so the guest spins a while), then a triple fault.
  *
- * Output on COM1: `hello` prints KILN-GUEST-HELLO; the loop kinds print
+ * Output on COM1: `hello` prints KILN-GUEST-HELLO; `flood` prints "KILN-GUEST-FLOOD <i>" for
+ * i = 1..=n as fast as the UART takes it (n = 2^64-1 floods for good); the loop kinds print
  * "KILN-GUEST-DONE n=<n> m=<m>" when they finished, so a crash (which also ends in a reset)
  * is never mistaken for success. An unexpected exception prints KILN-GUEST-FAULT with the
  * vector, error code and RIP, writes the pvpanic port and ends the VM.
@@ -35,9 +36,12 @@
 #define KIND_PIO_LOOP 2
 #define KIND_MMIO_LOOP 3
 #define KIND_TOUCH 4
+#define KIND_COUNT 5
+#define KIND_REP_IO 6
+#define KIND_FLOOD 7
 
 #ifndef KIND
-#error "build with -DKIND=<0..4>"
+#error "build with -DKIND=<0..7>"
 #endif
 
 #define COM1_DATA 0x3f8
@@ -92,6 +96,8 @@
 
 /* `touch` writes from 2 MiB up; the image must end below (checked by the linker script). */
 #define TOUCH_START 0x200000
+/* `count` keeps its counter here, where the host can read it (above the image, below 4 MiB). */
+#define COUNT_ADDR 0x300000
 /* Our tables map 4 GiB; touching stops below the 32-bit MMIO gap at 0xd0000000. */
 #define TOUCH_MAX_MIB ((0xd0000000 - TOUCH_START) >> 20)
 
@@ -265,6 +271,37 @@ fault_stubs:
 
 /* Stack: vector, error code, RIP, CS, RFLAGS, RSP, SS. */
 fault_common:
+#if KIND == KIND_COUNT
+    /* The #UD at count_report: print the count and go back to ring 3 past the ud2. */
+    cmpq $VECTOR_UD, (%rsp)
+    jne 5f
+    pushq %rax
+    leaq count_report(%rip), %rax
+    cmpq %rax, 24(%rsp)
+    popq %rax
+    jne 5f
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %r8
+    leaq count_msg(%rip), %rsi
+    call puts
+    movl $COUNT_ADDR, %eax
+    movq (%rax), %rax
+    call put_dec
+    movb $'\n', %al
+    call putc
+    popq %r8
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rax
+    addq $2, 16(%rsp)
+    addq $16, %rsp
+    iretq
+5:
+#endif
     cmpq $VECTOR_UD, (%rsp)
     jne 1f
     leaq user_return(%rip), %rax
@@ -335,9 +372,41 @@ user_main:
     decq %rcx
     jnz 2b
 3:
+#elif KIND == KIND_COUNT
+    /* Counts to n in memory, checking after every step that memory and register agree: a
+     * pause, resume or state restore that loses or corrupts either is caught (#UD -> fault). */
+    /* With report=K, every 2^K steps a #UD at count_report makes ring 0 print the count. */
+    movq param_report(%rip), %rcx
+    movq $-1, %rdx
+    testq %rcx, %rcx
+    jz 3f
+    movl $1, %edx
+    shlq %cl, %rdx
+    decq %rdx
+3:  movq param_n(%rip), %rcx
+    movl $COUNT_ADDR, %ebx
+    xorl %eax, %eax
+    movq %rax, (%rbx)
+    testq %rcx, %rcx
+    jz 2f
+1:  incq %rax
+    incq (%rbx)
+    cmpq (%rbx), %rax
+    jne count_mismatch
+    testq %rdx, %rax
+    jnz 4f
+count_report:
+    ud2
+4:  decq %rcx
+    jnz 1b
+2:
 #endif
 user_return:
     ud2
+#if KIND == KIND_COUNT
+count_mismatch:
+    ud2
+#endif
 
 /* ------------------------------------------------------------------------------------------ */
 /* Ring 0 again (from the #UD at user_return): port I/O, the done line, the end.             */
@@ -364,9 +433,46 @@ kernel_resume:
     decq %rcx
     jnz 3b
 4:
+#elif KIND == KIND_REP_IO
+    /* String port I/O: KVM hands these to the VMM as one exit with a count, which must become
+     * `count` single accesses. `rep outsb` writes the marker to COM1's data register... */
+    leaq rep_msg(%rip), %rsi
+    movq $rep_msg_end - rep_msg, %rcx
+    movw $COM1_DATA, %dx
+    cld
+    rep outsb
+    /* ...and `rep insb` reads COM1's line status register 4 times: each read must be an LSR
+     * read (transmitter empty), not the next registers. */
+    leaq rep_in_buffer(%rip), %rdi
+    movq $4, %rcx
+    movw $COM1_LSR, %dx
+    rep insb
+    leaq rep_in_ok_msg(%rip), %rsi
+    leaq rep_in_buffer(%rip), %rdi
+    movl $4, %ecx
+5:  testb $LSR_THR_EMPTY, (%rdi)
+    jnz 6f
+    leaq rep_in_bad_msg(%rip), %rsi
+6:  incq %rdi
+    decl %ecx
+    jnz 5b
+    call puts
+#elif KIND == KIND_FLOOD
+    movl $1, %ebx                   /* line number; puts/putc/put_dec leave RBX alone */
+1:  cmpq param_n(%rip), %rbx
+    ja 2f
+    leaq flood_msg(%rip), %rsi
+    call puts
+    movq %rbx, %rax
+    call put_dec
+    movb $'\n', %al
+    call putc
+    incq %rbx
+    jnz 1b
+2:
 #endif
 
-#if KIND != KIND_HELLO
+#if KIND != KIND_HELLO && KIND != KIND_REP_IO
     leaq done_msg(%rip), %rsi
     call puts
     movq param_n(%rip), %rax
@@ -410,6 +516,9 @@ parse_cmdline:
     call parse_key
     leaq key_hold(%rip), %rdi
     leaq param_hold(%rip), %rbx
+    call parse_key
+    leaq key_report(%rip), %rdi
+    leaq param_report(%rip), %rbx
     call parse_key
 3:  movb (%rsi), %al                /* skip the rest of the token */
     testb %al, %al
@@ -532,6 +641,11 @@ put_dec:
 /* ------------------------------------------------------------------------------------------ */
     .section .rodata
 hello_msg:       .asciz "KILN-GUEST-HELLO\n"
+rep_msg:         .ascii "KILN-GUEST-REP-OUTS\n"
+rep_msg_end:
+rep_in_ok_msg:   .asciz "KILN-GUEST-REP-INS-OK\n"
+rep_in_bad_msg:  .asciz "KILN-GUEST-REP-INS-BAD\n"
+flood_msg:       .asciz "KILN-GUEST-FLOOD "
 done_msg:        .asciz "KILN-GUEST-DONE n="
 done_m_msg:      .asciz " m="
 fault_msg:       .asciz "KILN-GUEST-FAULT vector="
@@ -544,6 +658,8 @@ key_m:           .asciz "m="
 key_port:        .asciz "port="
 key_addr:        .asciz "addr="
 key_hold:        .asciz "hold="
+key_report:      .asciz "report="
+count_msg:       .asciz "KILN-GUEST-COUNT "
 
 /* ------------------------------------------------------------------------------------------ */
 /* Data (file-backed so it is valid whatever the loader does with .bss).                      */
@@ -556,8 +672,10 @@ param_m:     .quad DEFAULT_M
 param_port:  .quad DEFAULT_PORT
 param_addr:  .quad DEFAULT_MMIO_ADDR
 param_hold:  .quad 0
+param_report: .quad 0
 dec_buffer:  .fill 24, 1, 0
 dec_buffer_end: .byte 0
+rep_in_buffer: .fill 8, 1, 0
 
     .p2align 4
 gdt:

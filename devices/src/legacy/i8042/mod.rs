@@ -24,13 +24,13 @@ mod tests;
 
 use std::collections::VecDeque;
 
-use log::{debug, error};
+use log::error;
 use vm_superio::Trigger;
 
 use crate::bus::BusDevice;
 use crate::exit::{ExitNotifier, StopReason};
 use crate::legacy::serial::EventFdTrigger;
-use crate::virtio::LogLimiter;
+use crate::log_limit::{debug_limited, LogLimiter};
 use keyboard::{Key, KeyAction, Keyboard, KEY_DELETE, KEY_LEFT_ALT, KEY_LEFT_CTRL};
 
 pub use keyboard::KeyboardError;
@@ -330,14 +330,20 @@ impl I8042Device {
             command::READ_TEST_INPUTS => self.answer(0, Source::Controller),
             // Pulse output lines for 6 µs; bit 0 clear pulses the reset line.
             0xf0..=0xff if command & OUTPUT_PORT_NOT_RESET == 0 => {
-                debug!("i8042: pulse command {command:#04x}: CPU reset");
+                debug_limited!(
+                    self.log_limit,
+                    "i8042",
+                    "i8042: pulse command {command:#04x}: CPU reset"
+                );
                 self.reset();
             }
             0xf0..=0xff => {}
             _ => {
-                if self.log_limit.allow("i8042") {
-                    debug!("i8042: ignoring unknown controller command {command:#04x}");
-                }
+                debug_limited!(
+                    self.log_limit,
+                    "i8042",
+                    "i8042: ignoring unknown controller command {command:#04x}"
+                );
             }
         }
     }
@@ -350,7 +356,11 @@ impl I8042Device {
             Some(command::WRITE_OUTPUT_PORT) => {
                 self.output_port = byte;
                 if byte & OUTPUT_PORT_NOT_RESET == 0 {
-                    debug!("i8042: output port {byte:#04x} pulls the reset line: CPU reset");
+                    debug_limited!(
+                        self.log_limit,
+                        "i8042",
+                        "i8042: output port {byte:#04x} pulls the reset line: CPU reset"
+                    );
                     self.reset();
                 }
             }
@@ -361,9 +371,11 @@ impl I8042Device {
                 self.answer(AUX_NO_ANSWER, Source::AuxTimeout)
             }
             Some(other) => {
-                if self.log_limit.allow("i8042") {
-                    debug!("i8042: data byte {byte:#04x} for command {other:#04x} ignored");
-                }
+                debug_limited!(
+                    self.log_limit,
+                    "i8042",
+                    "i8042: data byte {byte:#04x} for command {other:#04x} ignored"
+                );
             }
             None => {
                 let translated = self.config & config::TRANSLATE != 0;
@@ -379,30 +391,34 @@ impl BusDevice for I8042Device {
         // 0x61..=0x63 are not the controller's (KVM's in-kernel PIT owns 0x61); wide
         // accesses are not the controller's either. Untouched bytes read as 0xff.
         let [byte] = data else {
-            if self.log_limit.allow("i8042") {
-                debug!(
-                    "i8042: ignoring {}-byte read at offset {offset}",
-                    data.len()
-                );
-            }
+            debug_limited!(
+                self.log_limit,
+                "i8042",
+                "i8042: ignoring {}-byte read at offset {offset}",
+                data.len()
+            );
             return;
         };
         match offset {
             DATA_OFFSET => *byte = self.read_data(),
             COMMAND_OFFSET => *byte = self.status(),
             _ => {
-                if self.log_limit.allow("i8042") {
-                    debug!("i8042: read of unemulated port offset {offset}");
-                }
+                debug_limited!(
+                    self.log_limit,
+                    "i8042",
+                    "i8042: read of unemulated port offset {offset}"
+                );
             }
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let [byte] = data else {
-            if self.log_limit.allow("i8042") {
-                debug!("i8042: ignoring write {data:x?} at offset {offset}");
-            }
+            debug_limited!(
+                self.log_limit,
+                "i8042",
+                "i8042: ignoring write {data:x?} at offset {offset}"
+            );
             return;
         };
         match offset {
@@ -415,9 +431,11 @@ impl BusDevice for I8042Device {
                 self.write_command(*byte);
             }
             _ => {
-                if self.log_limit.allow("i8042") {
-                    debug!("i8042: ignoring write {byte:#04x} at offset {offset}");
-                }
+                debug_limited!(
+                    self.log_limit,
+                    "i8042",
+                    "i8042: ignoring write {byte:#04x} at offset {offset}"
+                );
             }
         }
     }

@@ -3,8 +3,10 @@
 use std::sync::Arc;
 
 use crate::virtio::log_limit::warn_limited;
+use virtio_queue::QueueState;
+
 use crate::virtio::{
-    features as ring_features, ActivateError, Activation, LogLimiter, SharedSubscriber,
+    features as ring_features, ActivateError, Activation, LogLimiter, PauseError, SharedSubscriber,
     VirtioDevice,
 };
 
@@ -24,24 +26,27 @@ pub struct Block {
     disk: Arc<DiskImage>,
     config: [u8; CONFIG_SIZE],
     queue_sizes: [u16; 1],
-    worker: Option<WorkerThread>,
+    /// The disk's I/O thread: created with the device, parked while it is not active.
+    thread: WorkerThread,
+    active: bool,
     warnings: LogLimiter,
 }
 
 impl Block {
-    /// A device for `disk`.
-    pub fn new(disk: DiskImage) -> Self {
+    /// A device for `disk`, with its I/O thread started and parked.
+    pub fn new(disk: DiskImage) -> std::io::Result<Self> {
         let mut config = [0u8; CONFIG_SIZE];
         config[..8].copy_from_slice(&disk.sectors().to_le_bytes());
         config[CONFIG_SEG_MAX_OFFSET..CONFIG_SEG_MAX_OFFSET + 4]
             .copy_from_slice(&SEG_MAX.to_le_bytes());
-        Self {
+        Ok(Self {
             disk: Arc::new(disk),
             config,
             queue_sizes: [QUEUE_SIZE],
-            worker: None,
+            thread: WorkerThread::parked()?,
+            active: false,
             warnings: LogLimiter::new(),
-        }
+        })
     }
 
     /// The image behind the device.
@@ -49,9 +54,9 @@ impl Block {
         &self.disk
     }
 
-    /// Whether the I/O thread is running.
+    /// Whether the I/O thread is serving the queue (the device is active).
     pub fn is_running(&self) -> bool {
-        self.worker.is_some()
+        self.active
     }
 }
 
@@ -100,14 +105,14 @@ impl VirtioDevice for Block {
         &mut self,
         activation: Activation,
     ) -> Result<Option<SharedSubscriber>, ActivateError> {
-        // A reset always comes first, but never leave a second thread on the same queue.
+        // A reset always comes first, but never leave the thread serving an old queue.
         self.reset();
         let Activation {
             memory,
             queues,
             queue_events,
             interrupt,
-            ..
+            features: negotiated,
         } = activation;
         let (Some(queue), Some(queue_event)) =
             (queues.into_iter().next(), queue_events.into_iter().next())
@@ -117,20 +122,40 @@ impl VirtioDevice for Block {
         if !virtio_queue::QueueT::ready(&queue) {
             return Err(ActivateError::QueueNotReady(0));
         }
+        // Without FLUSH the driver cannot make writes durable, so each one must be
+        // (virtio 1.2, 5.2.6.2: write-through when VIRTIO_BLK_F_FLUSH is not negotiated).
+        let write_through = negotiated & (1 << features::FLUSH) == 0;
+        self.disk.set_write_through(write_through);
         let worker = QueueWorker::new(queue, memory, self.disk.clone(), interrupt);
-        let thread = WorkerThread::spawn(worker)
-            .map_err(|err| ActivateError::Io("start the disk I/O thread", err))?;
-        let notifier = thread.notifier(queue_event);
-        self.worker = Some(thread);
-        log::debug!("virtio-blk '{}': activated", self.disk.path().display());
-        Ok(Some(Arc::new(std::sync::Mutex::new(notifier))))
+        self.thread.activate(worker);
+        self.active = true;
+        log::debug!(
+            "virtio-blk '{}': activated{}",
+            self.disk.path().display(),
+            if write_through {
+                " (write-through: the driver did not negotiate FLUSH)"
+            } else {
+                ""
+            }
+        );
+        Ok(Some(Arc::new(std::sync::Mutex::new(
+            self.thread.notifier(queue_event),
+        ))))
     }
 
     fn reset(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            worker.stop();
+        if std::mem::take(&mut self.active) {
+            self.thread.deactivate();
             log::debug!("virtio-blk '{}': reset", self.disk.path().display());
         }
+    }
+
+    fn pause(&mut self) -> Result<Vec<QueueState>, PauseError> {
+        Ok(self.thread.pause()?.into_iter().collect())
+    }
+
+    fn resume(&mut self) {
+        self.thread.resume();
     }
 }
 

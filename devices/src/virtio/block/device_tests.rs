@@ -14,7 +14,7 @@ use super::*;
 use crate::bus::BusDevice;
 use crate::virtio::block::test_utils::*;
 use crate::virtio::block::{request_status, request_type};
-use crate::virtio::mmio::{regs, MmioTransport};
+use crate::virtio::mmio::{regs, MmioTransport, VirtioTransport};
 use crate::virtio::{status, EventLoopHandle, INTERRUPT_USED_RING};
 
 const QUEUE: u16 = 16;
@@ -39,10 +39,19 @@ fn offered(t: &mut MmioTransport<Block>) -> u64 {
 
 /// What Linux's virtio-mmio and virtio-blk drivers do to bring the device up.
 fn bring_up(t: &mut MmioTransport<Block>, vq: &MockSplitQueue<GuestMemoryMmap>) {
+    bring_up_without(t, vq, 0);
+}
+
+/// [`bring_up`] with a driver that does not accept the `declined` features.
+fn bring_up_without(
+    t: &mut MmioTransport<Block>,
+    vq: &MockSplitQueue<GuestMemoryMmap>,
+    declined: u64,
+) {
     write(t, regs::STATUS, 0);
     write(t, regs::STATUS, status::ACKNOWLEDGE);
     write(t, regs::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-    let features = offered(t);
+    let features = offered(t) & !declined;
     write(t, regs::DRIVER_FEATURES_SEL, 0);
     write(t, regs::DRIVER_FEATURES, features as u32);
     write(t, regs::DRIVER_FEATURES_SEL, 1);
@@ -84,7 +93,7 @@ fn serve_until(
 #[test]
 fn configuration_space_reports_capacity_and_seg_max() {
     let image = TempImage::new("config", 3 * 1024 * 1024);
-    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap());
+    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap()).unwrap();
     let mut config = [0u8; 24];
     block.read_config(0, &mut config);
     assert_eq!(u64::from_le_bytes(config[..8].try_into().unwrap()), 6144);
@@ -104,7 +113,7 @@ fn configuration_space_reports_capacity_and_seg_max() {
     assert_eq!(block.features() & (1 << features::RO), 0);
     assert_ne!(block.features() & (1 << features::FLUSH), 0);
     drop(block);
-    let readonly = Block::new(DiskImage::open(image.path(), true, None).unwrap());
+    let readonly = Block::new(DiskImage::open(image.path(), true, None).unwrap()).unwrap();
     assert_ne!(readonly.features() & (1 << features::RO), 0);
 }
 
@@ -114,7 +123,7 @@ fn guest_requests_are_served_through_the_transport_and_event_loop() {
     let image = TempImage::new("e2e", 1024 * 1024);
     std::fs::write(image.path(), vec![0x3c; 1024 * 1024]).unwrap();
     let mut event_loop = EventManager::<SharedSubscriber>::new().unwrap();
-    let block = Block::new(DiskImage::open(image.path(), false, Some("e2e")).unwrap());
+    let block = Block::new(DiskImage::open(image.path(), false, Some("e2e")).unwrap()).unwrap();
     let mut t = MmioTransport::new(
         block,
         memory.clone(),
@@ -201,7 +210,7 @@ fn guest_requests_are_served_through_the_transport_and_event_loop() {
 fn activation_without_a_ready_queue_fails_cleanly() {
     let memory = guest_memory();
     let image = TempImage::new("noqueue", 4096);
-    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap());
+    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap()).unwrap();
     let mut t =
         MmioTransport::new(block, memory, EventFd::new(EFD_NONBLOCK).unwrap(), None).unwrap();
     write(&mut t, regs::STATUS, status::ACKNOWLEDGE);
@@ -214,4 +223,199 @@ fn activation_without_a_ready_queue_fails_cleanly() {
     assert!(!t.is_active());
     assert!(!t.device().is_running());
     assert_ne!(read(&mut t, regs::STATUS) & status::NEEDS_RESET, 0);
+}
+
+/// A block device on a transport with an event loop, plus its image.
+fn live_block(
+    name: &str,
+) -> (
+    MmioTransport<Block>,
+    EventManager<SharedSubscriber>,
+    GuestMemoryMmap,
+    TempImage,
+) {
+    let memory = guest_memory();
+    let image = TempImage::new(name, 1024 * 1024);
+    let event_loop = EventManager::<SharedSubscriber>::new().unwrap();
+    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap()).unwrap();
+    let t = MmioTransport::new(
+        block,
+        memory.clone(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        Some(EventLoopHandle::new(event_loop.remote_endpoint())),
+    )
+    .unwrap();
+    (t, event_loop, memory, image)
+}
+
+/// Queues a one-sector write at descriptor `head` (slot `slot` of the data/status areas).
+fn queue_write(
+    memory: &GuestMemoryMmap,
+    vq: &MockSplitQueue<GuestMemoryMmap>,
+    head: u16,
+    slot: u64,
+) {
+    write_header(memory, HEADER + 16 * slot, request_type::OUT, slot);
+    vq.add_desc_chains(
+        &linked(
+            head,
+            &[
+                (HEADER + 16 * slot, 16, 0),
+                (DATA + 0x1000 * slot, 512, 0),
+                (STATUS + slot, 1, WRITE),
+            ],
+        ),
+        head,
+    )
+    .unwrap();
+}
+
+#[test]
+fn driver_resets_reuse_the_io_thread_created_with_the_device() {
+    let (mut t, mut event_loop, memory, _image) = live_block("reuse");
+    // The thread exists before the driver ever activates the device.
+    let thread = t
+        .device()
+        .thread
+        .thread_id()
+        .expect("an I/O thread from the start");
+    for round in 0..50 {
+        memory
+            .write_slice(&[0u8; 0x100], GuestAddress(USED_RING))
+            .unwrap();
+        let vq = MockSplitQueue::new(&memory, QUEUE);
+        bring_up(&mut t, &vq);
+        assert!(t.device().is_running(), "round {round}");
+        queue_write(&memory, &vq, 0, 0);
+        write(&mut t, regs::QUEUE_NOTIFY, 0);
+        serve_until(&mut event_loop, &memory, 1);
+        write(&mut t, regs::STATUS, 0);
+        assert!(!t.device().is_running());
+        assert_eq!(
+            t.device().thread.thread_id(),
+            Some(thread),
+            "round {round}: a new thread"
+        );
+    }
+}
+
+#[test]
+fn a_paused_device_hands_back_its_queue_and_serves_nothing_until_resumed() {
+    let (mut t, mut event_loop, memory, _image) = live_block("pause");
+    let vq = MockSplitQueue::new(&memory, QUEUE);
+    bring_up(&mut t, &vq);
+    queue_write(&memory, &vq, 0, 0);
+    write(&mut t, regs::QUEUE_NOTIFY, 0);
+    serve_until(&mut event_loop, &memory, 1);
+
+    VirtioTransport::pause(&mut t).unwrap();
+    let state = VirtioTransport::state(&t);
+    assert!(state.paused && state.active);
+    assert_eq!(state.queues.len(), 1);
+    assert_eq!(
+        (state.queues[0].next_avail, state.queues[0].next_used),
+        (1, 1)
+    );
+
+    // A request notified while paused waits: nothing is lost, nothing is served.
+    queue_write(&memory, &vq, 3, 1);
+    write(&mut t, regs::QUEUE_NOTIFY, 0);
+    for _ in 0..20 {
+        event_loop.run_with_timeout(5).unwrap();
+    }
+    assert_eq!(used_idx(&memory), 1, "a paused device served a request");
+
+    VirtioTransport::resume(&mut t);
+    assert!(!VirtioTransport::state(&t).paused);
+    assert!(VirtioTransport::state(&t).queues.is_empty());
+    serve_until(&mut event_loop, &memory, 2);
+    assert_eq!(
+        memory.read_obj::<u8>(GuestAddress(STATUS + 1)).unwrap(),
+        request_status::OK
+    );
+}
+
+#[test]
+fn without_flush_negotiated_every_write_is_made_durable() {
+    for (declined, durable_writes) in [(1 << features::FLUSH, true), (0, false)] {
+        let (mut t, mut event_loop, memory, _image) = live_block("write-through");
+        let vq = MockSplitQueue::new(&memory, QUEUE);
+        bring_up_without(&mut t, &vq, declined);
+        let before = t.device().disk().flush_count();
+        for slot in 0..3u16 {
+            queue_write(&memory, &vq, slot * 3, u64::from(slot));
+            write(&mut t, regs::QUEUE_NOTIFY, 0);
+            serve_until(&mut event_loop, &memory, slot + 1);
+        }
+        let flushes = t.device().disk().flush_count() - before;
+        assert_eq!(
+            flushes,
+            if durable_writes { 3 } else { 0 },
+            "FLUSH declined: {}",
+            declined != 0
+        );
+    }
+}
+
+#[test]
+fn a_restored_transport_continues_the_queue_where_the_snapshot_left_it() {
+    let (mut t, mut event_loop, memory, image) = live_block("restore");
+    let vq = MockSplitQueue::new(&memory, QUEUE);
+    bring_up(&mut t, &vq);
+    queue_write(&memory, &vq, 0, 0);
+    write(&mut t, regs::QUEUE_NOTIFY, 0);
+    serve_until(&mut event_loop, &memory, 1);
+    VirtioTransport::pause(&mut t).unwrap();
+    let saved = VirtioTransport::state(&t);
+    let features = t.driver_features();
+    drop(t);
+
+    // A new device on the same image and memory (as in a new process after a restore).
+    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap()).unwrap();
+    let mut restored = MmioTransport::new(
+        block,
+        memory.clone(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        Some(EventLoopHandle::new(event_loop.remote_endpoint())),
+    )
+    .unwrap();
+    restored.restore(&saved).unwrap();
+    assert!(restored.is_active() && restored.is_paused());
+    assert_eq!(restored.driver_features(), features);
+    assert_eq!(read(&mut restored, regs::STATUS), saved.status);
+    assert_eq!(VirtioTransport::state(&restored).queues, saved.queues);
+
+    // A request made while the restored VM is still paused waits for the resume.
+    queue_write(&memory, &vq, 3, 1);
+    write(&mut restored, regs::QUEUE_NOTIFY, 0);
+    for _ in 0..20 {
+        event_loop.run_with_timeout(5).unwrap();
+    }
+    assert_eq!(
+        used_idx(&memory),
+        1,
+        "a restored, paused device served a request"
+    );
+    VirtioTransport::resume(&mut restored);
+    serve_until(&mut event_loop, &memory, 2);
+    drop(restored);
+
+    // A state of another device type or queue layout is refused.
+    let mut other = saved.clone();
+    other.device_type = 1;
+    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap()).unwrap();
+    let mut fresh = MmioTransport::new(
+        block,
+        memory.clone(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        None,
+    )
+    .unwrap();
+    assert!(fresh.restore(&other).is_err());
+    let mut outside = saved.clone();
+    outside.queue_registers[0].desc_table = 1 << 40;
+    assert!(matches!(
+        fresh.restore(&outside),
+        Err(crate::virtio::mmio::RestoreError::QueueOutsideMemory(0))
+    ));
 }

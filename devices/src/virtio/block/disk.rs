@@ -7,7 +7,9 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, BS};
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use kiln_arch::GuestMemoryMmap;
@@ -82,6 +84,8 @@ pub struct DiskImage {
     sectors: u64,
     readonly: bool,
     id: [u8; ID_BYTES],
+    write_through: AtomicBool,
+    flushes: AtomicU64,
 }
 
 /// The serial number Kiln gives a disk without an explicit id: its file name, cut to
@@ -157,6 +161,8 @@ impl DiskImage {
             sectors: size / SECTOR_SIZE,
             readonly,
             id: padded,
+            write_through: AtomicBool::new(false),
+            flushes: AtomicU64::new(0),
         })
     }
 
@@ -219,9 +225,28 @@ impl DiskImage {
 
     /// Makes written data durable (`fdatasync`).
     pub fn flush(&self) -> io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
         self.file.sync_data()
     }
+
+    /// Whether every write must be durable before it completes (the driver has no FLUSH).
+    pub fn write_through(&self) -> bool {
+        self.write_through.load(Ordering::Acquire)
+    }
+
+    /// Sets write-through mode, from the features the driver negotiated.
+    pub fn set_write_through(&self, on: bool) {
+        self.write_through.store(on, Ordering::Release);
+    }
+
+    /// How many times the image was made durable (guest flushes and write-through writes).
+    pub fn flush_count(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
+    }
 }
+
+/// A piece of guest memory with its dirty-page bitmap.
+type GuestSlice<'a> = VolatileSlice<'a, BS<'a, AtomicBitmap>>;
 
 /// The host mappings of `addr..addr + len`, all of them or an error: no I/O starts on a range
 /// that is only partly guest memory.
@@ -229,7 +254,7 @@ fn guest_slices(
     memory: &GuestMemoryMmap,
     addr: GuestAddress,
     len: usize,
-) -> io::Result<Vec<VolatileSlice<'_, ()>>> {
+) -> io::Result<Vec<GuestSlice<'_>>> {
     memory
         .get_slices(addr, len)
         .collect::<Result<Vec<_>, _>>()
@@ -259,7 +284,9 @@ fn lock(file: &File, path: &Path, readonly: bool) -> Result<(), DiskError> {
 }
 
 /// `pread` until `slice` is full; end of file is an error (the image shrank under us).
-fn pread_exact(file: &File, slice: &VolatileSlice<'_, ()>, offset: u64) -> io::Result<()> {
+fn pread_exact(file: &File, slice: &GuestSlice<'_>, offset: u64) -> io::Result<()> {
+    // The kernel writes guest memory behind vm-memory's back: record it for diff snapshots.
+    slice.bitmap().mark_dirty(0, slice.len());
     let guard = slice.ptr_guard_mut();
     let mut done = 0usize;
     while done < slice.len() {
@@ -293,7 +320,7 @@ fn pread_exact(file: &File, slice: &VolatileSlice<'_, ()>, offset: u64) -> io::R
 }
 
 /// `pwrite` all of `slice`.
-fn pwrite_all(file: &File, slice: &VolatileSlice<'_, ()>, offset: u64) -> io::Result<()> {
+fn pwrite_all(file: &File, slice: &GuestSlice<'_>, offset: u64) -> io::Result<()> {
     let guard = slice.ptr_guard();
     let mut done = 0usize;
     while done < slice.len() {

@@ -17,12 +17,14 @@ pub mod worker;
 pub use device::Block;
 pub use disk::{DiskError, DiskImage};
 
+use virtio_bindings::virtio_blk as uapi;
+
 /// virtio device ID of a block device.
-pub const DEVICE_TYPE: u32 = 2;
+pub const DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 /// Sector size of the virtio-blk protocol, independent of the image's block size.
 pub const SECTOR_SIZE: u64 = 512;
 /// Length of the serial returned by `VIRTIO_BLK_T_GET_ID`.
-pub const ID_BYTES: usize = 20;
+pub const ID_BYTES: usize = uapi::VIRTIO_BLK_ID_BYTES as usize;
 /// Size of the single request queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// Data segments per request the driver may use (`seg_max`): with the header and the status
@@ -31,34 +33,40 @@ pub const SEG_MAX: u32 = 126;
 
 /// virtio-blk feature bits (virtio 1.2, 5.2.3).
 pub mod features {
+    use super::uapi;
+
     /// `seg_max` in the configuration space is valid.
-    pub const SEG_MAX: u32 = 2;
+    pub const SEG_MAX: u32 = uapi::VIRTIO_BLK_F_SEG_MAX;
     /// The disk is read-only.
-    pub const RO: u32 = 5;
+    pub const RO: u32 = uapi::VIRTIO_BLK_F_RO;
     /// Flush requests are supported (the guest uses a write-back cache).
-    pub const FLUSH: u32 = 9;
+    pub const FLUSH: u32 = uapi::VIRTIO_BLK_F_FLUSH;
 }
 
 /// Request types (`type` in the request header).
 pub mod request_type {
+    use super::uapi;
+
     /// Read.
-    pub const IN: u32 = 0;
+    pub const IN: u32 = uapi::VIRTIO_BLK_T_IN;
     /// Write.
-    pub const OUT: u32 = 1;
+    pub const OUT: u32 = uapi::VIRTIO_BLK_T_OUT;
     /// Flush.
-    pub const FLUSH: u32 = 4;
+    pub const FLUSH: u32 = uapi::VIRTIO_BLK_T_FLUSH;
     /// Get the serial number.
-    pub const GET_ID: u32 = 8;
+    pub const GET_ID: u32 = uapi::VIRTIO_BLK_T_GET_ID;
 }
 
-/// Status byte values.
+/// Status byte values. The UAPI states them as `u32`; each fits the byte the spec gives them.
 pub mod request_status {
+    use super::uapi;
+
     /// Success.
-    pub const OK: u8 = 0;
+    pub const OK: u8 = uapi::VIRTIO_BLK_S_OK as u8;
     /// The request failed.
-    pub const IOERR: u8 = 1;
+    pub const IOERR: u8 = uapi::VIRTIO_BLK_S_IOERR as u8;
     /// The request type is not supported.
-    pub const UNSUPP: u8 = 2;
+    pub const UNSUPP: u8 = uapi::VIRTIO_BLK_S_UNSUPP as u8;
 }
 
 #[cfg(test)]
@@ -77,12 +85,16 @@ pub(crate) mod test_utils {
 
     use kiln_arch::GuestMemoryMmap;
 
-    /// `VRING_DESC_F_NEXT`.
-    pub const NEXT: u16 = 1;
-    /// `VRING_DESC_F_WRITE`.
-    pub const WRITE: u16 = 2;
-    /// `VRING_DESC_F_INDIRECT`.
-    pub const INDIRECT: u16 = 4;
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+
+    /// Descriptor flags, as the `u16` a descriptor holds.
+    pub const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    /// The buffer is device-writable.
+    pub const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+    /// The buffer is a table of descriptors.
+    pub const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 
     /// Where tests put request headers, data and status bytes (the mock queue sits at 0).
     pub const HEADER: u64 = 0x1_0000;

@@ -19,7 +19,8 @@ use super::disk::DiskImage;
 use super::{request_status, request_type, ID_BYTES, SECTOR_SIZE};
 
 /// Size of the request header: `type: le32, reserved: le32, sector: le64`.
-pub const HEADER_SIZE: usize = 16;
+pub const HEADER_SIZE: usize =
+    std::mem::size_of::<virtio_bindings::virtio_blk::virtio_blk_outhdr>();
 
 /// What the driver asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,6 +386,9 @@ impl Request {
                 for segment in &self.data {
                     disk.write_from_guest(memory, segment.addr, segment.len as usize, offset)?;
                     offset += u64::from(segment.len);
+                }
+                if disk.write_through() {
+                    disk.flush()?;
                 }
                 Ok((request_status::OK, 0))
             }

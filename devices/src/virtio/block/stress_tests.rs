@@ -47,8 +47,8 @@ const DISK_BLOCKS: u64 = 256;
 /// How long the driver waits for an interrupt before calling the device stuck. Generous: the
 /// test shares two cores with whatever else runs.
 const STALL: Duration = Duration::from_secs(3);
-/// `VRING_USED_F_NO_NOTIFY`.
-const USED_F_NO_NOTIFY: u16 = 1;
+/// The used ring flag that asks the driver not to notify, as the ring's `u16`.
+const USED_F_NO_NOTIFY: u16 = virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY as u16;
 /// How long the driver spins on the used ring, every other time, before it sleeps.
 const SPIN: Duration = Duration::from_micros(50);
 
@@ -475,7 +475,7 @@ fn run_guest(event_idx: bool, depth: usize, duration: Duration) -> Driver {
     let memory = guest_memory();
     let (event_loop, handle) = EventLoopThread::start();
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap());
+    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap()).unwrap();
     let transport = MmioTransport::new(
         block,
         memory.clone(),

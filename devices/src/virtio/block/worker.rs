@@ -6,12 +6,13 @@
 //! queue, doing `pread`/`pwrite` directly between the image and guest memory, and raises the
 //! interrupt (see docs/architecture.md for the measurements behind this choice).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use kiln_arch::GuestMemoryMmap;
@@ -19,7 +20,7 @@ use kiln_arch::GuestMemoryMmap;
 use super::disk::DiskImage;
 use super::request::{handle_chain, Outcome};
 use crate::virtio::log_limit::warn_limited;
-use crate::virtio::{Interrupt, LogLimiter};
+use crate::virtio::{Interrupt, LogLimiter, PauseError};
 
 /// Processes the requests of one queue.
 #[derive(Debug)]
@@ -187,33 +188,106 @@ impl QueueWorker {
 }
 
 /// Messages from the event loop (and the device) to the worker thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Message {
+    /// The device was activated: serve this queue.
+    Activate(Box<QueueWorker>),
     /// The driver notified the queue.
     Kick,
-    /// The device is being reset: stop.
-    Stop,
+    /// Quiesce: finish the pass in hand, take nothing more until `Resume`, answer with the
+    /// queue's position (None when no queue is being served).
+    Pause(Sender<Option<QueueState>>),
+    /// Serve the queue again, including whatever was notified while paused.
+    Resume,
+    /// The device was reset: drop the queue, stay parked; answers once done.
+    Deactivate(Sender<()>),
+    /// The device is going away: end the thread.
+    Shutdown,
 }
 
-/// A running worker thread.
+/// A disk's I/O thread. It is created with the device, when the VM is built, and parks until
+/// the driver activates the device: a guest that resets its driver in a loop never makes Kiln
+/// create threads, and no thread is created on a vCPU thread.
 #[derive(Debug)]
 pub struct WorkerThread {
     sender: Sender<Message>,
+    /// Set by the notifier when it sent a kick the thread has not picked up yet: one pass
+    /// serves any number of notifications, so later ones send nothing.
+    kick_pending: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Message::Activate(_) => "Activate",
+            Message::Kick => "Kick",
+            Message::Pause(_) => "Pause",
+            Message::Resume => "Resume",
+            Message::Deactivate(_) => "Deactivate",
+            Message::Shutdown => "Shutdown",
+        })
+    }
+}
+
 impl WorkerThread {
-    /// Starts a thread running `worker`; it processes the queue once at start (the driver may
-    /// have notified before the device went live) and again on every kick.
-    pub fn spawn(worker: QueueWorker) -> std::io::Result<Self> {
+    /// Starts a parked thread, with no queue to serve yet.
+    pub fn parked() -> std::io::Result<Self> {
         let (sender, receiver) = channel();
+        let kick_pending = Arc::new(AtomicBool::new(false));
+        let pending = kick_pending.clone();
         let thread = std::thread::Builder::new()
             .name("kiln-blk".into())
-            .spawn(move || run(worker, receiver))?;
+            .spawn(move || run(receiver, &pending))?;
         Ok(Self {
             sender,
+            kick_pending,
             thread: Some(thread),
         })
+    }
+
+    /// Starts a thread already serving `worker` (tests and benchmarks).
+    pub fn spawn(worker: QueueWorker) -> std::io::Result<Self> {
+        let thread = Self::parked()?;
+        thread.activate(worker);
+        Ok(thread)
+    }
+
+    /// Hands the thread its queue; it processes the queue once at once (the driver may have
+    /// notified before the device went live) and again on every kick.
+    pub fn activate(&self, worker: QueueWorker) {
+        if self
+            .sender
+            .send(Message::Activate(Box::new(worker)))
+            .is_err()
+        {
+            log::error!("virtio-blk: the I/O thread is gone; the disk will not answer");
+        }
+    }
+
+    /// Drops the queue (device reset) and waits until the thread no longer touches it.
+    pub fn deactivate(&self) {
+        let (reply, answer) = channel();
+        if self.sender.send(Message::Deactivate(reply)).is_ok() {
+            // An error means the thread is gone, which also leaves the queue alone.
+            let _ = answer.recv();
+        }
+    }
+
+    /// Quiesces the thread: returns once it is between requests and will start no more until
+    /// [`resume`](Self::resume); hands back the queue's position if it serves one.
+    pub fn pause(&self) -> Result<Option<QueueState>, PauseError> {
+        let (reply, answer) = channel();
+        self.sender
+            .send(Message::Pause(reply))
+            .map_err(|_| PauseError::WorkerGone)?;
+        answer.recv().map_err(|_| PauseError::WorkerGone)
+    }
+
+    /// Lets a paused thread serve its queue again.
+    pub fn resume(&self) {
+        if self.sender.send(Message::Resume).is_err() {
+            log::error!("virtio-blk: the I/O thread is gone; the disk will not answer");
+        }
     }
 
     /// The event loop handler that kicks this thread when `queue_event` fires.
@@ -221,13 +295,20 @@ impl WorkerThread {
         QueueNotifier {
             queue_event,
             worker: self.sender.clone(),
+            kick_pending: self.kick_pending.clone(),
         }
     }
 
-    /// Stops the thread after the request it is working on and waits for it.
+    /// The OS thread's identity (tests check that resets reuse it).
+    #[cfg(test)]
+    pub(crate) fn thread_id(&self) -> Option<std::thread::ThreadId> {
+        self.thread.as_ref().map(|thread| thread.thread().id())
+    }
+
+    /// Ends the thread after the request it is working on and waits for it.
     pub fn stop(&mut self) {
         // The thread may already be gone; then there is nothing to stop.
-        let _ = self.sender.send(Message::Stop);
+        let _ = self.sender.send(Message::Shutdown);
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 log::error!("virtio-blk worker thread panicked");
@@ -242,21 +323,52 @@ impl Drop for WorkerThread {
     }
 }
 
-fn run(mut worker: QueueWorker, receiver: Receiver<Message>) {
-    worker.process_queue();
-    while let Ok(Message::Kick) = receiver.recv() {
-        // Several notifications may be waiting: one pass serves them all.
-        let mut stop = false;
-        while let Ok(message) = receiver.try_recv() {
-            if message == Message::Stop {
-                stop = true;
-                break;
+fn run(receiver: Receiver<Message>, kick_pending: &AtomicBool) {
+    let mut worker: Option<Box<QueueWorker>> = None;
+    let mut paused = false;
+    // A kick arrived while paused: serve it on resume.
+    let mut deferred = false;
+    while let Ok(message) = receiver.recv() {
+        match message {
+            Message::Activate(new) => {
+                let worker = worker.insert(new);
+                // Activated while paused (a snapshot restore): serve the queue on resume.
+                deferred = paused;
+                if !paused {
+                    worker.process_queue();
+                }
             }
+            Message::Kick => {
+                kick_pending.store(false, Ordering::Release);
+                match (&mut worker, paused) {
+                    (Some(_), true) => deferred = true,
+                    (Some(worker), false) => {
+                        worker.process_queue();
+                    }
+                    (None, _) => {}
+                }
+            }
+            Message::Pause(reply) => {
+                paused = true;
+                // The caller may have given up waiting; the thread is paused all the same.
+                let _ = reply.send(worker.as_ref().map(|worker| worker.queue().state()));
+            }
+            Message::Resume => {
+                paused = false;
+                if std::mem::take(&mut deferred) {
+                    if let Some(worker) = &mut worker {
+                        worker.process_queue();
+                    }
+                }
+            }
+            Message::Deactivate(reply) => {
+                worker = None;
+                paused = false;
+                deferred = false;
+                let _ = reply.send(());
+            }
+            Message::Shutdown => break,
         }
-        if stop {
-            break;
-        }
-        worker.process_queue();
     }
 }
 
@@ -265,12 +377,17 @@ fn run(mut worker: QueueWorker, receiver: Receiver<Message>) {
 pub struct QueueNotifier {
     queue_event: EventFd,
     worker: Sender<Message>,
+    kick_pending: Arc<AtomicBool>,
 }
 
 impl MutEventSubscriber for QueueNotifier {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         // Clear the eventfd; EAGAIN only means another handler already consumed it.
         let _ = self.queue_event.read();
+        if self.kick_pending.swap(true, Ordering::AcqRel) {
+            // The thread has a kick it has not picked up yet; its pass will see this request.
+            return;
+        }
         if self.worker.send(Message::Kick).is_err() {
             // The device was reset and this handler's removal is still on its way to the loop,
             // while the driver may already have brought the device up again: the notification

@@ -1,13 +1,13 @@
 //! SIGINT/SIGTERM/SIGHUP end the VM cleanly instead of killing Kiln mid-flight.
 //!
-//! The handler only stores the signal number and writes an eventfd (both async-signal-safe); the
-//! VMM thread sees the eventfd in its event loop and stops the VM on the normal path, so vCPU
-//! threads are joined and the terminal is restored.
+//! The handler only stores the signal number and writes the VM's stop eventfd
+//! ([`VmHandle::stop_fd`](kiln_vmm::VmHandle::stop_fd)), both async-signal-safe; the VMM thread
+//! sees the eventfd in its event loop and stops the VM on the normal path, so vCPU threads are
+//! joined and the terminal is restored. Signal handlers are per process, so this lives in the
+//! CLI (one VM per process), not in the library.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
-
-use vmm_sys_util::eventfd::EventFd;
 
 /// Signals that stop the VM.
 pub const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -26,20 +26,17 @@ extern "C" fn on_stop_signal(signum: libc::c_int) {
     }
 }
 
-/// Routes the stop signals to an eventfd for as long as the guard lives.
+/// Routes the stop signals to a VM's stop eventfd for as long as the guard lives.
 pub struct StopSignals {
-    eventfd: EventFd,
     previous: Vec<(libc::c_int, libc::sigaction)>,
 }
 
 impl StopSignals {
-    /// Installs the handlers.
-    pub fn install() -> std::io::Result<Self> {
-        let eventfd = EventFd::new(libc::EFD_NONBLOCK)?;
+    /// Installs the handlers; `stop_fd` must stay open while the guard lives.
+    pub fn install(stop_fd: RawFd) -> std::io::Result<Self> {
         LAST_SIGNAL.store(0, Ordering::SeqCst);
-        SIGNAL_EVENTFD.store(eventfd.as_raw_fd(), Ordering::SeqCst);
+        SIGNAL_EVENTFD.store(stop_fd, Ordering::SeqCst);
         let mut guard = Self {
-            eventfd,
             previous: Vec::new(),
         };
         for signum in STOP_SIGNALS {
@@ -57,11 +54,6 @@ impl StopSignals {
             guard.previous.push((signum, old));
         }
         Ok(guard)
-    }
-
-    /// The eventfd that becomes readable when a stop signal arrives.
-    pub fn eventfd(&self) -> &EventFd {
-        &self.eventfd
     }
 
     /// The last stop signal received, if any.
