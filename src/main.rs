@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use kiln_vmm::config::{parse_memory_mib, ConfigError, DiskConfig};
+use kiln_vmm::config::{parse_memory_mib, ConfigError, DiskConfig, RngConfig, VsockConfig};
 use kiln_vmm::snapshot::RestoreConfig;
 use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
 use signals::StopSignals;
@@ -101,6 +101,15 @@ struct RunArgs {
     /// `id=ID`: serial number (at most 20 bytes). Replaces the config file's disks.
     #[arg(long = "disk", value_name = "path=IMG[,readonly][,root][,id=ID]", value_parser = parse_disk_arg)]
     disks: Vec<DiskConfig>,
+    /// A vsock device: guest context ID N; host clients connect to the Unix socket PATH and
+    /// write `CONNECT <port>\n` (Firecracker's convention); guest connections to host port P
+    /// go to `PATH_P`.
+    #[arg(long, value_name = "cid=N,uds=PATH", value_parser = parse_vsock_arg)]
+    vsock: Option<VsockConfig>,
+    /// The entropy device (virtio-rng, on by default): `on`, `off`, or `rate=BYTES/s` to
+    /// limit how fast the guest drains the host's random pool (K and M suffixes allowed).
+    #[arg(long, value_name = "on|off|rate=BYTES/s", num_args = 0..=1, default_missing_value = "on", value_parser = parse_rng_arg)]
+    rng: Option<RngConfig>,
     /// JSON VM config; flags given on the command line override its fields.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -118,6 +127,20 @@ fn parse_memory_arg(text: &str) -> Result<u32, String> {
 fn parse_disk_arg(text: &str) -> Result<DiskConfig, String> {
     text.parse().map_err(|err| match err {
         ConfigError::InvalidDiskSpec { reason, .. } => reason,
+        other => other.to_string(),
+    })
+}
+
+fn parse_vsock_arg(text: &str) -> Result<VsockConfig, String> {
+    text.parse().map_err(|err| match err {
+        ConfigError::InvalidVsockSpec { reason, .. } => reason,
+        other => other.to_string(),
+    })
+}
+
+fn parse_rng_arg(text: &str) -> Result<RngConfig, String> {
+    text.parse().map_err(|err| match err {
+        ConfigError::InvalidRngSpec { reason, .. } => reason,
         other => other.to_string(),
     })
 }
@@ -148,6 +171,12 @@ impl RunArgs {
         }
         if !self.disks.is_empty() {
             config.disks = self.disks;
+        }
+        if self.vsock.is_some() {
+            config.vsock = self.vsock;
+        }
+        if let Some(rng) = self.rng {
+            config.rng = rng;
         }
         Ok(config)
     }
@@ -368,6 +397,61 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert_eq!(from_file.disks, vec![DiskConfig::new("/a.img")]);
         assert_eq!(overridden.disks, vec![DiskConfig::new("/b.img")]);
+    }
+
+    #[test]
+    fn vsock_and_rng_flags_become_a_config() {
+        let config = run_args(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--vsock",
+            "cid=7,uds=/run/v.sock",
+            "--rng",
+            "rate=4K/s",
+        ])
+        .into_config()
+        .unwrap();
+        let vsock = config.vsock.unwrap();
+        assert_eq!((vsock.cid, vsock.uds), (7, PathBuf::from("/run/v.sock")));
+        assert_eq!(config.rng.rate_bytes_per_sec, Some(4096));
+        assert!(config.rng.enabled);
+
+        let plain = run_args(&["run", "--kernel", "/k", "--rng"])
+            .into_config()
+            .unwrap();
+        assert!(plain.rng.enabled && plain.rng.rate_bytes_per_sec.is_none());
+        assert!(plain.vsock.is_none());
+        let off = run_args(&["run", "--kernel", "/k", "--rng", "off"])
+            .into_config()
+            .unwrap();
+        assert!(!off.rng.enabled);
+    }
+
+    #[test]
+    fn bad_vsock_and_rng_flags_are_usage_errors_that_say_why() {
+        for (args, reason) in [
+            (
+                &["run", "--kernel", "/k", "--vsock", "cid=3"][..],
+                "no uds=PATH",
+            ),
+            (
+                &["run", "--kernel", "/k", "--vsock", "uds=/x,cid=three"],
+                "not a number",
+            ),
+            (
+                &["run", "--kernel", "/k", "--rng", "rate=0/s"],
+                "at least 1 byte",
+            ),
+            (
+                &["run", "--kernel", "/k", "--rng", "maybe"],
+                "on, off or rate",
+            ),
+        ] {
+            let err = parse(args).err().expect("refused");
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            assert!(err.to_string().contains(reason), "{args:?}: {err}");
+        }
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod channels;
 mod disk;
+pub use channels::{RngConfig, VsockConfig};
 pub use disk::{disk_name, DiskConfig, MAX_DISKS};
 
 /// Smallest guest memory Kiln accepts: below this a Linux guest cannot boot usefully.
@@ -83,6 +85,12 @@ pub struct VmConfig {
     /// those (costs a little speed on guest writes while on).
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// A vsock device whose host side is a Unix socket (none when absent).
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// The entropy device (on by default).
+    #[serde(default)]
+    pub rng: RngConfig,
 }
 
 fn default_cpus() -> u8 {
@@ -180,6 +188,38 @@ pub enum ConfigError {
     /// More disks than virtio-mmio slots.
     #[error("{0} disks asked for; Kiln has room for at most {MAX_DISKS}")]
     TooManyDisks(usize),
+    /// More virtio devices than virtio-mmio slots.
+    #[error("{disks} disks plus {others} other virtio devices (vsock, rng) asked for; Kiln has room for at most {MAX_DISKS} virtio devices (turn the rng off with --rng off)")]
+    TooManyDevices {
+        /// Disks asked for.
+        disks: usize,
+        /// vsock and rng devices.
+        others: usize,
+    },
+    /// A `--vsock` argument did not parse.
+    #[error("invalid --vsock '{spec}': {reason}")]
+    InvalidVsockSpec {
+        /// The argument.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The vsock device was refused.
+    #[error("vsock socket '{path}' {problem}", path = path.display())]
+    BadVsock {
+        /// Its Unix socket path.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// An `--rng` argument did not parse.
+    #[error("invalid --rng '{spec}': {reason}")]
+    InvalidRngSpec {
+        /// The argument.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl VmConfig {
@@ -194,6 +234,8 @@ impl VmConfig {
             console: ConsoleConfig::default(),
             disks: Vec::new(),
             track_dirty_pages: false,
+            vsock: None,
+            rng: RngConfig::default(),
         }
     }
 
@@ -271,6 +313,17 @@ impl VmConfig {
             }
         }
         disk::validate_disks(&self.disks)?;
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
+        }
+        self.rng.validate()?;
+        let others = usize::from(self.vsock.is_some()) + usize::from(self.rng.enabled);
+        if self.disks.len() + others > MAX_DISKS {
+            return Err(ConfigError::TooManyDevices {
+                disks: self.disks.len(),
+                others,
+            });
+        }
         let cmdline = self.full_cmdline();
         if !cmdline.is_ascii() || cmdline.contains('\0') {
             return Err(ConfigError::CmdlineInvalid);

@@ -12,6 +12,25 @@ pub const GUEST_TEST_SCRIPT: &str = "kiln/test.sh";
 /// How long a test may take when it does not say, guest boot included.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// How long a test's host script may go on after Kiln exited before it is killed.
+pub const HOST_SCRIPT_GRACE: Duration = Duration::from_secs(15);
+
+/// Shell functions every host script gets (see [`GuestTest::host_script`]).
+pub const HOST_SCRIPT_PRELUDE: &str = r#"# Added by kiln-test-harness.
+# wait_console TEXT [SECONDS]: waits (default 120 s) until the guest console shows TEXT.
+wait_console() {
+    tenths=$(( ${2:-120} * 10 ))
+    until grep -q -F -- "$1" "$KILN_CONSOLE" 2>/dev/null; do
+        tenths=$((tenths - 1))
+        if [ "$tenths" -le 0 ]; then
+            echo "host: gave up waiting for '$1' on the guest console"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+"#;
+
 /// Which build of the guest kernel Kiln boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelVariant {
@@ -45,6 +64,8 @@ pub struct GuestTest {
     disks: Vec<GuestDisk>,
     extra_args: Vec<String>,
     timeout: Duration,
+    vsock_cid: Option<u64>,
+    host_script: Option<String>,
 }
 
 impl GuestTest {
@@ -68,6 +89,8 @@ impl GuestTest {
             disks: Vec::new(),
             extra_args: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
+            vsock_cid: None,
+            host_script: None,
         }
     }
 
@@ -103,6 +126,48 @@ impl GuestTest {
     pub fn disk(mut self, image: impl Into<PathBuf>, options: DiskOptions) -> Self {
         self.disks.push(GuestDisk::new(image, options));
         self
+    }
+
+    /// Gives the guest a vsock device with context ID `cid`. Its Unix socket is in the test's
+    /// own directory (on this machine, or inside the virtual KVM host); the host script finds it
+    /// in `$KILN_VSOCK`, and guest connections to host port P go to `$KILN_VSOCK_P`.
+    pub fn vsock(mut self, cid: u64) -> Self {
+        self.vsock_cid = Some(cid);
+        self
+    }
+
+    /// A shell script that runs on the host side while Kiln runs: here in direct mode, inside
+    /// the virtual KVM host in vhost mode, started just before Kiln. It gets `$KILN_VSOCK` (the
+    /// vsock socket, if any), `$KILN_CONSOLE` (the guest console as it is written),
+    /// `$KILN_TEST_DIR` (a scratch directory), the `kiln-vsock` helper on `$PATH`, and
+    /// `wait_console TEXT [SECONDS]` ([`HOST_SCRIPT_PRELUDE`]). Its output and exit status are
+    /// in the outcome; it may run [`HOST_SCRIPT_GRACE`] after Kiln exited, then it is killed.
+    pub fn host_script(mut self, script: impl Into<String>) -> Self {
+        self.host_script = Some(script.into());
+        self
+    }
+
+    /// The vsock device's context ID, if the test has one.
+    pub fn vsock_cid(&self) -> Option<u64> {
+        self.vsock_cid
+    }
+
+    /// The host script as it is run: the prelude, then the test's script.
+    pub fn host_program(&self) -> Option<String> {
+        self.host_script.as_ref().map(|script| {
+            format!(
+                "{HOST_SCRIPT_PRELUDE}{script}
+"
+            )
+        })
+    }
+
+    /// The `--vsock` arguments for a socket at `uds`.
+    pub fn vsock_arguments(&self, uds: &str) -> Vec<String> {
+        match self.vsock_cid {
+            Some(cid) => vec!["--vsock".to_string(), format!("cid={cid},uds={uds}")],
+            None => Vec::new(),
+        }
     }
 
     /// Adds arguments to `kiln run` after the ones the harness generates.
@@ -160,6 +225,17 @@ impl GuestTest {
     /// that cannot be attached, or a `--disk` passed as a raw argument (it would name a host
     /// path that does not exist inside the virtual KVM host).
     pub fn problem(&self) -> Option<String> {
+        if self
+            .extra_args
+            .iter()
+            .any(|arg| arg == "--vsock" || arg.starts_with("--vsock="))
+        {
+            return Some(
+                "the test passes --vsock in kiln_args; use GuestTest::vsock so that the socket \
+                 works in both modes"
+                    .to_string(),
+            );
+        }
         if self
             .extra_args
             .iter()

@@ -28,9 +28,39 @@ check_disks() {
     done <"$1/disks"
 }
 
+# start_host DIR: starts DIR/host.sh (when the test has one) in its own session, so that
+# finish_host can kill whatever it left running; its output goes to DIR/host.
+start_host() {
+    [ -f "$1/host.sh" ] || return 0
+    mkdir -p "$1/host-tmp"
+    rm -f "$1/host-status" "$1/host-pid"
+    (
+        KILN_CONSOLE="$1/stdout" KILN_TEST_DIR="$1/host-tmp" KILN_VSOCK="$1/vsock.sock" \
+            PATH="/kiln/bin:$PATH" setsid sh -c 'echo $$ >"$0/host-pid"; exec sh "$0/host.sh"' "$1" \
+            >"$1/host" 2>&1 </dev/null
+        echo $? >"$1/host-status"
+    ) 3>&- &
+}
+
+# finish_host DIR GRACE_SECS: waits for the host script at most GRACE_SECS more, then kills its
+# session; prints its exit status, or "killed".
+finish_host() {
+    tenths=$(($2 * 10))
+    while [ ! -f "$1/host-status" ] && [ "$tenths" -gt 0 ]; do
+        sleep 0.1
+        tenths=$((tenths - 1))
+    done
+    [ -f "$1/host-pid" ] && kill -KILL "-$(cat "$1/host-pid")" 2>/dev/null
+    if [ -f "$1/host-status" ]; then
+        cat "$1/host-status"
+    else
+        echo killed
+    fi
+}
+
 # run_test INDEX LIMIT_SECS DIR COMMAND...
 # DIR holds test.cpio (appended to the base initramfs to make DIR/initrd), name and, when the
-# test has disks, disks.
+# test has disks, disks; host.sh when it has a host script.
 run_test() {
     index=$1
     limit=$2
@@ -43,6 +73,8 @@ run_test() {
     fi
     cat /kiln/guest/initramfs.cpio.gz "$dir/test.cpio" >"$dir/initrd"
     echo "kiln-runner: test $index ($(cat "$dir/name")) starting, limit ${limit}s"
+    : >"$dir/stdout"
+    start_host "$dir"
     start=$(uptime_ms)
     "$@" </dev/null >"$dir/stdout" 2>"$dir/stderr" 3>&- &
     pid=$!
@@ -68,6 +100,8 @@ run_test() {
     [ -f "$dir/disks" ] && sync
     timed_out=0
     [ -e "$dir/timed_out" ] && timed_out=1
+    host_status=none
+    [ -f "$dir/host.sh" ] && host_status=$(finish_host "$dir" "$HOST_GRACE_SECS")
     echo "kiln-runner: test $index finished: exit=$status timed_out=$timed_out after $((end - start)) ms"
     {
         echo "KILN-TEST $index STATUS exit=$status timed_out=$timed_out elapsed_ms=$((end - start))"
@@ -75,8 +109,12 @@ run_test() {
         base64 "$dir/stdout"
         echo "KILN-TEST $index STDERR"
         base64 "$dir/stderr"
+        if [ "$host_status" != none ]; then
+            echo "KILN-TEST $index HOST exit=$host_status"
+            base64 "$dir/host"
+        fi
         echo "KILN-TEST $index END"
     } >&3
     # The guest's files are not needed any more; keep the virtual host's memory for the next.
-    rm -f "$dir/initrd" "$dir/stdout" "$dir/stderr"
+    rm -rf "$dir/initrd" "$dir/stdout" "$dir/stderr" "$dir/host" "$dir/host-tmp"
 }
