@@ -86,6 +86,12 @@ impl<T> Cache<T> {
         self.entries.contains_key(&offset)
     }
 
+    /// Changes how many tables the cache holds (tests force evictions with tiny caches).
+    #[cfg(test)]
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(1);
+    }
+
     /// Whether another table needs one evicted first.
     pub fn is_full(&self) -> bool {
         self.entries.len() >= self.capacity

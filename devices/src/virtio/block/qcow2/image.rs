@@ -440,6 +440,12 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Shrinks the metadata caches (tests).
+    #[cfg(test)]
+    pub fn set_cache_capacity(&self, l2_tables: usize, refcount_blocks: usize) {
+        self.lock().set_cache_capacity(l2_tables, refcount_blocks);
+    }
+
     /// Makes everything written so far durable, metadata included.
     pub fn flush(&self) -> io::Result<()> {
         if self.readonly {

@@ -264,6 +264,13 @@ impl Metadata {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Shrinks the caches (tests force evictions and early checkpoints with tiny caches).
+    #[cfg(test)]
+    pub fn set_cache_capacity(&mut self, l2_tables: usize, refcount_blocks: usize) {
+        self.l2.set_capacity(l2_tables);
+        self.refs.set_cache_capacity(refcount_blocks);
+    }
+
     /// Whether anything awaits a checkpoint.
     pub fn is_dirty(&self) -> bool {
         self.refs.any_dirty()

@@ -213,10 +213,9 @@ impl Refcounts {
                     .is_none_or(|&entry| entry == 0)
             });
             if let Some(block) = missing {
-                // The new block describes itself: it goes to the first cluster of the run
-                // that it covers. Then look again.
-                let at = start.max(block * self.per_block);
-                self.create_block(file, block, at)?;
+                // The new block takes the run's first cluster (so that the run, one cluster
+                // later, still fits in the same place), then look again.
+                self.create_block(file, block, start)?;
                 continue;
             }
             for cluster in start..start + count {
@@ -250,8 +249,15 @@ impl Refcounts {
             // A larger table moves and may take the clusters found free: look again after.
             return self.grow_table(file, block);
         }
+        // `block` is the first missing block of the run that starts at `at`: either it covers
+        // `at` (and the new block counts itself), or the block covering `at` exists.
+        let describes_itself = at / self.per_block == block;
         let mut data = vec![0u8; self.cluster_size() as usize];
-        entry_set(&mut data, at % self.per_block, self.order, 1);
+        if describes_itself {
+            entry_set(&mut data, at % self.per_block, self.order, 1);
+        } else {
+            self.set(file, at, 1)?;
+        }
         if self.blocks.is_full() {
             self.evict_one(file)?;
         }
@@ -372,6 +378,12 @@ impl Refcounts {
     /// Whether refcount blocks or the table have unwritten changes.
     pub fn any_dirty(&self) -> bool {
         self.blocks.any_dirty() || self.table_dirty.is_dirty()
+    }
+
+    /// Shrinks the block cache (tests).
+    #[cfg(test)]
+    pub fn set_cache_capacity(&mut self, blocks: usize) {
+        self.blocks.set_capacity(blocks);
     }
 
     /// Byte offsets of the refcount blocks, for the overlap checks.
