@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use kiln_vmm::config::{parse_memory_mib, ConfigError, DiskConfig};
+use kiln_vmm::image::{create_overlay, DiskFormat, OverlayOptions};
 use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
 use signals::StopSignals;
 
@@ -36,6 +37,33 @@ enum Command {
     /// Exit status: 0 when the guest powers off or reboots, 3 when its kernel panics,
     /// 1 for Kiln errors, 2 for usage errors, 128+N when stopped by signal N.
     Run(RunArgs),
+    /// Disk image tools.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Create a qcow2 image: a copy-on-write overlay over a base image (which is never
+    /// written), or an empty image of --size.
+    Create(CreateArgs),
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    /// The base image, recorded as given: an absolute path, or one relative to the new
+    /// image's directory (as `qemu-img create -b` records it).
+    #[arg(long, short = 'b')]
+    backing: Option<PathBuf>,
+    /// The base image's format, raw or qcow2 [default: detected; a qcow2 base that has a
+    /// backing file of its own needs it given].
+    #[arg(long = "backing-format", short = 'F', value_parser = parse_format_arg)]
+    backing_format: Option<DiskFormat>,
+    /// Virtual size in bytes, or with a K, M, G or T suffix [default: the base image's].
+    #[arg(long, value_parser = parse_size_arg)]
+    size: Option<u64>,
+    /// The new image; an existing file is never overwritten.
+    image: PathBuf,
 }
 
 #[derive(Args)]
@@ -58,10 +86,12 @@ struct RunArgs {
     /// Serial console: stdio, none, or file=PATH [default: stdio].
     #[arg(long)]
     console: Option<ConsoleConfig>,
-    /// A raw disk image, attached as a virtio-blk disk (repeat for more: vda, vdb, ...).
-    /// `readonly`: the guest cannot write; `root`: boot from it (adds root=/dev/vdX);
-    /// `id=ID`: serial number (at most 20 bytes). Replaces the config file's disks.
-    #[arg(long = "disk", value_name = "path=IMG[,readonly][,root][,id=ID]", value_parser = parse_disk_arg)]
+    /// A disk image, attached as a virtio-blk disk (repeat for more: vda, vdb, ...).
+    /// `format`: raw or qcow2 (detected when not given; a detected qcow2 image must not name
+    /// a backing file); `readonly`: the guest cannot write; `root`: boot from it (adds
+    /// root=/dev/vdX); `id=ID`: serial number (at most 20 bytes). Replaces the config file's
+    /// disks.
+    #[arg(long = "disk", value_name = "path=IMG[,format=raw|qcow2][,readonly][,root][,id=ID]", value_parser = parse_disk_arg)]
     disks: Vec<DiskConfig>,
     /// JSON VM config; flags given on the command line override its fields.
     #[arg(long)]
@@ -75,6 +105,55 @@ fn parse_log_level(text: &str) -> Result<log::LevelFilter, String> {
 
 fn parse_memory_arg(text: &str) -> Result<u32, String> {
     parse_memory_mib(text).map_err(|err| err.to_string())
+}
+
+fn parse_format_arg(text: &str) -> Result<DiskFormat, String> {
+    text.parse()
+}
+
+/// Bytes, or a number with a binary K, M, G or T suffix.
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    let bad = || format!("'{text}' is not a size (bytes, or a number with K, M, G or T)");
+    let (digits, shift) = match text.char_indices().last() {
+        Some((at, unit)) if unit.is_ascii_alphabetic() => {
+            let shift = match unit.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&text[..at], shift)
+        }
+        _ => (text, 0),
+    };
+    let number: u64 = digits.parse().map_err(|_| bad())?;
+    number.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+fn image_create(args: CreateArgs) -> ExitCode {
+    let options = OverlayOptions {
+        backing: args.backing.clone(),
+        backing_format: args.backing_format,
+        size: args.size,
+    };
+    match create_overlay(&args.image, &options) {
+        Ok(size) => {
+            match &args.backing {
+                Some(backing) => println!(
+                    "created {} ({size} bytes, over {})",
+                    args.image.display(),
+                    backing.display()
+                ),
+                None => println!("created {} ({size} bytes)", args.image.display()),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            log::error!("cannot create {}: {err}", args.image.display());
+            ExitCode::from(EXIT_KILN_ERROR)
+        }
+    }
 }
 
 fn parse_disk_arg(text: &str) -> Result<DiskConfig, String> {
@@ -170,6 +249,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_KILN_ERROR)
             }
         },
+        Command::Image(ImageCommand::Create(args)) => image_create(args),
     }
 }
 
@@ -184,6 +264,7 @@ mod tests {
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).expect("valid arguments").command {
             Command::Run(run) => run,
+            Command::Image(_) => panic!("not a run command"),
         }
     }
 
@@ -285,6 +366,37 @@ mod tests {
             err.to_string().contains("unknown option 'cache=none'"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn image_create_takes_a_base_format_and_size() {
+        let Command::Image(ImageCommand::Create(args)) = parse(&[
+            "image",
+            "create",
+            "--backing",
+            "base.raw",
+            "-F",
+            "raw",
+            "--size",
+            "20G",
+            "overlay.qcow2",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not image create");
+        };
+        assert_eq!(args.backing, Some(PathBuf::from("base.raw")));
+        assert_eq!(args.backing_format, Some(DiskFormat::Raw));
+        assert_eq!(args.size, Some(20 << 30));
+        assert_eq!(args.image, PathBuf::from("overlay.qcow2"));
+        assert_eq!(parse_size_arg("4096"), Ok(4096));
+        assert_eq!(parse_size_arg("3k"), Ok(3072));
+        assert!(parse_size_arg("1X").is_err());
+        assert!(parse_size_arg("G").is_err());
+        assert!(parse_size_arg("99999999999T").is_err());
+        assert!(parse(&["image", "create", "-F", "vmdk", "x.qcow2"]).is_err());
+        assert!(parse(&["image", "create"]).is_err());
     }
 
     #[test]
