@@ -62,6 +62,9 @@ struct CreateArgs {
     /// Virtual size in bytes, or with a K, M, G or T suffix [default: the base image's].
     #[arg(long, value_parser = parse_size_arg)]
     size: Option<u64>,
+    /// Cluster size: a power of two from 512 to 2M [default: 64K].
+    #[arg(long = "cluster-size", value_parser = parse_cluster_size_arg)]
+    cluster_bits: Option<u32>,
     /// The new image; an existing file is never overwritten.
     image: PathBuf,
 }
@@ -131,11 +134,21 @@ fn parse_size_arg(text: &str) -> Result<u64, String> {
     number.checked_mul(1 << shift).ok_or_else(bad)
 }
 
+/// log2 of a cluster size given as a size.
+fn parse_cluster_size_arg(text: &str) -> Result<u32, String> {
+    let size = parse_size_arg(text)?;
+    if !size.is_power_of_two() || !(512..=2 << 20).contains(&size) {
+        return Err(format!("'{text}' is not a power of two from 512 to 2M"));
+    }
+    Ok(size.trailing_zeros())
+}
+
 fn image_create(args: CreateArgs) -> ExitCode {
     let options = OverlayOptions {
         backing: args.backing.clone(),
         backing_format: args.backing_format,
         size: args.size,
+        cluster_bits: args.cluster_bits,
     };
     match create_overlay(&args.image, &options) {
         Ok(size) => {
@@ -379,6 +392,8 @@ mod tests {
             "raw",
             "--size",
             "20G",
+            "--cluster-size",
+            "4k",
             "overlay.qcow2",
         ])
         .unwrap()
@@ -389,6 +404,27 @@ mod tests {
         assert_eq!(args.backing, Some(PathBuf::from("base.raw")));
         assert_eq!(args.backing_format, Some(DiskFormat::Raw));
         assert_eq!(args.size, Some(20 << 30));
+        assert_eq!(args.cluster_bits, Some(12));
+        assert!(parse(&[
+            "image",
+            "create",
+            "--cluster-size",
+            "3000",
+            "--size",
+            "1M",
+            "x"
+        ])
+        .is_err());
+        assert!(parse(&[
+            "image",
+            "create",
+            "--cluster-size",
+            "4M",
+            "--size",
+            "1M",
+            "x"
+        ])
+        .is_err());
         assert_eq!(args.image, PathBuf::from("overlay.qcow2"));
         assert_eq!(parse_size_arg("4096"), Ok(4096));
         assert_eq!(parse_size_arg("3k"), Ok(3072));

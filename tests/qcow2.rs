@@ -102,6 +102,19 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Grows an image file to `bytes` (sparse zeros, which qcow2 ignores): in vhost mode the image
+/// is a block device of the virtual host that cannot grow as Kiln allocates clusters, and
+/// its size must be whole sectors.
+fn make_room(image: &Path, bytes: u64) -> Result<(), String> {
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .map_err(|err| format!("{}: {err}", image.display()))?;
+    let len = file.metadata().map_err(|err| err.to_string())?.len();
+    file.set_len(len.max(bytes).div_ceil(512) * 512)
+        .map_err(|err| format!("{}: {err}", image.display()))
+}
+
 fn create_overlay(overlay: &Path, base: &Path, base_format: &str) -> Result<(), String> {
     tool(
         "qemu-img",
@@ -147,6 +160,7 @@ fn add_root_overlay_test(suite: &mut Suite) -> Result<(), String> {
     let base_sum = sha256(&base, None)?;
     let overlay = image_path("root-overlay.qcow2");
     create_overlay(&overlay, &base, "raw")?;
+    make_room(&overlay, 64 * MIB)?;
     suite.guest(
         GuestTest::new(
             "ext4_root_on_a_qcow2_overlay",
@@ -214,13 +228,7 @@ fn add_compressed_test(suite: &mut Suite) -> Result<(), String> {
             ],
         )?;
         // Compressed data ends anywhere; the virtual host's drives are whole sectors.
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .open(&image)
-            .map_err(|err| err.to_string())?;
-        let len = file.metadata().map_err(|err| err.to_string())?.len();
-        file.set_len(len.div_ceil(512) * 512)
-            .map_err(|err| err.to_string())?;
+        make_room(&image, 0)?;
         images.push(image);
     }
     suite.guest(
@@ -263,6 +271,7 @@ fn add_bulk_test(suite: &mut Suite) -> Result<(), String> {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", path_str(&image), "80M"],
     )?;
+    make_room(&image, 96 * MIB)?;
     suite.guest(
         GuestTest::new(
             "sixty_four_mib_then_power_off",
@@ -310,6 +319,7 @@ fn add_kill_test(suite: &mut Suite) -> Result<(), String> {
     let base_sum = sha256(&base, None)?;
     let overlay = image_path("kill-overlay.qcow2");
     create_overlay(&overlay, &base, "raw")?;
+    make_room(&overlay, 96 * MIB)?;
     // Kiln is killed (SIGKILL at the time limit) while the guest writes without flushing.
     suite.guest(
         GuestTest::new(
@@ -327,7 +337,7 @@ fn add_kill_test(suite: &mut Suite) -> Result<(), String> {
         )
         .disk(&overlay, DiskOptions::new().format("qcow2"))
         .backing_file(&base)
-        .timeout(Duration::from_secs(100)),
+        .timeout(Duration::from_secs(45)),
         move |outcome| {
             let flushed = outcome.console_value("FLUSHED_SUM=").unwrap_or_default().to_string();
             outcome
@@ -358,6 +368,7 @@ fn add_discard_test(suite: &mut Suite) -> Result<(), String> {
     fs::write(&base, pattern(3, 32 * MIB as usize)).map_err(|err| err.to_string())?;
     let overlay = image_path("discard-overlay.qcow2");
     create_overlay(&overlay, &base, "raw")?;
+    make_room(&overlay, 48 * MIB)?;
     suite.guest(
         GuestTest::new(
             "guest_discard_frees_clusters",

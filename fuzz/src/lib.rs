@@ -1,4 +1,5 @@
-//! Fuzzing harness for Kiln's virtio-blk request path.
+//! Fuzzing harnesses: Kiln's virtio-blk request path (here) and qcow2 image parsing
+//! ([`qcow2`]).
 //!
 //! One input is one guest state: a small guest memory image (descriptor table, available ring,
 //! request headers and buffers, all taken from the input) and a queue set-up. The harness runs
@@ -13,6 +14,9 @@
 //! and the queue size (`1 << (bits 2..5 % 5)`, 1 to 16); byte 1 is the available ring index
 //! (0 to 2 × size: past the size is a corrupt ring); the rest is copied into guest memory from
 //! address 0 (low region), continuing in the high region after the hole.
+
+
+pub mod qcow2;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -82,6 +82,8 @@ pub mod request_status {
 #[cfg(test)]
 mod bench;
 #[cfg(test)]
+mod discard_tests;
+#[cfg(test)]
 mod stress_tests;
 
 #[cfg(test)]

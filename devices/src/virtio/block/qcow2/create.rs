@@ -1,5 +1,6 @@
 //! New qcow2 images: a copy-on-write overlay over a base image (`kiln image create`), or an
-//! empty image. Version 3, 64 KiB clusters, 16-bit refcounts, as `qemu-img create` makes them.
+//! empty image. Version 3, 16-bit refcounts and (unless asked otherwise) 64 KiB clusters, as
+//! `qemu-img create` makes them.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -7,12 +8,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::header::{MAGIC, MAX_BACKING_NAME, MAX_L1_BYTES};
+use super::header::{MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS};
 use super::open::resolve_backing;
 use crate::virtio::block::disk::{DiskError, DiskFormat, DiskImage};
 
-const CLUSTER_BITS: u32 = 16;
-const CLUSTER_SIZE: u64 = 1 << CLUSTER_BITS;
+/// 64 KiB clusters, QEMU's default.
+pub const DEFAULT_CLUSTER_BITS: u32 = 16;
 const HEADER_LENGTH: usize = 112;
 const BACKING_FORMAT_EXTENSION: u32 = 0xe279_2aca;
 
@@ -27,6 +28,8 @@ pub struct OverlayOptions {
     pub backing_format: Option<DiskFormat>,
     /// Virtual size in bytes; the base image's size when not given.
     pub size: Option<u64>,
+    /// log2 of the cluster size, 9 to 21; [`DEFAULT_CLUSTER_BITS`] when not given.
+    pub cluster_bits: Option<u32>,
 }
 
 /// Why an image could not be created.
@@ -52,8 +55,11 @@ pub enum CreateError {
     /// A size Kiln cannot make.
     #[error("size {0} is not a positive multiple of 512 bytes, or too large")]
     Size(u64),
+    /// A cluster size out of range.
+    #[error("cluster_bits {0} is out of range (9 to 21)")]
+    ClusterBits(u32),
     /// The base image's name does not fit the header.
-    #[error("the base image name is longer than {MAX_BACKING_NAME} bytes")]
+    #[error("the base image name is longer than {MAX_BACKING_NAME} bytes or than the header cluster has room for")]
     BackingName,
 }
 
@@ -74,22 +80,29 @@ pub fn create_overlay(path: &Path, options: &OverlayOptions) -> Result<u64, Crea
         .size
         .or(base_size.map(|(size, _)| size))
         .ok_or(CreateError::NoSize)?;
-    let l2_coverage = CLUSTER_SIZE * (CLUSTER_SIZE / 8);
+    let cluster_bits = options.cluster_bits.unwrap_or(DEFAULT_CLUSTER_BITS);
+    if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+        return Err(CreateError::ClusterBits(cluster_bits));
+    }
+    let cluster_size = 1u64 << cluster_bits;
+    let l2_coverage = cluster_size * (cluster_size / 8);
     let l1_entries = size.div_ceil(l2_coverage);
-    if size == 0 || !size.is_multiple_of(512) || l1_entries * 8 > MAX_L1_BYTES {
+    let l1_clusters = (l1_entries * 8).div_ceil(cluster_size).max(1);
+    let used_clusters = 3 + l1_clusters;
+    // One refcount block (16-bit refcounts) must count every cluster made here.
+    let fits = used_clusters <= cluster_size / 2 && l1_entries * 8 <= MAX_L1_BYTES;
+    if size == 0 || !size.is_multiple_of(512) || !fits {
         return Err(CreateError::Size(size));
     }
-    let l1_clusters = (l1_entries * 8).div_ceil(CLUSTER_SIZE).max(1);
-    let reftable_offset = CLUSTER_SIZE;
-    let refblock_offset = 2 * CLUSTER_SIZE;
-    let l1_offset = 3 * CLUSTER_SIZE;
-    let used_clusters = 3 + l1_clusters;
+    let reftable_offset = cluster_size;
+    let refblock_offset = 2 * cluster_size;
+    let l1_offset = 3 * cluster_size;
 
-    let mut header = vec![0u8; CLUSTER_SIZE as usize];
+    let mut header = vec![0u8; cluster_size as usize];
     let mut put = |at: usize, bytes: &[u8]| header[at..at + bytes.len()].copy_from_slice(bytes);
     put(0, &MAGIC);
     put(4, &3u32.to_be_bytes());
-    put(20, &CLUSTER_BITS.to_be_bytes());
+    put(20, &cluster_bits.to_be_bytes());
     put(24, &size.to_be_bytes());
     put(36, &(l1_entries as u32).to_be_bytes());
     put(40, &l1_offset.to_be_bytes());
@@ -110,6 +123,9 @@ pub fn create_overlay(path: &Path, options: &OverlayOptions) -> Result<u64, Crea
         // The end-of-extensions marker is the 8 zero bytes already there.
         at += 8;
         let name = backing.as_os_str().as_bytes();
+        if at + name.len() > cluster_size as usize {
+            return Err(CreateError::BackingName);
+        }
         put(8, &(at as u64).to_be_bytes());
         put(16, &(name.len() as u32).to_be_bytes());
         put(at, name);
@@ -127,11 +143,11 @@ pub fn create_overlay(path: &Path, options: &OverlayOptions) -> Result<u64, Crea
             io::ErrorKind::AlreadyExists => CreateError::Exists(path.to_path_buf()),
             _ => io_error(err),
         })?;
-    let mut refblock = vec![0u8; CLUSTER_SIZE as usize];
+    let mut refblock = vec![0u8; cluster_size as usize];
     for cluster in 0..used_clusters as usize {
         refblock[cluster * 2..cluster * 2 + 2].copy_from_slice(&1u16.to_be_bytes());
     }
-    file.set_len(used_clusters * CLUSTER_SIZE)
+    file.set_len(used_clusters * cluster_size)
         .and_then(|()| file.write_all_at(&header, 0))
         .and_then(|()| file.write_all_at(&refblock_offset.to_be_bytes(), reftable_offset))
         .and_then(|()| file.write_all_at(&refblock, refblock_offset))

@@ -369,6 +369,22 @@ fn kiln_made_overlays_are_what_qemu_makes() {
         create_overlay(&second, &options),
         Err(crate::virtio::block::qcow2::CreateError::Exists(_))
     ));
+    // Small clusters.
+    let small = scratch.path("small.qcow2");
+    let options = OverlayOptions {
+        size: Some(2 * MIB as u64),
+        cluster_bits: Some(9),
+        ..Default::default()
+    };
+    create_overlay(&small, &options).unwrap();
+    assert_consistent(&small, 0);
+    let mut model = vec![0u8; 2 * MIB];
+    {
+        let disk = open(&small, false);
+        write_pattern(qcow2(&disk), &mut model, 60);
+    }
+    assert_consistent(&small, 0);
+    assert!(contents(&small) == model);
     // An empty image.
     let empty = scratch.path("empty.qcow2");
     let options = OverlayOptions {
