@@ -518,7 +518,8 @@ fn main() -> ExitCode {
     }
     let mut suite = Suite::new("qcow2", KILN);
     add_host_tests(&mut suite);
-    let setups: [(&str, fn(&mut Suite) -> Result<(), String>); 5] = [
+    type Setup = fn(&mut Suite) -> Result<(), String>;
+    let setups: [(&str, Setup); 5] = [
         ("root_overlay", add_root_overlay_test),
         ("compressed", add_compressed_test),
         ("bulk", add_bulk_test),

@@ -15,7 +15,6 @@
 //! (0 to 2 × size: past the size is a corrupt ring); the rest is copied into guest memory from
 //! address 0 (low region), continuing in the high region after the hole.
 
-
 pub mod qcow2;
 
 use std::fs::File;

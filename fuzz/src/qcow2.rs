@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use kiln_devices::virtio::block::qcow2::{create_overlay, OverlayOptions, Qcow2Image};
@@ -81,13 +82,15 @@ fn exercise(path: &PathBuf, data: &[u8]) -> bool {
     let size = image.size();
     let _ = read(image, 0, READ_SPAN);
     let _ = read(image, size.saturating_sub(4096), 4096);
-    let seed = data.iter().fold(0u64, |h, &b| h.rotate_left(5) ^ u64::from(b));
-    let spots = [0, 5 * 512, (seed % size.max(1)) & !511, size / 2 & !511];
+    let seed = data
+        .iter()
+        .fold(0u64, |h, &b| h.rotate_left(5) ^ u64::from(b));
+    let spots = [0, 5 * 512, (seed % size.max(1)) & !511, (size / 2) & !511];
     for (i, &offset) in spots.iter().enumerate() {
         write_and_check(image, offset, &[0x40 + i as u8; 512]);
     }
     let _ = image.discard(0, (size / 2).min(4 << 20));
-    let _ = image.write_zeroes(size / 4 & !511, 3 * 512 + 65536, data.len() % 2 == 0);
+    let _ = image.write_zeroes((size / 4) & !511, 3 * 512 + 65536, data.len().is_multiple_of(2));
     write_and_check(image, spots[1], &[0x77; 1024]);
     let _ = disk.flush();
     drop(disk);
@@ -108,7 +111,9 @@ fn exercise(path: &PathBuf, data: &[u8]) -> bool {
 /// An image made by Kiln: `size` bytes, clusters of `1 << cluster_bits`, some data written,
 /// a discard; then `edit` may change the file. Its bytes are the seed.
 fn made_image(cluster_bits: u32, size: u64, edit: impl FnOnce(&File, &[u8])) -> Vec<u8> {
-    let path = image_path().with_extension("seed");
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let path = image_path().with_extension(format!("seed{n}"));
     let _ = std::fs::remove_file(&path);
     let options = OverlayOptions {
         size: Some(size),
@@ -121,13 +126,19 @@ fn made_image(cluster_bits: u32, size: u64, edit: impl FnOnce(&File, &[u8])) -> 
         let image = disk.qcow2().expect("qcow2");
         for (i, offset) in [0u64, 3 * 512, size / 2, size - 1024].iter().enumerate() {
             let mut data = vec![0x11 * (i as u8 + 1); 1024];
-            image.write(&[slice(&mut data)], *offset).expect("seed write");
+            image
+                .write(&[slice(&mut data)], *offset)
+                .expect("seed write");
         }
         let cluster = 1u64 << cluster_bits;
         image.discard(size / 2, cluster).expect("seed discard");
         disk.flush().expect("seed flush");
     }
-    let file = File::options().read(true).write(true).open(&path).expect("seed");
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("seed");
     let bytes = std::fs::read(&path).expect("seed bytes");
     edit(&file, &bytes);
     let bytes = std::fs::read(&path).expect("seed bytes");
@@ -145,7 +156,11 @@ fn compress_cluster_one(file: &File, bytes: &[u8], zstd: bool, cluster_bits: u32
     let plain: Vec<u8> = (0..cluster).map(|i| (i / 7) as u8).collect();
     let compressed = if zstd {
         let mut out = Vec::new();
-        ruzstd::encoding::compress(&plain[..], &mut out, ruzstd::encoding::CompressionLevel::Fastest);
+        ruzstd::encoding::compress(
+            &plain[..],
+            &mut out,
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
         out
     } else {
         miniz_oxide::deflate::compress_to_vec(&plain, 6)
@@ -156,9 +171,11 @@ fn compress_cluster_one(file: &File, bytes: &[u8], zstd: bool, cluster_bits: u32
     let shift = 62 - (cluster_bits - 8);
     let entry = (1u64 << 62) | ((sectors - 1) << shift) | at;
     let l2 = be64(bytes, be64(bytes, 40) as usize) & 0x00ff_ffff_ffff_fe00;
-    file.write_all_at(&entry.to_be_bytes(), l2 + 8).expect("seed");
+    file.write_all_at(&entry.to_be_bytes(), l2 + 8)
+        .expect("seed");
     if zstd {
-        file.write_all_at(&(1u64 << 3).to_be_bytes(), 72).expect("seed");
+        file.write_all_at(&(1u64 << 3).to_be_bytes(), 72)
+            .expect("seed");
         file.write_all_at(&[1], 104).expect("seed");
     }
 }
@@ -212,11 +229,15 @@ pub fn qcow2_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("4k-clusters", made_image(12, 1 << 20, |_, _| {})),
         (
             "zlib-cluster",
-            made_image(9, 64 << 10, |file, bytes| compress_cluster_one(file, bytes, false, 9)),
+            made_image(9, 64 << 10, |file, bytes| {
+                compress_cluster_one(file, bytes, false, 9)
+            }),
         ),
         (
             "zstd-cluster",
-            made_image(9, 64 << 10, |file, bytes| compress_cluster_one(file, bytes, true, 9)),
+            made_image(9, 64 << 10, |file, bytes| {
+                compress_cluster_one(file, bytes, true, 9)
+            }),
         ),
         (
             "version-2",

@@ -79,6 +79,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    println!("{} files replayed, {random} random inputs run", inputs.len());
+    println!(
+        "{} files replayed, {random} random inputs run",
+        inputs.len()
+    );
     ExitCode::SUCCESS
 }

@@ -75,10 +75,9 @@ impl<T> Cache<T> {
     pub fn get_mut(&mut self, offset: u64) -> Option<&mut Cached<T>> {
         self.clock += 1;
         let clock = self.clock;
-        self.entries.get_mut(&offset).map(|entry| {
-            entry.last_use = clock;
-            entry
-        })
+        let entry = self.entries.get_mut(&offset)?;
+        entry.last_use = clock;
+        Some(entry)
     }
 
     /// Whether the table at `offset` is cached.

@@ -35,10 +35,6 @@ impl Scratch {
     pub fn path(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
-
-    pub fn dir(&self) -> &Path {
-        &self.0
-    }
 }
 
 impl Drop for Scratch {
