@@ -178,7 +178,7 @@ impl DeviceManager {
             .iter()
             .enumerate()
             .map(|(index, disk)| {
-                DiskImage::open(&disk.path, disk.readonly, disk.id.as_deref())
+                DiskImage::open_as(&disk.path, disk.readonly, disk.id.as_deref(), disk.format)
                     .map(|image| OpenDisk {
                         config: disk.clone(),
                         image,
@@ -208,10 +208,11 @@ impl DeviceManager {
         ) in disks.into_iter().enumerate()
         {
             let what = format!(
-                "disk {} ({}, '{}'{})",
+                "disk {} ({}, '{}', {}{})",
                 index + 1,
                 disk_name(index),
                 disk.path.display(),
+                image.format(),
                 if disk.readonly { ", read-only" } else { "" }
             );
             let sectors = image.sectors();
