@@ -11,6 +11,8 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use kiln_vmm::config::{parse_memory_mib, ConfigError, DiskConfig, RngConfig, VsockConfig};
+use kiln_vmm::image::{create_overlay, DiskFormat, OverlayOptions};
+use kiln_vmm::snapshot::RestoreConfig;
 use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
 use signals::StopSignals;
 
@@ -36,6 +38,73 @@ enum Command {
     /// Exit status: 0 when the guest powers off or reboots, 3 when its kernel panics,
     /// 1 for Kiln errors, 2 for usage errors, 128+N when stopped by signal N.
     Run(RunArgs),
+    /// Restore a snapshot (a state file and its memory file) and run the guest on from there.
+    ///
+    /// The snapshot's disks are reopened by path and must be unchanged since it was taken;
+    /// `--disk N=PATH` uses another image for disk N (from 1), e.g. a copy for a clone.
+    /// Exit status as for `run`.
+    Restore(RestoreArgs),
+    /// Disk image tools.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The snapshot's state file.
+    #[arg(long)]
+    state: PathBuf,
+    /// The snapshot's memory file.
+    #[arg(long = "memory-file")]
+    memory_file: PathBuf,
+    /// Serial console: stdio, none, or file=PATH [default: stdio].
+    #[arg(long, default_value = "stdio")]
+    console: ConsoleConfig,
+    /// Use IMAGE for the snapshot's disk N (from 1) instead of its own path.
+    #[arg(long = "disk", value_name = "N=IMAGE", value_parser = parse_disk_override)]
+    disks: Vec<(usize, PathBuf)>,
+}
+
+fn parse_disk_override(text: &str) -> Result<(usize, PathBuf), String> {
+    let (index, path) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not N=IMAGE"))?;
+    let index: usize = index
+        .parse()
+        .ok()
+        .filter(|index| *index >= 1)
+        .ok_or_else(|| format!("'{index}' is not a disk number (1, 2, ...)"))?;
+    if path.is_empty() {
+        return Err(format!("'{text}' names no image"));
+    }
+    Ok((index - 1, PathBuf::from(path)))
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Create a qcow2 image: a copy-on-write overlay over a base image (which is never
+    /// written), or an empty image of --size.
+    Create(CreateArgs),
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    /// The base image, recorded as given: an absolute path, or one relative to the new
+    /// image's directory (as `qemu-img create -b` records it).
+    #[arg(long, short = 'b')]
+    backing: Option<PathBuf>,
+    /// The base image's format, raw or qcow2 [default: detected; a qcow2 base that has a
+    /// backing file of its own needs it given].
+    #[arg(long = "backing-format", short = 'F', value_parser = parse_format_arg)]
+    backing_format: Option<DiskFormat>,
+    /// Virtual size in bytes, or with a K, M, G or T suffix [default: the base image's].
+    #[arg(long, value_parser = parse_size_arg)]
+    size: Option<u64>,
+    /// Cluster size: a power of two from 512 to 2M [default: 64K].
+    #[arg(long = "cluster-size", value_parser = parse_cluster_size_arg)]
+    cluster_bits: Option<u32>,
+    /// The new image; an existing file is never overwritten.
+    image: PathBuf,
 }
 
 #[derive(Args)]
@@ -58,10 +127,12 @@ struct RunArgs {
     /// Serial console: stdio, none, or file=PATH [default: stdio].
     #[arg(long)]
     console: Option<ConsoleConfig>,
-    /// A raw disk image, attached as a virtio-blk disk (repeat for more: vda, vdb, ...).
-    /// `readonly`: the guest cannot write; `root`: boot from it (adds root=/dev/vdX);
-    /// `id=ID`: serial number (at most 20 bytes). Replaces the config file's disks.
-    #[arg(long = "disk", value_name = "path=IMG[,readonly][,root][,id=ID]", value_parser = parse_disk_arg)]
+    /// A disk image, attached as a virtio-blk disk (repeat for more: vda, vdb, ...).
+    /// `format`: raw or qcow2 (detected when not given; a detected qcow2 image must not name
+    /// a backing file); `readonly`: the guest cannot write; `root`: boot from it (adds
+    /// root=/dev/vdX); `id=ID`: serial number (at most 20 bytes). Replaces the config file's
+    /// disks.
+    #[arg(long = "disk", value_name = "path=IMG[,format=raw|qcow2][,readonly][,root][,id=ID]", value_parser = parse_disk_arg)]
     disks: Vec<DiskConfig>,
     /// A vsock device: guest context ID N; host clients connect to the Unix socket PATH and
     /// write `CONNECT <port>\n` (Firecracker's convention); guest connections to host port P
@@ -84,6 +155,65 @@ fn parse_log_level(text: &str) -> Result<log::LevelFilter, String> {
 
 fn parse_memory_arg(text: &str) -> Result<u32, String> {
     parse_memory_mib(text).map_err(|err| err.to_string())
+}
+
+fn parse_format_arg(text: &str) -> Result<DiskFormat, String> {
+    text.parse()
+}
+
+/// Bytes, or a number with a binary K, M, G or T suffix.
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    let bad = || format!("'{text}' is not a size (bytes, or a number with K, M, G or T)");
+    let (digits, shift) = match text.char_indices().last() {
+        Some((at, unit)) if unit.is_ascii_alphabetic() => {
+            let shift = match unit.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&text[..at], shift)
+        }
+        _ => (text, 0),
+    };
+    let number: u64 = digits.parse().map_err(|_| bad())?;
+    number.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// log2 of a cluster size given as a size.
+fn parse_cluster_size_arg(text: &str) -> Result<u32, String> {
+    let size = parse_size_arg(text)?;
+    if !size.is_power_of_two() || !(512..=2 << 20).contains(&size) {
+        return Err(format!("'{text}' is not a power of two from 512 to 2M"));
+    }
+    Ok(size.trailing_zeros())
+}
+
+fn image_create(args: CreateArgs) -> ExitCode {
+    let options = OverlayOptions {
+        backing: args.backing.clone(),
+        backing_format: args.backing_format,
+        size: args.size,
+        cluster_bits: args.cluster_bits,
+    };
+    match create_overlay(&args.image, &options) {
+        Ok(size) => {
+            match &args.backing {
+                Some(backing) => println!(
+                    "created {} ({size} bytes, over {})",
+                    args.image.display(),
+                    backing.display()
+                ),
+                None => println!("created {} ({size} bytes)", args.image.display()),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            log::error!("cannot create {}: {err}", args.image.display());
+            ExitCode::from(EXIT_KILN_ERROR)
+        }
+    }
 }
 
 fn parse_disk_arg(text: &str) -> Result<DiskConfig, String> {
@@ -164,9 +294,25 @@ fn exit_status(end: RunEnd) -> ExitCode {
 
 fn run(args: RunArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error> {
     let config = args.into_config()?;
-    let vm = Vm::new(config, start)?;
-    let handle = vm.handle();
-    let signals = StopSignals::install(handle.stop_fd())
+    run_to_end(Vm::new(config, start)?)
+}
+
+fn restore(args: RestoreArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error> {
+    let mut restore = RestoreConfig::new(args.state, args.memory_file);
+    restore.console = args.console;
+    restore.disk_overrides = args.disks;
+    let vm = Vm::restore(&restore, start)?;
+    log::info!(
+        "restored in {:.1} ms",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+    run_to_end(vm)
+}
+
+/// Runs a built VM with SIGINT/SIGTERM/SIGHUP mapped to a stop; the process exits right after.
+fn run_to_end(mut vm: Vm) -> Result<RunEnd, kiln_vmm::Error> {
+    vm.skip_teardown();
+    let signals = StopSignals::install(vm.handle().stop_fd())
         .map_err(|e| kiln_vmm::Error::Io("install signal handlers", e))?;
     let outcome = vm.run()?;
     let end = match signals.received() {
@@ -192,13 +338,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logger::init(cli.log_level);
     match cli.command {
-        Command::Run(args) => match run(args, start) {
-            Ok(outcome) => exit_status(outcome),
-            Err(err) => {
-                log::error!("{err}");
-                ExitCode::from(EXIT_KILN_ERROR)
-            }
-        },
+        Command::Run(args) => finish(run(args, start)),
+        Command::Restore(args) => finish(restore(args, start)),
+        Command::Image(ImageCommand::Create(args)) => image_create(args),
+    }
+}
+
+fn finish(result: Result<RunEnd, kiln_vmm::Error>) -> ExitCode {
+    match result {
+        Ok(end) => exit_status(end),
+        Err(err) => {
+            log::error!("{err}");
+            ExitCode::from(EXIT_KILN_ERROR)
+        }
     }
 }
 
@@ -213,6 +365,42 @@ mod tests {
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).expect("valid arguments").command {
             Command::Run(run) => run,
+            Command::Restore(_) | Command::Image(_) => panic!("not a run command"),
+        }
+    }
+
+    #[test]
+    fn restore_takes_disk_overrides_numbered_from_one() {
+        let Command::Restore(args) = parse(&[
+            "restore",
+            "--state",
+            "s",
+            "--memory-file",
+            "m",
+            "--disk",
+            "2=/copy.img",
+        ])
+        .expect("valid arguments")
+        .command
+        else {
+            panic!("not a restore command");
+        };
+        assert_eq!(args.disks, vec![(1, PathBuf::from("/copy.img"))]);
+        assert_eq!(args.console, ConsoleConfig::Stdio);
+        for bad in ["0=/x", "x=/y", "1=", "/no-number"] {
+            assert!(
+                parse(&[
+                    "restore",
+                    "--state",
+                    "s",
+                    "--memory-file",
+                    "m",
+                    "--disk",
+                    bad
+                ])
+                .is_err(),
+                "{bad} was accepted"
+            );
         }
     }
 
@@ -369,6 +557,60 @@ mod tests {
             err.to_string().contains("unknown option 'cache=none'"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn image_create_takes_a_base_format_and_size() {
+        let Command::Image(ImageCommand::Create(args)) = parse(&[
+            "image",
+            "create",
+            "--backing",
+            "base.raw",
+            "-F",
+            "raw",
+            "--size",
+            "20G",
+            "--cluster-size",
+            "4k",
+            "overlay.qcow2",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not image create");
+        };
+        assert_eq!(args.backing, Some(PathBuf::from("base.raw")));
+        assert_eq!(args.backing_format, Some(DiskFormat::Raw));
+        assert_eq!(args.size, Some(20 << 30));
+        assert_eq!(args.cluster_bits, Some(12));
+        assert!(parse(&[
+            "image",
+            "create",
+            "--cluster-size",
+            "3000",
+            "--size",
+            "1M",
+            "x"
+        ])
+        .is_err());
+        assert!(parse(&[
+            "image",
+            "create",
+            "--cluster-size",
+            "4M",
+            "--size",
+            "1M",
+            "x"
+        ])
+        .is_err());
+        assert_eq!(args.image, PathBuf::from("overlay.qcow2"));
+        assert_eq!(parse_size_arg("4096"), Ok(4096));
+        assert_eq!(parse_size_arg("3k"), Ok(3072));
+        assert!(parse_size_arg("1X").is_err());
+        assert!(parse_size_arg("G").is_err());
+        assert!(parse_size_arg("99999999999T").is_err());
+        assert!(parse(&["image", "create", "-F", "vmdk", "x.qcow2"]).is_err());
+        assert!(parse(&["image", "create"]).is_err());
     }
 
     #[test]

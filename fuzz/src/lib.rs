@@ -1,4 +1,5 @@
-//! Fuzzing harness for Kiln's virtio-blk request path.
+//! Fuzzing harnesses: Kiln's virtio-blk request path (here) and qcow2 image parsing
+//! ([`qcow2`]).
 //!
 //! One input is one guest state: a small guest memory image (descriptor table, available ring,
 //! request headers and buffers, all taken from the input) and a queue set-up. The harness runs
@@ -17,6 +18,7 @@
 pub mod vsock;
 
 pub use vsock::{run_vsock_packets, vsock_seeds, VsockStats};
+pub mod qcow2;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

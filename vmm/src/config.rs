@@ -81,6 +81,10 @@ pub struct VmConfig {
     /// Disks, in the order the guest sees them (`vda`, `vdb`, ...).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// Track the pages the guest and devices write, so that diff snapshots can save only
+    /// those (costs a little speed on guest writes while on).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
     /// A vsock device whose host side is a Unix socket (none when absent).
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
@@ -229,6 +233,7 @@ impl VmConfig {
             memory_mib: DEFAULT_MEMORY_MIB,
             console: ConsoleConfig::default(),
             disks: Vec::new(),
+            track_dirty_pages: false,
             vsock: None,
             rng: RngConfig::default(),
         }

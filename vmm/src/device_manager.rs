@@ -67,6 +67,9 @@ pub enum DeviceError {
     /// A device could not be quiesced.
     #[error("{0}: cannot pause: {1}")]
     Pause(String, PauseError),
+    /// A device's saved state could not be restored.
+    #[error("{0}: cannot restore its state: {1}")]
+    Restore(String, String),
     /// The vsock device's Unix socket could not be set up.
     #[error("vsock: {0}")]
     Vsock(MuxerError),
@@ -175,7 +178,7 @@ impl DeviceManager {
             .iter()
             .enumerate()
             .map(|(index, disk)| {
-                DiskImage::open(&disk.path, disk.readonly, disk.id.as_deref())
+                DiskImage::open_as(&disk.path, disk.readonly, disk.id.as_deref(), disk.format)
                     .map(|image| OpenDisk {
                         config: disk.clone(),
                         image,
@@ -205,10 +208,11 @@ impl DeviceManager {
         ) in disks.into_iter().enumerate()
         {
             let what = format!(
-                "disk {} ({}, '{}'{})",
+                "disk {} ({}, '{}', {}{})",
                 index + 1,
                 disk_name(index),
                 disk.path.display(),
+                image.format(),
                 if disk.readonly { ", read-only" } else { "" }
             );
             let sectors = image.sectors();
@@ -301,6 +305,27 @@ impl DeviceManager {
         for slot in &self.slots {
             lock(&slot.transport).resume();
         }
+    }
+
+    /// Puts every transport into its saved state, in slot order (a snapshot restore: the
+    /// devices were just created in the same order as when it was taken).
+    pub fn restore_states(&self, states: &[MmioState]) -> Result<(), DeviceError> {
+        if states.len() != self.slots.len() {
+            return Err(DeviceError::Restore(
+                "virtio devices".into(),
+                format!(
+                    "the snapshot has {} virtio devices, this VM {}",
+                    states.len(),
+                    self.slots.len()
+                ),
+            ));
+        }
+        for (slot, state) in self.slots.iter().zip(states) {
+            lock(&slot.transport)
+                .restore(state)
+                .map_err(|err| DeviceError::Restore(slot.what.clone(), err.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Each device's description and transport state, in slot order.

@@ -7,6 +7,7 @@
 //! caller never waits on a VM that will not answer.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -15,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use kiln_devices::virtio::mmio::MmioState;
 
 use crate::device_manager::DeviceError;
+use crate::snapshot::{SnapshotError, SnapshotKind};
 use crate::vcpu::{VcpuError, VcpuState};
 
 /// Where a VM is in its life.
@@ -53,6 +55,9 @@ pub enum ControlError {
     /// A device failed the request.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// A snapshot could not be written.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// A request for the VMM thread.
@@ -62,6 +67,11 @@ pub(crate) enum Request {
     SaveVcpus,
     RestoreVcpus(Vec<VcpuState>),
     DeviceStates,
+    Snapshot {
+        state: PathBuf,
+        memory: PathBuf,
+        kind: SnapshotKind,
+    },
 }
 
 /// The VMM thread's answer.
@@ -172,6 +182,34 @@ impl VmHandle {
             Answer::Devices(states) => Ok(states),
             _ => unreachable!("DeviceStates is answered with device states"),
         }
+    }
+
+    /// Writes a snapshot of the paused VM: its state to `state`, its RAM to `memory` (see
+    /// [`crate::snapshot`]). The VM stays paused; resume it or stop it afterwards.
+    pub fn snapshot(
+        &self,
+        state: impl Into<PathBuf>,
+        memory: impl Into<PathBuf>,
+    ) -> Result<(), ControlError> {
+        self.snapshot_of_kind(SnapshotKind::Full, state, memory)
+    }
+
+    /// [`snapshot`](Self::snapshot), full or diff. A diff writes only the pages changed since
+    /// this VM's previous snapshot (or the one it was restored from) and layers over it: its
+    /// state file names the earlier memory files, which must stay where they are. Needs
+    /// `track_dirty_pages`.
+    pub fn snapshot_of_kind(
+        &self,
+        kind: SnapshotKind,
+        state: impl Into<PathBuf>,
+        memory: impl Into<PathBuf>,
+    ) -> Result<(), ControlError> {
+        self.request(Request::Snapshot {
+            state: state.into(),
+            memory: memory.into(),
+            kind,
+        })
+        .map(drop)
     }
 
     fn request(&self, request: Request) -> Result<Answer, ControlError> {

@@ -11,17 +11,27 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod console_output;
+mod control;
 pub mod device_manager;
 pub mod event_loop;
 pub mod handle;
+pub mod host_fd;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
 
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
+
+/// Disk image tools: new qcow2 images and overlays (`kiln image create`).
+pub mod image {
+    pub use kiln_devices::virtio::block::qcow2::{create_overlay, CreateError, OverlayOptions};
+    pub use kiln_devices::virtio::block::DiskFormat;
+}
 pub use handle::{ControlError, StopHandle, VmHandle, VmState};
 pub use vm::{RunningVm, Vm, VmOutcome};
 /// The guest-memory crate Kiln is built on, so embedders use the same version.
@@ -79,6 +89,9 @@ pub enum Error {
     /// A vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
+    /// A snapshot could not be restored.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
     /// A Kiln bug: should never be seen.
     #[error("internal error: {0}")]
     Internal(&'static str),

@@ -2,10 +2,12 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::bitmap::NewBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 /// Guest memory as Kiln uses it everywhere.
-pub type GuestMemory = GuestMemoryMmap<()>;
+pub type GuestMemory = kiln_arch::GuestMemoryMmap;
 
 /// Why guest memory could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -30,42 +32,172 @@ pub enum MemoryError {
     },
 }
 
-/// Maps `size` bytes of guest RAM laid out around the 32-bit MMIO gap.
+/// Size of an x86-64 transparent huge page (a PMD mapping).
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
+
+/// Maps `size` bytes of guest RAM laid out around the 32-bit MMIO gap, each region at a
+/// host address aligned to [`HUGE_PAGE_SIZE`].
+///
+/// Why aligned: KVM maps a guest page with a 2 MiB page-table entry only when the guest
+/// physical and host virtual addresses agree modulo 2 MiB and a host huge page backs it. Guest
+/// regions start 2 MiB aligned, but `mmap` places a large anonymous mapping at any 4 KiB
+/// boundary on host kernels before 6.7; the guest then runs on 4 KiB mappings while the host
+/// still zeroes whole 2 MiB pages for it (measured in the virtual KVM host, Linux 6.1: the
+/// guest kernel reached init ~0.5 s later than with aligned memory).
 pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
-    let regions = kiln_arch::memory::arch_memory_regions(size);
-    GuestMemoryMmap::from_ranges(&regions).map_err(|err| MemoryError::Allocate {
+    let allocate_error = |reason: String| MemoryError::Allocate {
         mib: size >> 20,
-        reason: err.to_string(),
-    })
+        reason,
+    };
+    let regions = kiln_arch::memory::arch_memory_regions(size)
+        .into_iter()
+        .map(|(base, len)| aligned_region(base, len))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(allocate_error)?;
+    GuestMemory::from_regions(regions).map_err(|err| allocate_error(err.to_string()))
+}
+
+/// Maps one region at a 2 MiB-aligned host address if it can. A try fails when a free gap
+/// between `len` and `len + 2 MiB` lies above the hole (or another thread maps into the hole
+/// first); the next try keeps the misplaced mapping, so it cannot land in that gap again.
+fn aligned_region<B: NewBitmap>(
+    base: GuestAddress,
+    len: usize,
+) -> Result<GuestRegionMmap<B>, String> {
+    const TRIES: usize = 8;
+    let mut misplaced = Vec::new();
+    loop {
+        // The bitmap first: a large one is allocated with mmap, which must not take the hole.
+        let bitmap = B::with_len(len);
+        let hole = AlignedHole::open(len);
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, bitmap)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .build()
+            .map_err(|err| err.to_string())?;
+        drop(hole);
+        let aligned = (mapping.as_ptr() as usize).is_multiple_of(HUGE_PAGE_SIZE);
+        if aligned || misplaced.len() + 1 == TRIES {
+            if !aligned {
+                log::debug!(
+                    "guest memory at {:#x} landed at host address {:p}, not 2 MiB aligned",
+                    base.raw_value(),
+                    mapping.as_ptr()
+                );
+            }
+            // Unmapped here: untouched and MAP_NORESERVE, they never cost memory.
+            drop(misplaced);
+            return GuestRegionMmap::new(mapping, base)
+                .ok_or_else(|| format!("region at {:#x} overflows", base.raw_value()));
+        }
+        misplaced.push(mapping);
+    }
+}
+
+/// A free, 2 MiB-aligned stretch of address space of exactly the size about to be mapped,
+/// fenced by reserved (`PROT_NONE`) pieces on both sides until it is dropped.
+///
+/// `mmap` without an address takes the highest free gap that fits (top-down), and the fences
+/// sit in the highest gap that fitted `len + 2 MiB`, so the next mapping of `len` bytes lands in
+/// the hole unless a gap of between `len` and `len + 2 MiB` lies above it, or another thread
+/// maps there first; either only costs the alignment. Nothing outside the fences is touched.
+struct AlignedHole {
+    fences: [(usize, usize); 2],
+}
+
+impl AlignedHole {
+    fn open(len: usize) -> Option<Self> {
+        let reserved_len = len.checked_add(HUGE_PAGE_SIZE)?;
+        // SAFETY: a new private, inaccessible, unreserved mapping at an address the kernel
+        // picks; it cannot overlap or change any existing mapping.
+        let reserved = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserved_len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if reserved == libc::MAP_FAILED {
+            return None;
+        }
+        let start = reserved as usize;
+        let hole = start.next_multiple_of(HUGE_PAGE_SIZE);
+        let end = start + reserved_len;
+        // SAFETY: [hole, hole + len) lies inside the reservation made above, which nothing else
+        // refers to.
+        unsafe { libc::munmap(hole as *mut libc::c_void, len) };
+        Some(Self {
+            fences: [(start, hole - start), (hole + len, end - (hole + len))],
+        })
+    }
+}
+
+impl Drop for AlignedHole {
+    fn drop(&mut self) {
+        for (start, len) in self.fences {
+            if len > 0 {
+                // SAFETY: each fence is what is left of this hole's own reservation; nothing
+                // else can have been mapped over it (only MAP_FIXED could, and nothing uses it).
+                unsafe { libc::munmap(start as *mut libc::c_void, len) };
+            }
+        }
+    }
 }
 
 /// Asks for transparent huge pages on guest RAM: a guest first-touching its memory then takes
 /// one fault per 2 MiB instead of one per 4 KiB. Advisory: failure only costs speed.
+///
+/// Except the first 2 MiB: Kiln writes its boot structures there (zero page, GDT, page tables,
+/// command line, MP and ACPI tables), a few KiB in all, and a huge page would make the host
+/// zero and keep 2 MiB for them in every VM (measured with the `exit` guest: 5.1 MiB peak RSS
+/// instead of 3.1 MiB). Linux only keeps firmware data and its real-mode trampoline there.
 pub fn advise_huge_pages(memory: &GuestMemory) {
     for region in memory.iter() {
         let Ok(host_address) = memory.get_host_address(region.start_addr()) else {
             continue;
         };
-        // SAFETY: the range is exactly one live mapping owned by `memory`; MADV_HUGEPAGE only
-        // changes how the kernel backs it, never its contents or validity.
-        let result = unsafe {
-            libc::madvise(
-                host_address.cast(),
-                region.len() as usize,
-                libc::MADV_HUGEPAGE,
-            )
+        let len = region.len() as usize;
+        let low = if region.start_addr().raw_value() == 0 {
+            len.min(HUGE_PAGE_SIZE)
+        } else {
+            0
         };
-        if result != 0 {
-            log::debug!(
-                "madvise(MADV_HUGEPAGE) on guest memory failed: {}",
-                std::io::Error::last_os_error()
-            );
+        // SAFETY: both ranges lie inside one live mapping owned by `memory`; the advice only
+        // changes how the kernel backs them, never their contents or validity.
+        unsafe {
+            madvise_or_log(host_address, low, libc::MADV_NOHUGEPAGE);
+            madvise_or_log(host_address.add(low), len - low, libc::MADV_HUGEPAGE);
         }
     }
 }
 
-/// Hands every region to KVM, one slot each.
-pub fn register_guest_memory(vm_fd: &VmFd, memory: &GuestMemory) -> Result<(), MemoryError> {
+/// `madvise`, logging a failure (advice only ever costs speed or memory).
+///
+/// # Safety
+/// `[address, address + len)` must lie inside a mapping the caller owns.
+unsafe fn madvise_or_log(address: *mut u8, len: usize, advice: libc::c_int) {
+    if len == 0 {
+        return;
+    }
+    // SAFETY: the caller guarantees the range is inside its own live mapping.
+    if unsafe { libc::madvise(address.cast(), len, advice) } != 0 {
+        log::debug!(
+            "madvise({advice}) on guest memory failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Hands every region to KVM, one slot each (slot = region index); with `track_dirty`, KVM
+/// logs the pages vCPUs write (for diff snapshots).
+pub fn register_guest_memory(
+    vm_fd: &VmFd,
+    memory: &GuestMemory,
+    track_dirty: bool,
+) -> Result<(), MemoryError> {
     for (slot, region) in (0u32..).zip(memory.iter()) {
         let base = region.start_addr().raw_value();
         let host_address =
@@ -77,7 +209,11 @@ pub fn register_guest_memory(vm_fd: &VmFd, memory: &GuestMemory) -> Result<(), M
                 })?;
         let kvm_region = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if track_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: base,
             memory_size: region.len(),
             userspace_addr: host_address as u64,
@@ -93,6 +229,17 @@ pub fn register_guest_memory(vm_fd: &VmFd, memory: &GuestMemory) -> Result<(), M
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_memory_is_huge_page_aligned_on_the_host() {
+        // Odd sizes too: newer host kernels align mappings of whole 2 MiB multiples themselves.
+        for mib in [3, 129, 256, 1023] {
+            let memory = create_guest_memory(mib << 20).unwrap();
+            for region in memory.iter() {
+                assert_eq!(region.as_ptr() as usize % HUGE_PAGE_SIZE, 0, "{mib} MiB");
+            }
+        }
+    }
 
     #[test]
     fn small_guest_is_one_region() {

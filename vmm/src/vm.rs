@@ -1,7 +1,6 @@
 //! A microVM from a [`VmConfig`]: built by [`Vm::new`], run to its end by [`Vm::run`].
 
-use std::fs::File;
-use std::io::Write;
+use std::path::Path;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -17,19 +16,25 @@ use kiln_devices::bus::Bus;
 use kiln_devices::exit::{ExitNotifier, StopReason};
 use kiln_devices::legacy::acpi_pm::AcpiPmDevice;
 use kiln_devices::legacy::boot_timer::BootTimer;
-use kiln_devices::legacy::i8042::I8042Device;
+use kiln_devices::legacy::i8042::{I8042Device, I8042_PORT_LEN};
 use kiln_devices::legacy::pvpanic::PvPanicDevice;
 use kiln_devices::legacy::serial::{EventFdTrigger, SerialDevice};
 use kiln_devices::log_limit::LogLimiter;
 use kiln_devices::virtio::EventLoopHandle;
 
 use crate::config::{host_memory_mib, ConsoleConfig, VmConfig};
+use crate::console_output::{self, ConsoleDrain};
+use crate::control::Controller;
 use crate::device_manager::DeviceManager;
 use crate::event_loop::{ConsoleInput, EventLoop, StopWatcher};
-use crate::handle::{Answer, ControlError, Envelope, Request, VmHandle, VmState};
+use crate::handle::{Envelope, VmHandle, VmState};
 use crate::kvm::{open_kvm, KvmHost, KVM_DEVICE};
 use crate::loader::{load_cmdline, load_initrd, load_kernel, LoadedKernel};
 use crate::memory::{advise_huge_pages, create_guest_memory, register_guest_memory, GuestMemory};
+use crate::snapshot::{
+    check_cpuid, check_disks, map_memory_layers, read_state_file, MemoryLayer, RestoreConfig,
+    SavedIrqchip, SnapshotError, VmSnapshot,
+};
 use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, Vcpu, VcpuThreads};
 use crate::Error;
@@ -85,7 +90,7 @@ pub struct Vm {
     // Field order is drop order: vCPUs and the VM fd go before the memory they point into
     // (each vCPU also holds its own reference to the memory).
     vcpus: Vec<Vcpu>,
-    _vm_fd: VmFd,
+    vm_fd: VmFd,
     kvm: KvmHost,
     memory: GuestMemory,
     exit: ExitNotifier,
@@ -96,6 +101,16 @@ pub struct Vm {
     virtio: DeviceManager,
     handle: VmHandle,
     requests: Receiver<Envelope>,
+    /// Restored from a snapshot: devices are paused until the VM runs.
+    devices_paused: bool,
+    /// Start with the vCPUs parked (a restore asked to stay paused).
+    start_paused: bool,
+    /// Writes the guest's console output on the event loop; finished when the VM ends.
+    console: Arc<Mutex<ConsoleDrain>>,
+    /// The memory files of the snapshot this VM was restored from (a diff layers on them).
+    memory_layers: Vec<MemoryLayer>,
+    /// Leave the KVM VM and guest memory to the process's exit (see `skip_teardown`).
+    skip_teardown: bool,
 }
 
 impl std::fmt::Debug for Vm {
@@ -109,6 +124,43 @@ impl Vm {
     /// and vCPUs. `start` is when the process started (the boot timer measures from it).
     pub fn new(config: VmConfig, start: Instant) -> Result<Self, Error> {
         config.validate(host_memory_mib())?;
+        Self::build(config, start, None)
+    }
+
+    /// Builds a VM from a snapshot (see [`crate::snapshot`]): checks the state file, this
+    /// host's CPU features and the disks before anything is created, maps the memory file,
+    /// and puts every vCPU and device back where it was. The guest then runs on from there
+    /// (or waits for [`VmHandle::resume`] when `restore.resume` is false).
+    pub fn restore(restore: &RestoreConfig, start: Instant) -> Result<Self, Error> {
+        let snapshot = read_state_file(&restore.state)?;
+        let disks = check_disks(&snapshot.disks, &restore.disk_overrides)?;
+        let mut config = snapshot.config.clone();
+        config.console = restore.console.clone();
+        config.disks = disks;
+        if let Some(track) = restore.track_dirty_pages {
+            config.track_dirty_pages = track;
+        }
+        if snapshot.vcpus.len() != usize::from(config.cpus) {
+            return Err(SnapshotError::Corrupt {
+                path: restore.state.clone(),
+                reason: format!(
+                    "{} vCPU states for a VM of {} vCPUs",
+                    snapshot.vcpus.len(),
+                    config.cpus
+                ),
+            }
+            .into());
+        }
+        let mut vm = Self::build(config, start, Some((&snapshot, restore.memory.as_path())))?;
+        vm.start_paused = !restore.resume;
+        Ok(vm)
+    }
+
+    fn build(
+        config: VmConfig,
+        start: Instant,
+        snapshot: Option<(&VmSnapshot, &Path)>,
+    ) -> Result<Self, Error> {
         let disks = DeviceManager::open_disks(&config.disks)?;
         let kvm = open_kvm(KVM_DEVICE)?;
         if usize::from(config.cpus) > kvm.max_vcpus {
@@ -117,27 +169,23 @@ impl Vm {
                 max: kvm.max_vcpus,
             });
         }
-        let vm_fd = kvm
-            .kvm
-            .create_vm()
-            .map_err(|e| Error::KvmIoctl("create the VM", e))?;
-        vm_fd
-            .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
-            .map_err(|e| Error::KvmIoctl("set the TSS address", e))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(|e| Error::KvmIoctl("create the in-kernel irqchip", e))?;
-        let pit_config = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd
-            .create_pit2(pit_config)
-            .map_err(|e| Error::KvmIoctl("create the in-kernel PIT", e))?;
+        if let Some((saved, _)) = snapshot {
+            let host = host_cpuid(&kvm, config.cpus)?;
+            for vcpu in &saved.vcpus {
+                check_cpuid(&vcpu.cpuid, &host)?;
+            }
+        }
+        let vm_fd = create_vm_fd(&kvm)?;
 
-        let memory = create_guest_memory(config.memory_bytes())?;
-        advise_huge_pages(&memory);
-        register_guest_memory(&vm_fd, &memory)?;
+        let memory = match snapshot {
+            None => {
+                let memory = create_guest_memory(config.memory_bytes())?;
+                advise_huge_pages(&memory);
+                memory
+            }
+            Some((saved, path)) => map_memory_layers(path, &saved.memory, &saved.memory_layers)?,
+        };
+        register_guest_memory(&vm_fd, &memory, config.track_dirty_pages)?;
 
         let event_loop = EventLoop::new().map_err(Error::EventLoop)?;
         let mut virtio = DeviceManager::new();
@@ -148,22 +196,11 @@ impl Vm {
         }
         virtio.add_rng(&vm_fd, &memory, &loop_handle, &config.rng)?;
 
-        let kernel = load_kernel(&memory, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(load_initrd(&memory, path, kernel.end)?),
-            None => None,
+        let entry = match snapshot {
+            None => load_guest(&memory, &config, &virtio)?,
+            // Every register comes from the snapshot.
+            Some(_) => GuestAddress(0),
         };
-        let cmdline = config.kernel_cmdline(&virtio.cmdline_args());
-        let cmdline_size = load_cmdline(&memory, &cmdline)?;
-        log::debug!("kernel command line: {cmdline}");
-        configure_platform(
-            &memory,
-            &config,
-            &kernel,
-            initrd,
-            cmdline_size,
-            virtio.acpi_devices(),
-        )?;
 
         let exit = ExitNotifier::new().map_err(|e| Error::Io("create the exit eventfd", e))?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
@@ -176,22 +213,57 @@ impl Vm {
                 .try_clone()
                 .map_err(|e| Error::Io("clone the serial interrupt eventfd", e))?,
         );
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_trigger,
-            console_output(&config.console)?,
-        )));
-        let (io_bus, mmio_bus) = build_buses(&exit, &serial, start, &virtio)?;
+        let (console_writer, console) = console_output::open(&config.console)?;
+        let serial_out: Box<dyn std::io::Write + Send> = Box::new(console_writer);
+        let serial = match snapshot {
+            None => SerialDevice::new(serial_trigger, serial_out),
+            Some((saved, _)) => SerialDevice::restore(&saved.serial, serial_trigger, serial_out)
+                .map_err(|err| SnapshotError::Device("serial port".into(), err.to_string()))?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        let keyboard_irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| Error::Io("create the i8042 keyboard interrupt eventfd", e))?;
+        vm_fd
+            .register_irqfd(&keyboard_irq, layout::I8042_KEYBOARD_IRQ)
+            .map_err(|e| Error::KvmIoctl("connect the i8042 keyboard interrupt", e))?;
+        let i8042 = I8042Device::new(exit.clone())
+            .with_keyboard_interrupt(EventFdTrigger::new(keyboard_irq));
+        let (io_bus, mmio_bus) = build_buses(&exit, &serial, i8042, start, &virtio)?;
 
-        let vcpus = create_vcpus(
-            &kvm, &vm_fd, &memory, &config, &kernel, io_bus, mmio_bus, &exit,
+        if let Some((saved, _)) = snapshot {
+            restore_vm_state(&vm_fd, &saved.irqchip)?;
+        }
+        let mut vcpus = create_vcpus(
+            &kvm, &vm_fd, &memory, &config, entry, io_bus, mmio_bus, &exit,
         )?;
+        if let Some((saved, _)) = snapshot {
+            for (vcpu, state) in vcpus.iter_mut().zip(&saved.vcpus) {
+                state.restore(&vcpu.fd, &vcpu.cpuid).map_err(|source| {
+                    Error::Vcpu(crate::vcpu::VcpuError::State {
+                        id: vcpu.id,
+                        source,
+                    })
+                })?;
+                vcpu.cpuid.clone_from(&state.cpuid);
+            }
+            virtio.restore_states(&saved.virtio)?;
+            if let Some(vsock) = virtio.vsock() {
+                // Connections do not survive a restore (their host sockets belonged to the old
+                // process): the guest is told to reset its vsock sockets, as Firecracker does.
+                vsock
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .device()
+                    .reset_transport();
+            }
+        }
         let (handle, requests) =
             VmHandle::new().map_err(|e| Error::Io("create the control eventfds", e))?;
 
         Ok(Self {
             config,
             vcpus,
-            _vm_fd: vm_fd,
+            vm_fd,
             kvm,
             memory,
             exit,
@@ -201,7 +273,22 @@ impl Vm {
             virtio,
             handle,
             requests,
+            devices_paused: snapshot.is_some(),
+            start_paused: false,
+            console: Arc::new(Mutex::new(console)),
+            memory_layers: snapshot
+                .map(|(saved, path)| restored_layers(saved, path))
+                .unwrap_or_default(),
+            skip_teardown: false,
         })
+    }
+
+    /// For a process that exits as soon as [`Vm::run`] returns (the CLI): the KVM VM and the
+    /// guest memory are left to the kernel's process teardown instead of being destroyed
+    /// first, which saves the exit path about half a millisecond of CPU. They are leaked
+    /// otherwise: never use this in a process that goes on.
+    pub fn skip_teardown(&mut self) {
+        self.skip_teardown = true;
     }
 
     /// A handle other threads use to control the VM (stop, pause, resume...) while
@@ -257,6 +344,7 @@ impl Vm {
             self.handle.wake_eventfd(),
         )));
         event_loop.add_subscriber(watcher.clone());
+        event_loop.add_subscriber(self.console.clone());
 
         let _raw_terminal = if self.config.console == ConsoleConfig::Stdio {
             let raw_terminal = RawTerminal::enable(libc::STDIN_FILENO).unwrap_or_else(|err| {
@@ -276,11 +364,28 @@ impl Vm {
             None
         };
 
-        // Running from here on: requests are served once the loop below runs.
-        self.handle.set_state(VmState::Running);
-        let mut threads = VcpuThreads::spawn(std::mem::take(&mut self.vcpus), true)?;
+        // Running (or paused) from here on: requests are served once the loop below runs.
+        let mut paused = self.start_paused;
+        if self.devices_paused && !paused {
+            self.virtio.resume_all();
+        }
+        self.handle.set_state(if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        });
+        let threads = VcpuThreads::spawn(std::mem::take(&mut self.vcpus), !paused)?;
+        let mut controller = Controller {
+            threads,
+            virtio: &self.virtio,
+            handle: &self.handle,
+            vm_fd: &self.vm_fd,
+            memory: &self.memory,
+            serial: &self.devices.serial,
+            config: &self.config,
+            layers: std::mem::take(&mut self.memory_layers),
+        };
         let mut loop_result = Ok(());
-        let mut paused = false;
         while loop_result.is_ok() {
             if watcher.lock().unwrap_or_else(|p| p.into_inner()).stopping() {
                 break;
@@ -290,20 +395,31 @@ impl Vm {
                 break;
             }
             while let Ok((request, reply)) = self.requests.try_recv() {
-                let answer = serve(request, &threads, &mut paused, &self.virtio, &self.handle);
+                let answer = controller.serve(request, &mut paused);
                 // The requester may have gone away; nothing to do then.
                 let _ = reply.send(answer);
             }
         }
         self.handle.set_state(VmState::Ended);
-        let vcpu_error = threads.stop_all();
-        if let Err(err) = std::io::stdout().flush() {
-            log::debug!("cannot flush the console: {err}");
-        }
+        let vcpu_error = controller.threads.stop_all();
+        // Bounded: a reader that stopped reading cannot hold the VM's end.
+        self.console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finish();
         loop_result?;
 
         let stopped = watcher.lock().unwrap_or_else(|p| p.into_inner()).stopping();
-        match self.exit.reason() {
+        let reason = self.exit.reason();
+        if self.skip_teardown {
+            // The process exits next: the kernel takes the VM and its memory down then,
+            // without Kiln waiting for it first. Nothing runs the guest any more (the vCPU
+            // threads are joined), and the disks' I/O threads still stop as usual.
+            std::mem::forget(controller);
+            std::mem::forget(self.vm_fd);
+            std::mem::forget(self.memory);
+        }
+        match reason {
             Some(StopReason::PowerOff) => Ok(VmOutcome::PowerOff),
             Some(StopReason::Reset) => Ok(VmOutcome::Reset),
             Some(StopReason::Panic) => Ok(VmOutcome::Panic),
@@ -323,66 +439,92 @@ impl Vm {
     }
 }
 
-/// Carries out one control request on the VMM thread.
-fn serve(
-    request: Request,
-    threads: &VcpuThreads,
-    paused: &mut bool,
-    virtio: &DeviceManager,
-    handle: &VmHandle,
-) -> Result<Answer, ControlError> {
-    match request {
-        Request::Pause if *paused => Ok(Answer::Done),
-        Request::Pause => {
-            // vCPUs first: once they are parked no driver can add work, then the devices
-            // finish what they have and stop.
-            threads.pause_all()?;
-            if let Err(err) = virtio.pause_all() {
-                threads.run_all()?;
-                return Err(err.into());
-            }
-            *paused = true;
-            handle.set_state(VmState::Paused);
-            log::debug!("VM paused");
-            Ok(Answer::Done)
-        }
-        Request::Resume if !*paused => Ok(Answer::Done),
-        Request::Resume => {
-            virtio.resume_all();
-            threads.run_all()?;
-            *paused = false;
-            handle.set_state(VmState::Running);
-            log::debug!("VM resumed");
-            Ok(Answer::Done)
-        }
-        Request::SaveVcpus if !*paused => Err(ControlError::NotPaused),
-        Request::SaveVcpus => Ok(Answer::Vcpus(threads.save_all()?)),
-        Request::RestoreVcpus(_) if !*paused => Err(ControlError::NotPaused),
-        Request::RestoreVcpus(states) if states.len() != threads.len() => {
-            Err(ControlError::VcpuCount {
-                expected: threads.len(),
-                given: states.len(),
-            })
-        }
-        Request::RestoreVcpus(states) => {
-            threads.restore_all(states)?;
-            Ok(Answer::Done)
-        }
-        Request::DeviceStates => Ok(Answer::Devices(virtio.states())),
+/// The chain a restored VM's next diff snapshot layers on: the snapshot's own, with its newest
+/// file where it was restored from.
+fn restored_layers(saved: &VmSnapshot, path: &Path) -> Vec<MemoryLayer> {
+    let mut layers = saved.memory_layers.clone();
+    if let Some(last) = layers.last_mut() {
+        last.path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     }
+    layers
 }
 
-fn console_output(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, Error> {
-    Ok(match console {
-        ConsoleConfig::Stdio => Box::new(std::io::stdout()),
-        ConsoleConfig::None => Box::new(std::io::sink()),
-        ConsoleConfig::File(path) => {
-            Box::new(File::create(path).map_err(|source| Error::ConsoleFile {
-                path: path.clone(),
-                source,
-            })?)
-        }
-    })
+/// The VM itself: TSS address, in-kernel irqchip (PICs, IOAPIC, LAPICs) and PIT.
+fn create_vm_fd(kvm: &KvmHost) -> Result<VmFd, Error> {
+    let vm_fd = kvm
+        .kvm
+        .create_vm()
+        .map_err(|e| Error::KvmIoctl("create the VM", e))?;
+    vm_fd
+        .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        .map_err(|e| Error::KvmIoctl("set the TSS address", e))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(|e| Error::KvmIoctl("create the in-kernel irqchip", e))?;
+    let pit_config = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd
+        .create_pit2(pit_config)
+        .map_err(|e| Error::KvmIoctl("create the in-kernel PIT", e))?;
+    Ok(vm_fd)
+}
+
+/// Loads kernel, initrd and command line and writes the boot tables; returns the entry point.
+fn load_guest(
+    memory: &GuestMemory,
+    config: &VmConfig,
+    virtio: &DeviceManager,
+) -> Result<GuestAddress, Error> {
+    let kernel = load_kernel(memory, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(load_initrd(memory, path, kernel.end)?),
+        None => None,
+    };
+    let cmdline = config.kernel_cmdline(&virtio.cmdline_args());
+    let cmdline_size = load_cmdline(memory, &cmdline)?;
+    log::debug!("kernel command line: {cmdline}");
+    configure_platform(
+        memory,
+        config,
+        &kernel,
+        initrd,
+        cmdline_size,
+        virtio.acpi_devices(),
+    )?;
+    Ok(kernel.entry)
+}
+
+/// The CPUID a new vCPU gets on this host (KVM's supported set, adjusted as Kiln adjusts it).
+fn host_cpuid(kvm: &KvmHost, cpus: u8) -> Result<kvm_bindings::CpuId, Error> {
+    let mut cpuid = kvm
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::KvmIoctl("read the supported CPUID", e))?;
+    kiln_arch::cpuid::filter_cpuid(&mut cpuid, 0, cpus).map_err(arch("set up CPUID"))?;
+    let tsc_deadline = kvm.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    kiln_arch::cpuid::set_tsc_deadline_timer(&mut cpuid, tsc_deadline)
+        .map_err(arch("set up CPUID"))?;
+    Ok(cpuid)
+}
+
+/// Puts the interrupt controllers, the PIT and kvmclock back as a snapshot saved them.
+fn restore_vm_state(vm_fd: &VmFd, saved: &SavedIrqchip) -> Result<(), Error> {
+    let kvm = |what| move |err| Error::from(SnapshotError::Kvm(what, err));
+    for chip in [&saved.pic_master, &saved.pic_slave, &saved.ioapic] {
+        vm_fd
+            .set_irqchip(chip)
+            .map_err(kvm("restore the interrupt controllers"))?;
+    }
+    vm_fd.set_pit2(&saved.pit).map_err(kvm("restore the PIT"))?;
+    // The guest's clock continues from the snapshot's time (no flags: no realtime catch-up).
+    let clock = kvm_bindings::kvm_clock_data {
+        clock: saved.clock.clock,
+        ..Default::default()
+    };
+    vm_fd.set_clock(&clock).map_err(kvm("restore kvmclock"))?;
+    Ok(())
 }
 
 fn configure_platform(
@@ -416,6 +558,7 @@ fn configure_platform(
 fn build_buses(
     exit: &ExitNotifier,
     serial: &Arc<Mutex<SerialDevice>>,
+    i8042: I8042Device,
     start: Instant,
     virtio: &DeviceManager,
 ) -> Result<(Arc<Bus>, Arc<Bus>), Error> {
@@ -426,9 +569,9 @@ fn build_buses(
         .map_err(bus_err("serial port"))?;
     io_bus
         .insert(
-            Arc::new(Mutex::new(I8042Device::new(exit.clone()))),
+            Arc::new(Mutex::new(i8042)),
             u64::from(layout::I8042_PORT_BASE),
-            5,
+            I8042_PORT_LEN,
         )
         .map_err(bus_err("i8042"))?;
     io_bus
@@ -468,7 +611,7 @@ fn create_vcpus(
     vm_fd: &VmFd,
     memory: &GuestMemory,
     config: &VmConfig,
-    kernel: &LoadedKernel,
+    entry: GuestAddress,
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     exit: &ExitNotifier,
@@ -500,7 +643,7 @@ fn create_vcpus(
         fd.set_cpuid2(&cpuid)
             .map_err(|e| Error::KvmIoctl("set the vCPU's CPUID", e))?;
         kiln_arch::msr::setup_msrs(&fd).map_err(arch("set the boot MSRs"))?;
-        kiln_arch::regs::setup_regs(&fd, kernel.entry).map_err(arch("set the registers"))?;
+        kiln_arch::regs::setup_regs(&fd, entry).map_err(arch("set the registers"))?;
         kiln_arch::regs::setup_fpu(&fd).map_err(arch("set up the FPU"))?;
         kiln_arch::regs::setup_sregs(memory, &fd).map_err(arch("set the special registers"))?;
         kiln_arch::interrupts::set_lint(&fd).map_err(arch("set up the local APIC"))?;
@@ -512,6 +655,7 @@ fn create_vcpus(
             exit: exit.clone(),
             memory: memory.clone(),
             msr_indices: msr_indices.clone(),
+            cpuid: cpuid.as_slice().to_vec(),
             warnings: LogLimiter::new(),
         });
     }

@@ -89,6 +89,9 @@ pub fn next_chain<'a>(
     Ok(available.next())
 }
 
+/// The dirty-page bitmap slice that comes with every piece of Kiln's guest memory.
+pub type GuestBitmap<'a> = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>;
+
 /// An event subscriber that can be shared with the VMM thread's event loop.
 ///
 /// The same type as `kiln_vmm::event_loop::SharedSubscriber`; it is spelled out here because
@@ -172,6 +175,14 @@ impl Interrupt {
     /// The eventfd behind the interrupt line.
     pub fn eventfd(&self) -> &EventFd {
         &self.irq
+    }
+
+    /// Sets the registers a snapshot saved.
+    pub(crate) fn restore(&self, status: u32, config_generation: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::Release);
+        self.config_generation
+            .store(config_generation, Ordering::Release);
+        self.needs_reset.store(needs_reset, Ordering::Release);
     }
 
     /// Back to power-on state (device reset): no pending interrupt, no reset request.

@@ -62,6 +62,7 @@ pub struct GuestTest {
     cmdline: Option<String>,
     kernel: KernelVariant,
     disks: Vec<GuestDisk>,
+    backing_files: Vec<PathBuf>,
     extra_args: Vec<String>,
     timeout: Duration,
     vsock_cid: Option<u64>,
@@ -87,6 +88,7 @@ impl GuestTest {
             cmdline: None,
             kernel: KernelVariant::default(),
             disks: Vec::new(),
+            backing_files: Vec::new(),
             extra_args: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
             vsock_cid: None,
@@ -170,6 +172,20 @@ impl GuestTest {
         }
     }
 
+    /// Makes the host image at `path` (absolute) available to Kiln at that same path: a file a
+    /// disk refers to, such as a qcow2 backing file named by its absolute path. Direct mode
+    /// needs nothing; in vhost mode it is a read-only drive of the virtual host, linked at
+    /// `path` inside.
+    pub fn backing_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.backing_files.push(path.into());
+        self
+    }
+
+    /// The files added with [`GuestTest::backing_file`].
+    pub fn backing_files(&self) -> &[PathBuf] {
+        &self.backing_files
+    }
+
     /// Adds arguments to `kiln run` after the ones the harness generates.
     pub fn kiln_args<I, S>(mut self, args: I) -> Self
     where
@@ -246,6 +262,13 @@ impl GuestTest {
                  they work in both modes"
                     .to_string(),
             );
+        }
+        if let Some(path) = self.backing_files.iter().find(|path| !path.is_absolute()) {
+            return Some(format!(
+                "backing file {} must be given by an absolute path (it is linked at that path \
+                 inside the virtual KVM host)",
+                path.display()
+            ));
         }
         self.disks.iter().find_map(GuestDisk::problem)
     }

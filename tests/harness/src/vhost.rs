@@ -254,6 +254,13 @@ fn write_payload(
             }),
         );
         command.extend(test.vsock_arguments(&format!("{guest_dir}/vsock.sock")));
+        for (drive, path) in plan.links.get(index).into_iter().flatten() {
+            run.push_str(&format!(
+                "link_drive {} {}\n",
+                DrivePlan::device(*drive),
+                shell_quote(&path.to_string_lossy())
+            ));
+        }
         let quoted: Vec<String> = command.iter().map(|word| shell_quote(word)).collect();
         run.push_str(&format!("run_test {}\n", quoted.join(" ")));
     }

@@ -58,6 +58,12 @@ finish_host() {
     fi
 }
 
+# link_drive DEVICE PATH: makes PATH (a host path a disk image refers to, e.g. a qcow2 backing
+# file) lead to DEVICE, the drive that holds that file here.
+link_drive() {
+    mkdir -p "$(dirname "$2")" && ln -sf "$1" "$2"
+}
+
 # run_test INDEX LIMIT_SECS DIR COMMAND...
 # DIR holds test.cpio (appended to the base initramfs to make DIR/initrd), name and, when the
 # test has disks, disks; host.sh when it has a host script.

@@ -190,7 +190,10 @@ impl Connection {
 
     /// Takes the guest's data for the host: written to the socket at once if it takes it, the
     /// rest buffered within the credit Kiln advertised.
-    pub fn send_to_host(&mut self, data: &VolatileSlice<'_, ()>) -> Result<(), ConnError> {
+    pub fn send_to_host(
+        &mut self,
+        data: &VolatileSlice<'_, crate::virtio::GuestBitmap<'_>>,
+    ) -> Result<(), ConnError> {
         if self.guest_sends_no_more {
             return Err(ConnError::Protocol(
                 "data after the guest shut down sending",
@@ -367,7 +370,10 @@ impl Connection {
 
     /// Reads host data into the guest's buffer. `Ok(0)` is EOF (then Kiln owes the guest a
     /// `SHUTDOWN`); would-block clears the readiness.
-    pub fn read_from_host(&mut self, buffer: &mut VolatileSlice<'_, ()>) -> io::Result<usize> {
+    pub fn read_from_host(
+        &mut self,
+        buffer: &mut VolatileSlice<'_, crate::virtio::GuestBitmap<'_>>,
+    ) -> io::Result<usize> {
         loop {
             match (&self.stream).read_volatile(buffer) {
                 Ok(0) => {

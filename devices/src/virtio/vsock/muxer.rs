@@ -276,7 +276,11 @@ impl Muxer {
     }
 
     /// Handles one packet from the guest. `data` is its payload (RW only).
-    pub fn handle_guest_packet(&mut self, header: &Header, data: Option<&VolatileSlice<'_, ()>>) {
+    pub fn handle_guest_packet(
+        &mut self,
+        header: &Header,
+        data: Option<&VolatileSlice<'_, crate::virtio::GuestBitmap<'_>>>,
+    ) {
         if header.src_cid != self.guest_cid || header.dst_cid != HOST_CID {
             warn_limited!(
                 self.guest_log,
@@ -486,7 +490,10 @@ impl Muxer {
     /// Writes the next packet for the guest into a receive buffer: `Some(used length)` (0: the
     /// buffer cannot hold what is next and goes back empty), or `None` when there is nothing to
     /// send (the buffer is untouched).
-    pub fn write_packet(&mut self, packet: &mut super::packet::VsockPacket<'_, ()>) -> Option<u32> {
+    pub fn write_packet(
+        &mut self,
+        packet: &mut super::packet::VsockPacket<'_, crate::virtio::GuestBitmap<'_>>,
+    ) -> Option<u32> {
         if let Some(rst) = self.resets.pop_front() {
             return Some(write_header(packet, &rst));
         }
@@ -581,7 +588,10 @@ impl Drop for Muxer {
 }
 
 /// Writes `header` into a receive buffer; returns the used length (header plus payload).
-fn write_header(packet: &mut super::packet::VsockPacket<'_, ()>, header: &Header) -> u32 {
+fn write_header(
+    packet: &mut super::packet::VsockPacket<'_, crate::virtio::GuestBitmap<'_>>,
+    header: &Header,
+) -> u32 {
     // The buffer was checked to hold a header when the packet was parsed.
     if let Err(err) = packet.set_header_from_raw(&header.to_bytes()) {
         log::error!("vsock: cannot write a packet header: {err}");

@@ -121,7 +121,7 @@ impl Header {
     }
 
     /// The header of a packet parsed by the `virtio-vsock` crate.
-    pub fn of(packet: &VsockPacket<'_, ()>) -> Self {
+    pub fn of(packet: &VsockPacket<'_, crate::virtio::GuestBitmap<'_>>) -> Self {
         Self {
             src_cid: packet.src_cid(),
             dst_cid: packet.dst_cid(),
