@@ -5,10 +5,15 @@
  * picture and every request reaches the virtual disk), one request at a time (queue depth 1):
  *
  *   1. sequential write: SEQ_MIB MiB in 1 MiB requests from offset 0, then fsync (a virtio-blk
- *      flush), timed together;
- *   2. sequential read of the same range in 1 MiB requests;
- *   3. 4 KiB random reads at 4 KiB-aligned offsets inside that range, from a PRNG seeded with
- *      SEED (xorshift64*), for RAND_SECS seconds.
+ *      flush), timed together (on a fresh qcow2 overlay: every cluster is allocated here);
+ *   2. the same again (now in place: "allocated");
+ *   3. sequential read of the same range in 1 MiB requests;
+ *   4. 4 KiB random reads at 4 KiB-aligned offsets inside that range, from a PRNG seeded with
+ *      SEED (xorshift64*), for RAND_SECS seconds;
+ *   5. 4 KiB random writes inside that range for RAND_SECS seconds, then fsync;
+ *   6. 4 KiB random writes in the next SEQ_MIB MiB, never written before (on a fresh overlay:
+ *      each one allocates a cluster and copies the rest of it from the base), for RAND_SECS
+ *      seconds, then fsync.
  *
  * Every 4 KiB block written carries a stamp (magic, its own offset, SEED), and every read
  * checks it: a disk that returns wrong data (or nothing) makes the run fail instead of looking
@@ -16,8 +21,11 @@
  *
  * Output, one line per figure (MB = 10^6 bytes):
  *   KILN-BLK name=seq_write value=123.45 unit=MB/s bytes=67108864 ns=543210000
+ *   KILN-BLK name=seq_rewrite value=... unit=MB/s bytes=... ns=...
  *   KILN-BLK name=seq_read value=... unit=MB/s bytes=... ns=...
  *   KILN-BLK name=rand_read_4k value=... unit=IOPS ops=... ns=...
+ *   KILN-BLK name=rand_write_4k value=... unit=IOPS ops=... ns=...
+ *   KILN-BLK name=rand_write_4k_fresh value=... unit=IOPS ops=... ns=...
  *   KILN-BLK done
  * Errors: one `KILN-BLK error ...` line on stdout, exit status 1. Usage errors: exit status 2.
  *
@@ -104,6 +112,55 @@ static void report_rate(const char *name, uint64_t bytes, uint64_t ns)
     fflush(stdout);
 }
 
+/* SEQ bytes from offset 0 in 1 MiB requests, every 4 KiB block stamped, then fsync. */
+static int sequential_write(int fd, unsigned char *buffer, uint64_t bytes, uint64_t seed,
+                            const char *name)
+{
+    uint64_t start = now_ns();
+    for (uint64_t offset = 0; offset < bytes; offset += MIB) {
+        for (uint64_t block = 0; block < MIB; block += BLOCK) {
+            struct stamp stamp = {STAMP_MAGIC, offset + block, seed};
+            memcpy(buffer + block, &stamp, sizeof(stamp));
+        }
+        ssize_t done = pwrite(fd, buffer, MIB, (off_t)offset);
+        if (done != (ssize_t)MIB)
+            return fail("write", offset, done < 0 ? errno : 0);
+    }
+    if (fsync(fd) != 0)
+        return fail("fsync", 0, errno);
+    report_rate(name, bytes, now_ns() - start);
+    return 0;
+}
+
+/* 4 KiB stamped writes at random blocks of [base, base + bytes) for SECS seconds, then fsync. */
+static int random_write(int fd, unsigned char *buffer, uint64_t base, uint64_t bytes,
+                        uint64_t secs, uint64_t seed, const char *name)
+{
+    uint64_t blocks = bytes / BLOCK;
+    uint64_t state = seed ^ base ^ UINT64_C(0x5752495445);
+    uint64_t ops = 0;
+    uint64_t limit = secs * 1000000000u;
+    uint64_t elapsed = 0;
+    uint64_t start = now_ns();
+    while (elapsed < limit) {
+        uint64_t offset = base + (next_random(&state) % blocks) * BLOCK;
+        struct stamp stamp = {STAMP_MAGIC, offset, seed};
+        memcpy(buffer, &stamp, sizeof(stamp));
+        ssize_t done = pwrite(fd, buffer, BLOCK, (off_t)offset);
+        if (done != (ssize_t)BLOCK)
+            return fail("random write", offset, done < 0 ? errno : 0);
+        ops++;
+        elapsed = now_ns() - start;
+    }
+    if (fsync(fd) != 0)
+        return fail("fsync", 0, errno);
+    elapsed = now_ns() - start;
+    printf("KILN-BLK name=%s value=%.1f unit=IOPS ops=%" PRIu64 " ns=%" PRIu64 "\n", name,
+           (double)ops * 1e9 / (double)elapsed, ops, elapsed);
+    fflush(stdout);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     uint64_t seq_mib, rand_secs, seed;
@@ -139,24 +196,14 @@ int main(int argc, char **argv)
         memcpy(buffer + i, &word, sizeof(word));
     }
 
-    /* 1. Sequential write + fsync. */
-    uint64_t start = now_ns();
-    for (uint64_t offset = 0; offset < bytes; offset += MIB) {
-        for (uint64_t block = 0; block < MIB; block += BLOCK) {
-            struct stamp stamp = {STAMP_MAGIC, offset + block, seed};
-            memcpy(buffer + block, &stamp, sizeof(stamp));
-        }
-        ssize_t done = pwrite(fd, buffer, MIB, (off_t)offset);
-        if (done != (ssize_t)MIB)
-            return fail("write", offset, done < 0 ? errno : 0);
-    }
-    if (fsync(fd) != 0)
-        return fail("fsync", 0, errno);
-    report_rate("seq_write", bytes, now_ns() - start);
+    /* 1. Sequential write + fsync; 2. again, over what is now written. */
+    if (sequential_write(fd, buffer, bytes, seed, "seq_write") ||
+        sequential_write(fd, buffer, bytes, seed, "seq_rewrite"))
+        return 1;
 
-    /* 2. Sequential read, every block checked (the check is a few ns per 4 KiB). */
+    /* 3. Sequential read, every block checked (the check is a few ns per 4 KiB). */
     memset(buffer, 0, MIB);
-    start = now_ns();
+    uint64_t start = now_ns();
     for (uint64_t offset = 0; offset < bytes; offset += MIB) {
         ssize_t done = pread(fd, buffer, MIB, (off_t)offset);
         if (done != (ssize_t)MIB)
@@ -167,7 +214,7 @@ int main(int argc, char **argv)
     }
     report_rate("seq_read", bytes, now_ns() - start);
 
-    /* 3. 4 KiB random reads at queue depth 1 for RAND_SECS. */
+    /* 4. 4 KiB random reads at queue depth 1 for RAND_SECS. */
     uint64_t blocks = bytes / BLOCK;
     uint64_t state = seed;
     uint64_t ops = 0;
@@ -186,6 +233,14 @@ int main(int argc, char **argv)
     }
     printf("KILN-BLK name=rand_read_4k value=%.1f unit=IOPS ops=%" PRIu64 " ns=%" PRIu64 "\n",
            (double)ops * 1e9 / (double)elapsed, ops, elapsed);
+    fflush(stdout);
+
+    /* 5. 4 KiB random writes over written blocks; 6. over blocks never written. */
+    if (random_write(fd, buffer, 0, bytes, rand_secs, seed, "rand_write_4k"))
+        return 1;
+    if (device_bytes >= 2 * bytes &&
+        random_write(fd, buffer, bytes, bytes, rand_secs, seed, "rand_write_4k_fresh"))
+        return 1;
     printf("KILN-BLK done\n");
     fflush(stdout);
     close(fd);

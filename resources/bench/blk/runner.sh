@@ -3,7 +3,8 @@
 # virtual KVM host as well as under /bin/sh on a host with real KVM). resources/bench/blk/run
 # copies it into the `run-vms` script it generates, after the settings:
 #   KILN QEMU QEMU_DATA KERNEL INITRD WORK REPS DISK_MIB MEMORY LIMIT_SECS APPEND
-#   VMMS (a list of: kiln qemu qemu_irqchip_on; each has a start_<name> function below)
+#   VMMS (a list of: kiln qemu qemu_irqchip_on kiln_qcow2 qemu_qcow2; each has a start_<name>
+#   function below; the *_qcow2 ones run on a fresh qcow2 overlay over a sparse raw base)
 # and calls `run_all`. Machine-readable results go to stdout, progress to stderr:
 #   BLK-RUN vmm=kiln rep=1 exit=0 timed_out=0 wall_ms=5230
 #   BLK-LINE vmm=kiln rep=1 KILN-BLK name=seq_write value=... (each KILN-BLK console line)
@@ -29,6 +30,12 @@ start_kiln() {
         --disk "path=$WORK/disk.img" --cmdline "$APPEND" --console stdio
 }
 
+# The same on a qcow2 overlay (format given, as a backing file requires).
+start_kiln_qcow2() {
+    exec "$KILN" run --kernel "$KERNEL" --initrd "$INITRD" --cpus 1 --memory "$MEMORY" \
+        --disk "path=$WORK/disk.qcow2,format=qcow2" --cmdline "$APPEND" --console stdio
+}
+
 # QEMU microvm's default interrupt controllers: kernel-irqchip=split (LAPIC in KVM, IOAPICs in
 # QEMU, so every virtio-mmio interrupt and its EOI pass through QEMU's user space).
 start_qemu() {
@@ -44,13 +51,19 @@ start_qemu_irqchip_on() {
     qemu_with microvm,ioapic2=off kvm,kernel-irqchip=on
 }
 
-# qemu_with MACHINE ACCEL
+# QEMU microvm (default interrupt controllers) on the same kind of qcow2 overlay.
+start_qemu_qcow2() {
+    DRIVE="file=$WORK/disk.qcow2,format=qcow2"
+    qemu_with microvm kvm
+}
+
+# qemu_with MACHINE ACCEL (the disk: DRIVE, default the raw image)
 qemu_with() {
     exec "$QEMU" -M "$1" -accel "$2" -cpu host -smp 1 -m "$MEMORY" \
         -nodefaults -no-user-config -no-reboot -display none -serial stdio -L "$QEMU_DATA" \
         -kernel "$KERNEL" -initrd "$INITRD" \
         -append "console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1 $APPEND" \
-        -drive "id=disk0,file=$WORK/disk.img,format=raw,if=none,cache=writeback,aio=threads" \
+        -drive "id=disk0,${DRIVE:-file=$WORK/disk.img,format=raw},if=none,cache=writeback,aio=threads" \
         -device virtio-blk-device,drive=disk0
 }
 
@@ -63,12 +76,20 @@ where_threads_wait() {
     done
 }
 
-# run_one VMM REP: one VM on a fresh sparse image, killed at LIMIT_SECS.
+# run_one VMM REP: one VM on a fresh sparse image (or a fresh qcow2 overlay over a sparse raw
+# base, made by `kiln image create`), killed at LIMIT_SECS.
 run_one() {
     vmm=$1
     run_rep=$2
-    rm -f "$WORK/disk.img" "$WORK/timed_out" "$WORK/threads"
-    truncate -s "${DISK_MIB}M" "$WORK/disk.img"
+    rm -f "$WORK/disk.img" "$WORK/disk.qcow2" "$WORK/base.img" "$WORK/timed_out" "$WORK/threads"
+    case "$vmm" in
+    *_qcow2)
+        truncate -s "${DISK_MIB}M" "$WORK/base.img"
+        "$KILN" image create --backing "$WORK/base.img" --backing-format raw "$WORK/disk.qcow2" \
+            >/dev/null
+        ;;
+    *) truncate -s "${DISK_MIB}M" "$WORK/disk.img" ;;
+    esac
     echo "blk-bench: $vmm, repetition $run_rep" >&2
     start=$(uptime_ms)
     "start_$vmm" </dev/null >"$WORK/console" 2>"$WORK/stderr" &
@@ -102,7 +123,7 @@ run_one() {
             sed "s/^/BLK-TAIL vmm=$vmm rep=$run_rep threads /" "$WORK/threads"
         fi
     fi
-    rm -f "$WORK/disk.img"
+    rm -f "$WORK/disk.img" "$WORK/disk.qcow2" "$WORK/base.img"
 }
 
 # Every VMM of $VMMS once per repetition, in order in odd repetitions and in reverse order in

@@ -84,6 +84,8 @@ mod bench;
 #[cfg(test)]
 mod discard_tests;
 #[cfg(test)]
+mod qcow2_bench;
+#[cfg(test)]
 mod stress_tests;
 
 #[cfg(test)]
