@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use kiln_vmm::config::{parse_memory_mib, ConfigError, DiskConfig};
+use kiln_vmm::config::{parse_memory_mib, ConfigError, DiskConfig, HugePages};
 use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
 use signals::StopSignals;
 
@@ -63,6 +63,10 @@ struct RunArgs {
     /// `id=ID`: serial number (at most 20 bytes). Replaces the config file's disks.
     #[arg(long = "disk", value_name = "path=IMG[,readonly][,root][,id=ID]", value_parser = parse_disk_arg)]
     disks: Vec<DiskConfig>,
+    /// Page size behind guest RAM: none (4 KiB pages), transparent (transparent huge pages
+    /// above the first 2 MiB) or 2M (hugetlbfs pages from the host's pool) [default: transparent].
+    #[arg(long, value_parser = parse_huge_pages_arg)]
+    huge_pages: Option<HugePages>,
     /// JSON VM config; flags given on the command line override its fields.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -75,6 +79,10 @@ fn parse_log_level(text: &str) -> Result<log::LevelFilter, String> {
 
 fn parse_memory_arg(text: &str) -> Result<u32, String> {
     parse_memory_mib(text).map_err(|err| err.to_string())
+}
+
+fn parse_huge_pages_arg(text: &str) -> Result<HugePages, String> {
+    text.parse().map_err(|err: ConfigError| err.to_string())
 }
 
 fn parse_disk_arg(text: &str) -> Result<DiskConfig, String> {
@@ -110,6 +118,9 @@ impl RunArgs {
         }
         if !self.disks.is_empty() {
             config.disks = self.disks;
+        }
+        if let Some(huge_pages) = self.huge_pages {
+            config.huge_pages = huge_pages;
         }
         Ok(config)
     }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod disk;
+mod memory;
 pub use disk::{disk_name, DiskConfig, MAX_DISKS};
+pub use memory::{HugePages, HUGE_PAGE_MIB, THP_SKIP_BYTES};
 
 /// Smallest guest memory Kiln accepts: below this a Linux guest cannot boot usefully.
 pub const MIN_MEMORY_MIB: u32 = 32;
@@ -79,6 +81,17 @@ pub struct VmConfig {
     /// Disks, in the order the guest sees them (`vda`, `vdb`, ...).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// The page size behind guest RAM.
+    #[serde(default)]
+    pub huge_pages: HugePages,
+    /// Whether [`DEFAULT_KERNEL_CMDLINE`] comes before `cmdline`. The Firecracker API turns it
+    /// off: there the boot arguments replace the defaults.
+    #[serde(default = "yes")]
+    pub default_cmdline: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_cpus() -> u8 {
@@ -176,6 +189,14 @@ pub enum ConfigError {
     /// More disks than virtio-mmio slots.
     #[error("{0} disks asked for; Kiln has room for at most {MAX_DISKS}")]
     TooManyDisks(usize),
+    /// A huge page setting did not parse.
+    #[error("invalid huge pages '{0}': use None, Transparent or 2M")]
+    InvalidHugePages(String),
+    /// hugetlbfs pages need memory in whole huge pages.
+    #[error(
+        "guest memory of {0} MiB is not a multiple of the 2 MiB huge page size (huge_pages 2M)"
+    )]
+    MemoryNotHugePageMultiple(u32),
 }
 
 impl VmConfig {
@@ -189,6 +210,8 @@ impl VmConfig {
             memory_mib: DEFAULT_MEMORY_MIB,
             console: ConsoleConfig::default(),
             disks: Vec::new(),
+            huge_pages: HugePages::default(),
+            default_cmdline: true,
         }
     }
 
@@ -218,14 +241,17 @@ impl VmConfig {
     /// entries) after Kiln's defaults and the root disk, and before the user's arguments, which
     /// may end in `-- ARGS FOR INIT`.
     pub fn kernel_cmdline(&self, device_args: &[String]) -> String {
-        let mut args = vec![DEFAULT_KERNEL_CMDLINE.to_string()];
+        let mut args = Vec::new();
+        if self.default_cmdline {
+            args.push(DEFAULT_KERNEL_CMDLINE.to_string());
+        }
         if let Some(index) = self.disks.iter().position(|disk| disk.root) {
-            let mode = if self.disks[index].readonly {
-                "ro"
-            } else {
-                "rw"
-            };
-            args.push(format!("root=/dev/{} {mode}", disk_name(index)));
+            let disk = &self.disks[index];
+            let mode = if disk.readonly { "ro" } else { "rw" };
+            match &disk.partuuid {
+                Some(partuuid) => args.push(format!("root=PARTUUID={partuuid} {mode}")),
+                None => args.push(format!("root=/dev/{} {mode}", disk_name(index))),
+            }
         }
         args.extend(device_args.iter().cloned());
         match self.cmdline.as_deref().map(str::trim) {
@@ -243,6 +269,14 @@ impl VmConfig {
     /// Checks everything that can be checked without KVM. `host_memory_mib` is the host's total
     /// memory (None when unknown: the check is skipped).
     pub fn validate(&self, host_memory_mib: Option<u64>) -> Result<(), ConfigError> {
+        self.validate_boot_source()?;
+        self.validate_machine(host_memory_mib)?;
+        disk::validate_disks(&self.disks)?;
+        self.validate_cmdline()
+    }
+
+    /// The kernel (and initrd) exist and are regular files.
+    pub fn validate_boot_source(&self) -> Result<(), ConfigError> {
         if self.kernel.as_os_str().is_empty() {
             return Err(ConfigError::MissingKernel);
         }
@@ -250,6 +284,11 @@ impl VmConfig {
         if let Some(initrd) = &self.initrd {
             check_regular_file("initrd", initrd)?;
         }
+        Ok(())
+    }
+
+    /// vCPU count, memory size and huge pages fit together and fit the host.
+    pub fn validate_machine(&self, host_memory_mib: Option<u64>) -> Result<(), ConfigError> {
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(ConfigError::InvalidCpus(u32::from(self.cpus)));
         }
@@ -265,7 +304,16 @@ impl VmConfig {
                 });
             }
         }
-        disk::validate_disks(&self.disks)?;
+        self.huge_pages.check_memory(self.memory_mib)
+    }
+
+    /// The disks: files there, at most one root, no image twice, serials that fit.
+    pub fn validate_disks(&self) -> Result<(), ConfigError> {
+        disk::validate_disks(&self.disks)
+    }
+
+    /// The full command line is ASCII and fits the boot protocol.
+    pub fn validate_cmdline(&self) -> Result<(), ConfigError> {
         let cmdline = self.full_cmdline();
         if !cmdline.is_ascii() || cmdline.contains('\0') {
             return Err(ConfigError::CmdlineInvalid);

@@ -2,7 +2,12 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
+
+use crate::config::{HugePages, THP_SKIP_BYTES};
 
 /// Guest memory as Kiln uses it everywhere.
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -13,6 +18,18 @@ pub enum MemoryError {
     /// The host would not map the memory.
     #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
     Allocate {
+        /// Size asked for.
+        mib: u64,
+        /// The mapping error.
+        reason: String,
+    },
+    /// The host's hugetlbfs pool cannot hold the guest.
+    #[error(
+        "cannot reserve {mib} MiB of 2 MiB huge pages for guest memory ({reason}); the host's \
+         pool (vm.nr_hugepages, HugePages_Free in /proc/meminfo) must have that many free, or use \
+         huge_pages None or Transparent"
+    )]
+    HugetlbReserve {
         /// Size asked for.
         mib: u64,
         /// The mapping error.
@@ -39,19 +56,74 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
     })
 }
 
-/// Asks for transparent huge pages on guest RAM: a guest first-touching its memory then takes
-/// one fault per 2 MiB instead of one per 4 KiB. Advisory: failure only costs speed.
-pub fn advise_huge_pages(memory: &GuestMemory) {
+/// Maps guest RAM backed as `huge_pages` says, and advises it for transparent huge pages when
+/// asked to.
+pub fn create_guest_memory_backed(
+    size: u64,
+    huge_pages: HugePages,
+) -> Result<GuestMemory, MemoryError> {
+    match huge_pages {
+        HugePages::None => create_guest_memory(size),
+        HugePages::Transparent => {
+            let memory = create_guest_memory(size)?;
+            advise_huge_pages(&memory, THP_SKIP_BYTES);
+            Ok(memory)
+        }
+        HugePages::Hugetlbfs2M => create_hugetlb_memory(size),
+    }
+}
+
+/// Maps guest RAM on hugetlbfs 2 MiB pages. Without `MAP_NORESERVE` the kernel reserves every
+/// page now, so a short pool fails here with a message instead of a `SIGBUS` when the guest
+/// first touches a page the pool cannot give.
+pub fn create_hugetlb_memory(size: u64) -> Result<GuestMemory, MemoryError> {
+    let reserve_error = |reason: String| MemoryError::HugetlbReserve {
+        mib: size >> 20,
+        reason,
+    };
+    let regions = kiln_arch::memory::arch_memory_regions(size)
+        .into_iter()
+        .map(|(base, len)| {
+            let mapping = MmapRegionBuilder::new(len)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(
+                    libc::MAP_ANONYMOUS
+                        | libc::MAP_PRIVATE
+                        | libc::MAP_HUGETLB
+                        | libc::MAP_HUGE_2MB,
+                )
+                .with_hugetlbfs(true)
+                .build()
+                .map_err(|err| reserve_error(err.to_string()))?;
+            GuestRegionMmap::new(mapping, base)
+                .ok_or_else(|| reserve_error("the region does not fit the address space".into()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(|err| MemoryError::Allocate {
+        mib: size >> 20,
+        reason: err.to_string(),
+    })
+}
+
+/// Asks for transparent huge pages on guest RAM from guest address `skip_below` up: a guest
+/// first-touching its memory then takes one fault per 2 MiB instead of one per 4 KiB. Advisory:
+/// failure only costs speed.
+pub fn advise_huge_pages(memory: &GuestMemory, skip_below: u64) {
     for region in memory.iter() {
-        let Ok(host_address) = memory.get_host_address(region.start_addr()) else {
+        let start = region.start_addr().raw_value().max(skip_below);
+        let end = region.start_addr().raw_value() + region.len();
+        if start >= end {
+            continue;
+        }
+        let Ok(host_address) = memory.get_host_address(GuestAddress(start)) else {
             continue;
         };
-        // SAFETY: the range is exactly one live mapping owned by `memory`; MADV_HUGEPAGE only
+        // SAFETY: the range lies inside one live mapping owned by `memory`; MADV_HUGEPAGE only
         // changes how the kernel backs it, never its contents or validity.
         let result = unsafe {
             libc::madvise(
                 host_address.cast(),
-                region.len() as usize,
+                (end - start) as usize,
                 libc::MADV_HUGEPAGE,
             )
         };
@@ -93,6 +165,72 @@ pub fn register_guest_memory(vm_fd: &VmFd, memory: &GuestMemory) -> Result<(), M
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `VmFlags` line of the mapping that contains `address`, from /proc/self/smaps.
+    fn vm_flags_at(address: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((start, end)) = range.split_once('-') {
+                    if let (Ok(start), Ok(end)) = (
+                        usize::from_str_radix(start, 16),
+                        usize::from_str_radix(end, 16),
+                    ) {
+                        inside = (start..end).contains(&address);
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.trim().to_string();
+                }
+            }
+        }
+        panic!("no mapping at {address:#x}");
+    }
+
+    #[test]
+    fn transparent_huge_pages_skip_the_boot_structures() {
+        let memory = create_guest_memory_backed(64 << 20, HugePages::Transparent).unwrap();
+        let host = |guest: u64| memory.get_host_address(GuestAddress(guest)).unwrap() as usize;
+        let flags = |guest| vm_flags_at(host(guest));
+        assert!(!flags(0).split(' ').any(|f| f == "hg"), "{}", flags(0));
+        assert!(!flags(THP_SKIP_BYTES - 1).split(' ').any(|f| f == "hg"));
+        assert!(flags(THP_SKIP_BYTES).split(' ').any(|f| f == "hg"));
+        assert!(flags((64 << 20) - 1).split(' ').any(|f| f == "hg"));
+
+        let plain = create_guest_memory_backed(64 << 20, HugePages::None).unwrap();
+        let address = plain.get_host_address(GuestAddress(32 << 20)).unwrap() as usize;
+        assert!(!vm_flags_at(address).split(' ').any(|f| f == "hg"));
+    }
+
+    #[test]
+    fn hugetlb_memory_is_reserved_up_front_or_refused() {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let free_pages: u64 = meminfo
+            .lines()
+            .find_map(|line| line.strip_prefix("HugePages_Free:"))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0);
+        // One page more than the pool has: refused at once, never a SIGBUS on first touch.
+        let too_big = (free_pages + 1) * (2 << 20);
+        let err = create_hugetlb_memory(too_big).unwrap_err();
+        assert!(matches!(err, MemoryError::HugetlbReserve { .. }), "{err}");
+        assert!(err.to_string().contains("vm.nr_hugepages"), "{err}");
+        if free_pages >= 1 {
+            use vm_memory::Bytes;
+            let memory = create_hugetlb_memory(2 << 20).unwrap();
+            memory
+                .write_obj(0x1234_5678u32, GuestAddress(0x1000))
+                .unwrap();
+            assert_eq!(
+                memory.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+                0x1234_5678
+            );
+        }
+    }
 
     #[test]
     fn small_guest_is_one_region() {

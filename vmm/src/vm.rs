@@ -29,7 +29,7 @@ use crate::event_loop::{ConsoleInput, EventLoop, StopWatcher};
 use crate::handle::{Answer, ControlError, Envelope, Request, VmHandle, VmState};
 use crate::kvm::{open_kvm, KvmHost, KVM_DEVICE};
 use crate::loader::{load_cmdline, load_initrd, load_kernel, LoadedKernel};
-use crate::memory::{advise_huge_pages, create_guest_memory, register_guest_memory, GuestMemory};
+use crate::memory::{create_guest_memory_backed, register_guest_memory, GuestMemory};
 use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, Vcpu, VcpuThreads};
 use crate::Error;
@@ -135,8 +135,7 @@ impl Vm {
             .create_pit2(pit_config)
             .map_err(|e| Error::KvmIoctl("create the in-kernel PIT", e))?;
 
-        let memory = create_guest_memory(config.memory_bytes())?;
-        advise_huge_pages(&memory);
+        let memory = create_guest_memory_backed(config.memory_bytes(), config.huge_pages)?;
         register_guest_memory(&vm_fd, &memory)?;
 
         let event_loop = EventLoop::new().map_err(Error::EventLoop)?;

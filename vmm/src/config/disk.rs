@@ -28,6 +28,10 @@ pub struct DiskConfig {
     /// Serial number the guest sees (at most 20 bytes); the file name when not given.
     #[serde(default)]
     pub id: Option<String>,
+    /// For the root disk: boot from the partition with this unique id
+    /// (`root=PARTUUID=...`) instead of the whole disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
 }
 
 impl DiskConfig {
@@ -38,6 +42,7 @@ impl DiskConfig {
             readonly: false,
             root: false,
             id: None,
+            partuuid: None,
         }
     }
 }
@@ -72,6 +77,12 @@ impl std::str::FromStr for DiskConfig {
                     }
                     disk.id = Some(value.to_string());
                 }
+                Some(("partuuid", value)) => {
+                    if disk.partuuid.is_some() {
+                        return Err(repeated());
+                    }
+                    disk.partuuid = Some(value.to_string());
+                }
                 None if item == "readonly" => {
                     if disk.readonly {
                         return Err(repeated());
@@ -88,7 +99,7 @@ impl std::str::FromStr for DiskConfig {
                 None if position == 0 && !item.is_empty() => path = Some(PathBuf::from(item)),
                 _ => {
                     return Err(invalid(format!(
-                        "unknown option '{item}'; expected path=IMG, readonly, root or id=ID"
+                        "unknown option '{item}'; expected path=IMG, readonly, root, id=ID or partuuid=UUID"
                     )))
                 }
             }
@@ -139,6 +150,19 @@ pub(super) fn validate_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
             if !id.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(bad(format!(
                     "id '{id}' may only contain printable ASCII characters without spaces"
+                )));
+            }
+        }
+        if let Some(partuuid) = &disk.partuuid {
+            if !disk.root {
+                return Err(bad(format!(
+                    "has partuuid '{partuuid}' but is not the root disk; a partuuid only says \
+                     which partition of the root disk to boot from"
+                )));
+            }
+            if partuuid.is_empty() || !partuuid.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(bad(format!(
+                    "partuuid '{partuuid}' must be printable ASCII without spaces"
                 )));
             }
         }
@@ -197,6 +221,7 @@ mod tests {
                 readonly: true,
                 root: true,
                 id: Some("serial-1".into()),
+                partuuid: None,
             })
         );
         assert_eq!(
