@@ -40,7 +40,7 @@ impl HugePages {
 
     /// Checks that `memory_mib` can be backed by these pages.
     pub fn check_memory(self, memory_mib: u32) -> Result<(), ConfigError> {
-        if self == HugePages::Hugetlbfs2M && memory_mib % HUGE_PAGE_MIB != 0 {
+        if self == HugePages::Hugetlbfs2M && !memory_mib.is_multiple_of(HUGE_PAGE_MIB) {
             return Err(ConfigError::MemoryNotHugePageMultiple(memory_mib));
         }
         Ok(())
