@@ -7,6 +7,7 @@
 //! caller never waits on a VM that will not answer.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -15,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use kiln_devices::virtio::mmio::MmioState;
 
 use crate::device_manager::DeviceError;
+use crate::metrics::{Counters, VmMetrics};
 use crate::vcpu::{VcpuError, VcpuState};
 
 /// Where a VM is in its life.
@@ -53,6 +55,9 @@ pub enum ControlError {
     /// A device failed the request.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// Kiln cannot do this (yet); the message says what is missing.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// A request for the VMM thread.
@@ -62,6 +67,8 @@ pub(crate) enum Request {
     SaveVcpus,
     RestoreVcpus(Vec<VcpuState>),
     DeviceStates,
+    CtrlAltDel,
+    ReplaceDisk { index: usize, path: PathBuf },
 }
 
 /// The VMM thread's answer.
@@ -82,6 +89,7 @@ struct Shared {
     requests: Mutex<Option<Sender<Envelope>>>,
     state: Mutex<VmState>,
     state_changed: Condvar,
+    counters: Counters,
 }
 
 /// Controls a VM from other threads. Cheap to clone; every operation on a VM that has ended
@@ -103,8 +111,9 @@ impl std::fmt::Debug for VmHandle {
 pub type StopHandle = VmHandle;
 
 impl VmHandle {
-    /// A handle and the receiving end of its requests (kept by the VM).
-    pub(crate) fn new() -> std::io::Result<(Self, Receiver<Envelope>)> {
+    /// A handle and the receiving end of its requests (kept by the VM); `counters` are the
+    /// VM's, which the handle keeps readable after the VM is gone.
+    pub(crate) fn new(counters: Counters) -> std::io::Result<(Self, Receiver<Envelope>)> {
         let (sender, receiver) = channel();
         let shared = Shared {
             stop: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -112,6 +121,7 @@ impl VmHandle {
             requests: Mutex::new(Some(sender)),
             state: Mutex::new(VmState::NotStarted),
             state_changed: Condvar::new(),
+            counters,
         };
         Ok((
             Self {
@@ -172,6 +182,29 @@ impl VmHandle {
             Answer::Devices(states) => Ok(states),
             _ => unreachable!("DeviceStates is answered with device states"),
         }
+    }
+
+    /// Presses Ctrl-Alt-Del on the guest's keyboard (a Linux guest then reboots, and with
+    /// Kiln's `reboot=k` the VM ends).
+    pub fn send_ctrl_alt_del(&self) -> Result<(), ControlError> {
+        self.request(Request::CtrlAltDel).map(drop)
+    }
+
+    /// Puts the image at `path` behind disk `index` (0 is `vda`) while the guest runs: the VM
+    /// is paused around the swap (unless it already is), the image is opened and locked like
+    /// the one it replaces, and the driver is told that the capacity may have changed.
+    pub fn replace_disk(&self, index: usize, path: &Path) -> Result<(), ControlError> {
+        self.request(Request::ReplaceDisk {
+            index,
+            path: path.to_path_buf(),
+        })
+        .map(drop)
+    }
+
+    /// The VM's counters: vCPU exits and disk requests since it was built. Works in every
+    /// state, also after the VM has ended (the totals are then final).
+    pub fn metrics(&self) -> VmMetrics {
+        self.shared.counters.snapshot()
     }
 
     fn request(&self, request: Request) -> Result<Answer, ControlError> {

@@ -17,12 +17,14 @@ pub mod handle;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod metrics;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
 
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
 pub use handle::{ControlError, StopHandle, VmHandle, VmState};
+pub use metrics::VmMetrics;
 pub use vm::{RunningVm, Vm, VmOutcome};
 /// The guest-memory crate Kiln is built on, so embedders use the same version.
 pub use vm_memory;

@@ -30,6 +30,7 @@ use crate::handle::{Answer, ControlError, Envelope, Request, VmHandle, VmState};
 use crate::kvm::{open_kvm, KvmHost, KVM_DEVICE};
 use crate::loader::{load_cmdline, load_initrd, load_kernel, LoadedKernel};
 use crate::memory::{create_guest_memory_backed, register_guest_memory, GuestMemory};
+use crate::metrics::{Counters, VcpuExitCounters};
 use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, Vcpu, VcpuThreads};
 use crate::Error;
@@ -177,11 +178,16 @@ impl Vm {
         )));
         let (io_bus, mmio_bus) = build_buses(&exit, &serial, start, &virtio)?;
 
+        let exits = Arc::new(VcpuExitCounters::default());
         let vcpus = create_vcpus(
-            &kvm, &vm_fd, &memory, &config, &kernel, io_bus, mmio_bus, &exit,
+            &kvm, &vm_fd, &memory, &config, &kernel, io_bus, mmio_bus, &exit, &exits,
         )?;
+        let counters = Counters {
+            vcpu: exits,
+            disks: virtio.disk_stats(),
+        };
         let (handle, requests) =
-            VmHandle::new().map_err(|e| Error::Io("create the control eventfds", e))?;
+            VmHandle::new(counters).map_err(|e| Error::Io("create the control eventfds", e))?;
 
         Ok(Self {
             config,
@@ -327,29 +333,8 @@ fn serve(
     handle: &VmHandle,
 ) -> Result<Answer, ControlError> {
     match request {
-        Request::Pause if *paused => Ok(Answer::Done),
-        Request::Pause => {
-            // vCPUs first: once they are parked no driver can add work, then the devices
-            // finish what they have and stop.
-            threads.pause_all()?;
-            if let Err(err) = virtio.pause_all() {
-                threads.run_all()?;
-                return Err(err.into());
-            }
-            *paused = true;
-            handle.set_state(VmState::Paused);
-            log::debug!("VM paused");
-            Ok(Answer::Done)
-        }
-        Request::Resume if !*paused => Ok(Answer::Done),
-        Request::Resume => {
-            virtio.resume_all();
-            threads.run_all()?;
-            *paused = false;
-            handle.set_state(VmState::Running);
-            log::debug!("VM resumed");
-            Ok(Answer::Done)
-        }
+        Request::Pause => pause(threads, paused, virtio, handle).map(|()| Answer::Done),
+        Request::Resume => resume(threads, paused, virtio, handle).map(|()| Answer::Done),
         Request::SaveVcpus if !*paused => Err(ControlError::NotPaused),
         Request::SaveVcpus => Ok(Answer::Vcpus(threads.save_all()?)),
         Request::RestoreVcpus(_) if !*paused => Err(ControlError::NotPaused),
@@ -364,7 +349,63 @@ fn serve(
             Ok(Answer::Done)
         }
         Request::DeviceStates => Ok(Answer::Devices(virtio.states())),
+        Request::CtrlAltDel => Err(ControlError::Unsupported(
+            "Kiln cannot send Ctrl-Alt-Del yet: its i8042 model has no keyboard to press the keys \
+             on (shut the guest down from inside, or stop the VM)",
+        )),
+        Request::ReplaceDisk { index, path } => {
+            // Paused around the swap, so that no request is served half from each image.
+            let was_paused = *paused;
+            pause(threads, paused, virtio, handle)?;
+            let replaced = virtio.replace_disk(index, &path);
+            if !was_paused {
+                resume(threads, paused, virtio, handle)?;
+            }
+            replaced?;
+            Ok(Answer::Done)
+        }
     }
+}
+
+/// Parks the vCPUs, then quiesces the devices; pausing a paused VM does nothing.
+fn pause(
+    threads: &VcpuThreads,
+    paused: &mut bool,
+    virtio: &DeviceManager,
+    handle: &VmHandle,
+) -> Result<(), ControlError> {
+    if *paused {
+        return Ok(());
+    }
+    // vCPUs first: once they are parked no driver can add work, then the devices finish what
+    // they have and stop.
+    threads.pause_all()?;
+    if let Err(err) = virtio.pause_all() {
+        threads.run_all()?;
+        return Err(err.into());
+    }
+    *paused = true;
+    handle.set_state(VmState::Paused);
+    log::debug!("VM paused");
+    Ok(())
+}
+
+/// Restarts the devices, then the vCPUs; resuming a running VM does nothing.
+fn resume(
+    threads: &VcpuThreads,
+    paused: &mut bool,
+    virtio: &DeviceManager,
+    handle: &VmHandle,
+) -> Result<(), ControlError> {
+    if !*paused {
+        return Ok(());
+    }
+    virtio.resume_all();
+    threads.run_all()?;
+    *paused = false;
+    handle.set_state(VmState::Running);
+    log::debug!("VM resumed");
+    Ok(())
 }
 
 fn console_output(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, Error> {
@@ -467,6 +508,7 @@ fn create_vcpus(
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     exit: &ExitNotifier,
+    exits: &Arc<VcpuExitCounters>,
 ) -> Result<Vec<Vcpu>, Error> {
     let supported_cpuid = kvm
         .kvm
@@ -508,6 +550,7 @@ fn create_vcpus(
             memory: memory.clone(),
             msr_indices: msr_indices.clone(),
             warnings: LogLimiter::new(),
+            exits: exits.clone(),
         });
     }
     Ok(vcpus)

@@ -131,6 +131,7 @@ fn vcpu_thread(
             Ok(Flow::GuestEnded) => running = false,
             Err(err) => {
                 running = false;
+                vcpu.exits.failure();
                 if vcpu.exit.reason().is_some() {
                     // The VM was already ending; this is only context.
                     log::debug!("after the VM was asked to stop: {err}");

@@ -15,7 +15,7 @@ pub mod request;
 pub mod worker;
 
 pub use device::Block;
-pub use disk::{DiskError, DiskImage};
+pub use disk::{DiskError, DiskImage, DiskStats, DiskTotals};
 
 use virtio_bindings::virtio_blk as uapi;
 

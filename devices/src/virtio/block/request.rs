@@ -379,6 +379,7 @@ impl Request {
                     disk.read_to_guest(memory, segment.addr, segment.len as usize, offset)?;
                     offset += u64::from(segment.len);
                 }
+                disk.stats().record_read(self.data_len);
                 Ok((request_status::OK, self.data_len))
             }
             RequestType::Out => {
@@ -390,6 +391,7 @@ impl Request {
                 if disk.write_through() {
                     disk.flush()?;
                 }
+                disk.stats().record_write(self.data_len);
                 Ok((request_status::OK, 0))
             }
             RequestType::Flush => {
