@@ -2,6 +2,7 @@
 //!
 //! It only turns arguments into a `VmConfig` and the VM's outcome into an exit status.
 
+mod firecracker;
 mod logger;
 mod signals;
 
@@ -15,7 +16,7 @@ use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
 use signals::StopSignals;
 
 /// Exit status when the guest kernel panicked.
-const EXIT_GUEST_PANIC: u8 = 3;
+pub(crate) const EXIT_GUEST_PANIC: u8 = 3;
 /// Exit status for Kiln's own errors (bad config, KVM problems, vCPU failures).
 const EXIT_KILN_ERROR: u8 = 1;
 
@@ -36,6 +37,14 @@ enum Command {
     /// Exit status: 0 when the guest powers off or reboots, 3 when its kernel panics,
     /// 1 for Kiln errors, 2 for usage errors, 128+N when stopped by signal N.
     Run(RunArgs),
+    /// Firecracker's command line and REST API: `kiln fc --api-sock PATH` (also `kiln
+    /// --api-sock PATH`, or Kiln started as `firecracker`). See `kiln fc --help`.
+    #[command(disable_help_flag = true)]
+    Fc {
+        /// Firecracker's flags.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Args)]
@@ -171,9 +180,18 @@ fn describe(end: RunEnd) -> String {
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(firecracker_args) = firecracker::firecracker_arguments(&args) {
+        return firecracker::main(firecracker_args, start);
+    }
+    let cli = Cli::parse_from(args);
     logger::init(cli.log_level);
     match cli.command {
+        // Chosen before clap parses; kept here so that `kiln --help` lists it.
+        Command::Fc { args } => firecracker::main(
+            std::iter::once("kiln fc".into()).chain(args).collect(),
+            start,
+        ),
         Command::Run(args) => match run(args, start) {
             Ok(outcome) => exit_status(outcome),
             Err(err) => {
@@ -195,6 +213,7 @@ mod tests {
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).expect("valid arguments").command {
             Command::Run(run) => run,
+            Command::Fc { .. } => panic!("not a run command"),
         }
     }
 
