@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use kiln_vmm::config::{parse_memory_mib, ConfigError, DiskConfig, HugePages};
+use kiln_vmm::snapshot::RestoreConfig;
 use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
 use signals::StopSignals;
 
@@ -45,6 +46,43 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Restore a snapshot (a state file and its memory file) and run the guest on from there.
+    ///
+    /// The snapshot's disks are reopened by path and must be unchanged since it was taken;
+    /// `--disk N=PATH` uses another image for disk N (from 1), e.g. a copy for a clone.
+    /// Exit status as for `run`.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The snapshot's state file.
+    #[arg(long)]
+    state: PathBuf,
+    /// The snapshot's memory file.
+    #[arg(long = "memory-file")]
+    memory_file: PathBuf,
+    /// Serial console: stdio, none, or file=PATH [default: stdio].
+    #[arg(long, default_value = "stdio")]
+    console: ConsoleConfig,
+    /// Use IMAGE for the snapshot's disk N (from 1) instead of its own path.
+    #[arg(long = "disk", value_name = "N=IMAGE", value_parser = parse_disk_override)]
+    disks: Vec<(usize, PathBuf)>,
+}
+
+fn parse_disk_override(text: &str) -> Result<(usize, PathBuf), String> {
+    let (index, path) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not N=IMAGE"))?;
+    let index: usize = index
+        .parse()
+        .ok()
+        .filter(|index| *index >= 1)
+        .ok_or_else(|| format!("'{index}' is not a disk number (1, 2, ...)"))?;
+    if path.is_empty() {
+        return Err(format!("'{text}' names no image"));
+    }
+    Ok((index - 1, PathBuf::from(path)))
 }
 
 #[derive(Args)]
@@ -168,6 +206,26 @@ fn run(args: RunArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error> {
     Ok(end)
 }
 
+fn restore(args: RestoreArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error> {
+    let mut restore = RestoreConfig::new(args.state, args.memory_file);
+    restore.console = args.console;
+    restore.disk_overrides = args.disks;
+    let vm = Vm::restore(&restore, start)?;
+    log::info!(
+        "restored in {:.1} ms",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+    let signals = StopSignals::install(vm.handle().stop_fd())
+        .map_err(|e| kiln_vmm::Error::Io("install signal handlers", e))?;
+    let outcome = vm.run()?;
+    let end = match signals.received() {
+        Some(signum) => RunEnd::Signal(signum),
+        None => RunEnd::Guest(outcome),
+    };
+    log::info!("guest ended: {}", describe(end));
+    Ok(end)
+}
+
 fn describe(end: RunEnd) -> String {
     match end {
         RunEnd::Guest(VmOutcome::PowerOff) => "powered off".into(),
@@ -192,13 +250,18 @@ fn main() -> ExitCode {
             std::iter::once("kiln fc".into()).chain(args).collect(),
             start,
         ),
-        Command::Run(args) => match run(args, start) {
-            Ok(outcome) => exit_status(outcome),
-            Err(err) => {
-                log::error!("{err}");
-                ExitCode::from(EXIT_KILN_ERROR)
-            }
-        },
+        Command::Run(args) => finish(run(args, start)),
+        Command::Restore(args) => finish(restore(args, start)),
+    }
+}
+
+fn finish(result: Result<RunEnd, kiln_vmm::Error>) -> ExitCode {
+    match result {
+        Ok(end) => exit_status(end),
+        Err(err) => {
+            log::error!("{err}");
+            ExitCode::from(EXIT_KILN_ERROR)
+        }
     }
 }
 
@@ -214,6 +277,42 @@ mod tests {
         match parse(args).expect("valid arguments").command {
             Command::Run(run) => run,
             Command::Fc { .. } => panic!("not a run command"),
+            Command::Restore(_) => panic!("not a run command"),
+        }
+    }
+
+    #[test]
+    fn restore_takes_disk_overrides_numbered_from_one() {
+        let Command::Restore(args) = parse(&[
+            "restore",
+            "--state",
+            "s",
+            "--memory-file",
+            "m",
+            "--disk",
+            "2=/copy.img",
+        ])
+        .expect("valid arguments")
+        .command
+        else {
+            panic!("not a restore command");
+        };
+        assert_eq!(args.disks, vec![(1, PathBuf::from("/copy.img"))]);
+        assert_eq!(args.console, ConsoleConfig::Stdio);
+        for bad in ["0=/x", "x=/y", "1=", "/no-number"] {
+            assert!(
+                parse(&[
+                    "restore",
+                    "--state",
+                    "s",
+                    "--memory-file",
+                    "m",
+                    "--disk",
+                    bad
+                ])
+                .is_err(),
+                "{bad} was accepted"
+            );
         }
     }
 

@@ -73,6 +73,9 @@ pub enum DeviceError {
         /// How many disks the VM has.
         count: usize,
     },
+    /// A device's saved state could not be restored.
+    #[error("{0}: cannot restore its state: {1}")]
+    Restore(String, String),
 }
 
 /// A disk's transport, typed: what the VMM (and later its API) uses to reach the device.
@@ -279,6 +282,27 @@ impl DeviceManager {
         for slot in &self.slots {
             lock(&slot.transport).resume();
         }
+    }
+
+    /// Puts every transport into its saved state, in slot order (a snapshot restore: the
+    /// devices were just created in the same order as when it was taken).
+    pub fn restore_states(&self, states: &[MmioState]) -> Result<(), DeviceError> {
+        if states.len() != self.slots.len() {
+            return Err(DeviceError::Restore(
+                "virtio devices".into(),
+                format!(
+                    "the snapshot has {} virtio devices, this VM {}",
+                    states.len(),
+                    self.slots.len()
+                ),
+            ));
+        }
+        for (slot, state) in self.slots.iter().zip(states) {
+            lock(&slot.transport)
+                .restore(state)
+                .map_err(|err| DeviceError::Restore(slot.what.clone(), err.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Each device's description and transport state, in slot order.

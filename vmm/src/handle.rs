@@ -17,6 +17,7 @@ use kiln_devices::virtio::mmio::MmioState;
 
 use crate::device_manager::DeviceError;
 use crate::metrics::{Counters, VmMetrics};
+use crate::snapshot::SnapshotError;
 use crate::vcpu::{VcpuError, VcpuState};
 
 /// Where a VM is in its life.
@@ -58,6 +59,9 @@ pub enum ControlError {
     /// Kiln cannot do this (yet); the message says what is missing.
     #[error("{0}")]
     Unsupported(&'static str),
+    /// A snapshot could not be written.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// A request for the VMM thread.
@@ -69,6 +73,7 @@ pub(crate) enum Request {
     DeviceStates,
     CtrlAltDel,
     ReplaceDisk { index: usize, path: PathBuf },
+    Snapshot { state: PathBuf, memory: PathBuf },
 }
 
 /// The VMM thread's answer.
@@ -197,6 +202,20 @@ impl VmHandle {
         self.request(Request::ReplaceDisk {
             index,
             path: path.to_path_buf(),
+        })
+        .map(drop)
+    }
+
+    /// Writes a snapshot of the paused VM: its state to `state`, its RAM to `memory` (see
+    /// [`crate::snapshot`]). The VM stays paused; resume it or stop it afterwards.
+    pub fn snapshot(
+        &self,
+        state: impl Into<PathBuf>,
+        memory: impl Into<PathBuf>,
+    ) -> Result<(), ControlError> {
+        self.request(Request::Snapshot {
+            state: state.into(),
+            memory: memory.into(),
         })
         .map(drop)
     }

@@ -11,13 +11,17 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod console_output;
+mod control;
 pub mod device_manager;
 pub mod event_loop;
 pub mod handle;
+pub mod host_fd;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
 pub mod metrics;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
@@ -81,6 +85,9 @@ pub enum Error {
     /// A vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
+    /// A snapshot could not be restored.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
     /// A Kiln bug: should never be seen.
     #[error("internal error: {0}")]
     Internal(&'static str),

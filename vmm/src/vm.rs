@@ -1,7 +1,6 @@
 //! A microVM from a [`VmConfig`]: built by [`Vm::new`], run to its end by [`Vm::run`].
 
-use std::fs::File;
-use std::io::Write;
+use std::path::Path;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -24,13 +23,19 @@ use kiln_devices::log_limit::LogLimiter;
 use kiln_devices::virtio::EventLoopHandle;
 
 use crate::config::{host_memory_mib, ConsoleConfig, VmConfig};
+use crate::console_output::{self, ConsoleDrain};
+use crate::control::Controller;
 use crate::device_manager::DeviceManager;
 use crate::event_loop::{ConsoleInput, EventLoop, StopWatcher};
-use crate::handle::{Answer, ControlError, Envelope, Request, VmHandle, VmState};
+use crate::handle::{Envelope, VmHandle, VmState};
 use crate::kvm::{open_kvm, KvmHost, KVM_DEVICE};
 use crate::loader::{load_cmdline, load_initrd, load_kernel, LoadedKernel};
 use crate::memory::{create_guest_memory_backed, register_guest_memory, GuestMemory};
 use crate::metrics::{Counters, VcpuExitCounters};
+use crate::snapshot::{
+    check_cpuid, check_disks, map_memory_file, read_state_file, RestoreConfig, SavedIrqchip,
+    SnapshotError, VmSnapshot,
+};
 use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, Vcpu, VcpuThreads};
 use crate::Error;
@@ -86,7 +91,7 @@ pub struct Vm {
     // Field order is drop order: vCPUs and the VM fd go before the memory they point into
     // (each vCPU also holds its own reference to the memory).
     vcpus: Vec<Vcpu>,
-    _vm_fd: VmFd,
+    vm_fd: VmFd,
     kvm: KvmHost,
     memory: GuestMemory,
     exit: ExitNotifier,
@@ -97,6 +102,12 @@ pub struct Vm {
     virtio: DeviceManager,
     handle: VmHandle,
     requests: Receiver<Envelope>,
+    /// Restored from a snapshot: devices are paused until the VM runs.
+    devices_paused: bool,
+    /// Start with the vCPUs parked (a restore asked to stay paused).
+    start_paused: bool,
+    /// Writes the guest's console output on the event loop; finished when the VM ends.
+    console: Arc<Mutex<ConsoleDrain>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -110,6 +121,40 @@ impl Vm {
     /// and vCPUs. `start` is when the process started (the boot timer measures from it).
     pub fn new(config: VmConfig, start: Instant) -> Result<Self, Error> {
         config.validate(host_memory_mib())?;
+        Self::build(config, start, None)
+    }
+
+    /// Builds a VM from a snapshot (see [`crate::snapshot`]): checks the state file, this
+    /// host's CPU features and the disks before anything is created, maps the memory file,
+    /// and puts every vCPU and device back where it was. The guest then runs on from there
+    /// (or waits for [`VmHandle::resume`] when `restore.resume` is false).
+    pub fn restore(restore: &RestoreConfig, start: Instant) -> Result<Self, Error> {
+        let snapshot = read_state_file(&restore.state)?;
+        let disks = check_disks(&snapshot.disks, &restore.disk_overrides)?;
+        let mut config = snapshot.config.clone();
+        config.console = restore.console.clone();
+        config.disks = disks;
+        if snapshot.vcpus.len() != usize::from(config.cpus) {
+            return Err(SnapshotError::Corrupt {
+                path: restore.state.clone(),
+                reason: format!(
+                    "{} vCPU states for a VM of {} vCPUs",
+                    snapshot.vcpus.len(),
+                    config.cpus
+                ),
+            }
+            .into());
+        }
+        let mut vm = Self::build(config, start, Some((&snapshot, restore.memory.as_path())))?;
+        vm.start_paused = !restore.resume;
+        Ok(vm)
+    }
+
+    fn build(
+        config: VmConfig,
+        start: Instant,
+        snapshot: Option<(&VmSnapshot, &Path)>,
+    ) -> Result<Self, Error> {
         let disks = DeviceManager::open_disks(&config.disks)?;
         let kvm = open_kvm(KVM_DEVICE)?;
         if usize::from(config.cpus) > kvm.max_vcpus {
@@ -118,25 +163,18 @@ impl Vm {
                 max: kvm.max_vcpus,
             });
         }
-        let vm_fd = kvm
-            .kvm
-            .create_vm()
-            .map_err(|e| Error::KvmIoctl("create the VM", e))?;
-        vm_fd
-            .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
-            .map_err(|e| Error::KvmIoctl("set the TSS address", e))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(|e| Error::KvmIoctl("create the in-kernel irqchip", e))?;
-        let pit_config = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd
-            .create_pit2(pit_config)
-            .map_err(|e| Error::KvmIoctl("create the in-kernel PIT", e))?;
+        if let Some((saved, _)) = snapshot {
+            let host = host_cpuid(&kvm, config.cpus)?;
+            for vcpu in &saved.vcpus {
+                check_cpuid(&vcpu.cpuid, &host)?;
+            }
+        }
+        let vm_fd = create_vm_fd(&kvm)?;
 
-        let memory = create_guest_memory_backed(config.memory_bytes(), config.huge_pages)?;
+        let memory = match snapshot {
+            None => create_guest_memory_backed(config.memory_bytes(), config.huge_pages)?,
+            Some((saved, path)) => map_memory_file(path, &saved.memory, saved.snapshot_id)?,
+        };
         register_guest_memory(&vm_fd, &memory)?;
 
         let event_loop = EventLoop::new().map_err(Error::EventLoop)?;
@@ -144,22 +182,11 @@ impl Vm {
         let loop_handle = EventLoopHandle::new(event_loop.remote_endpoint());
         virtio.add_disks(&vm_fd, &memory, &loop_handle, disks)?;
 
-        let kernel = load_kernel(&memory, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(load_initrd(&memory, path, kernel.end)?),
-            None => None,
+        let entry = match snapshot {
+            None => load_guest(&memory, &config, &virtio)?,
+            // Every register comes from the snapshot.
+            Some(_) => GuestAddress(0),
         };
-        let cmdline = config.kernel_cmdline(&virtio.cmdline_args());
-        let cmdline_size = load_cmdline(&memory, &cmdline)?;
-        log::debug!("kernel command line: {cmdline}");
-        configure_platform(
-            &memory,
-            &config,
-            &kernel,
-            initrd,
-            cmdline_size,
-            virtio.acpi_devices(),
-        )?;
 
         let exit = ExitNotifier::new().map_err(|e| Error::Io("create the exit eventfd", e))?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
@@ -172,16 +199,35 @@ impl Vm {
                 .try_clone()
                 .map_err(|e| Error::Io("clone the serial interrupt eventfd", e))?,
         );
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_trigger,
-            console_output(&config.console)?,
-        )));
+        let (console_writer, console) = console_output::open(&config.console)?;
+        let serial_out: Box<dyn std::io::Write + Send> = Box::new(console_writer);
+        let serial = match snapshot {
+            None => SerialDevice::new(serial_trigger, serial_out),
+            Some((saved, _)) => SerialDevice::restore(&saved.serial, serial_trigger, serial_out)
+                .map_err(|err| SnapshotError::Device("serial port".into(), err.to_string()))?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         let (io_bus, mmio_bus) = build_buses(&exit, &serial, start, &virtio)?;
 
+        if let Some((saved, _)) = snapshot {
+            restore_vm_state(&vm_fd, &saved.irqchip)?;
+        }
         let exits = Arc::new(VcpuExitCounters::default());
-        let vcpus = create_vcpus(
-            &kvm, &vm_fd, &memory, &config, &kernel, io_bus, mmio_bus, &exit, &exits,
+        let mut vcpus = create_vcpus(
+            &kvm, &vm_fd, &memory, &config, entry, io_bus, mmio_bus, &exit, &exits,
         )?;
+        if let Some((saved, _)) = snapshot {
+            for (vcpu, state) in vcpus.iter_mut().zip(&saved.vcpus) {
+                state.restore(&vcpu.fd).map_err(|source| {
+                    Error::Vcpu(crate::vcpu::VcpuError::State {
+                        id: vcpu.id,
+                        source,
+                    })
+                })?;
+                vcpu.cpuid.clone_from(&state.cpuid);
+            }
+            virtio.restore_states(&saved.virtio)?;
+        }
         let counters = Counters {
             vcpu: exits,
             disks: virtio.disk_stats(),
@@ -192,7 +238,7 @@ impl Vm {
         Ok(Self {
             config,
             vcpus,
-            _vm_fd: vm_fd,
+            vm_fd,
             kvm,
             memory,
             exit,
@@ -202,6 +248,9 @@ impl Vm {
             virtio,
             handle,
             requests,
+            devices_paused: snapshot.is_some(),
+            start_paused: false,
+            console: Arc::new(Mutex::new(console)),
         })
     }
 
@@ -258,6 +307,7 @@ impl Vm {
             self.handle.wake_eventfd(),
         )));
         event_loop.add_subscriber(watcher.clone());
+        event_loop.add_subscriber(self.console.clone());
 
         let _raw_terminal = if self.config.console == ConsoleConfig::Stdio {
             let raw_terminal = RawTerminal::enable(libc::STDIN_FILENO).unwrap_or_else(|err| {
@@ -277,11 +327,27 @@ impl Vm {
             None
         };
 
-        // Running from here on: requests are served once the loop below runs.
-        self.handle.set_state(VmState::Running);
-        let mut threads = VcpuThreads::spawn(std::mem::take(&mut self.vcpus), true)?;
+        // Running (or paused) from here on: requests are served once the loop below runs.
+        let mut paused = self.start_paused;
+        if self.devices_paused && !paused {
+            self.virtio.resume_all();
+        }
+        self.handle.set_state(if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        });
+        let threads = VcpuThreads::spawn(std::mem::take(&mut self.vcpus), !paused)?;
+        let mut controller = Controller {
+            threads,
+            virtio: &self.virtio,
+            handle: &self.handle,
+            vm_fd: &self.vm_fd,
+            memory: &self.memory,
+            serial: &self.devices.serial,
+            config: &self.config,
+        };
         let mut loop_result = Ok(());
-        let mut paused = false;
         while loop_result.is_ok() {
             if watcher.lock().unwrap_or_else(|p| p.into_inner()).stopping() {
                 break;
@@ -291,16 +357,18 @@ impl Vm {
                 break;
             }
             while let Ok((request, reply)) = self.requests.try_recv() {
-                let answer = serve(request, &threads, &mut paused, &self.virtio, &self.handle);
+                let answer = controller.serve(request, &mut paused);
                 // The requester may have gone away; nothing to do then.
                 let _ = reply.send(answer);
             }
         }
         self.handle.set_state(VmState::Ended);
-        let vcpu_error = threads.stop_all();
-        if let Err(err) = std::io::stdout().flush() {
-            log::debug!("cannot flush the console: {err}");
-        }
+        let vcpu_error = controller.threads.stop_all();
+        // Bounded: a reader that stopped reading cannot hold the VM's end.
+        self.console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finish();
         loop_result?;
 
         let stopped = watcher.lock().unwrap_or_else(|p| p.into_inner()).stopping();
@@ -324,101 +392,82 @@ impl Vm {
     }
 }
 
-/// Carries out one control request on the VMM thread.
-fn serve(
-    request: Request,
-    threads: &VcpuThreads,
-    paused: &mut bool,
-    virtio: &DeviceManager,
-    handle: &VmHandle,
-) -> Result<Answer, ControlError> {
-    match request {
-        Request::Pause => pause(threads, paused, virtio, handle).map(|()| Answer::Done),
-        Request::Resume => resume(threads, paused, virtio, handle).map(|()| Answer::Done),
-        Request::SaveVcpus if !*paused => Err(ControlError::NotPaused),
-        Request::SaveVcpus => Ok(Answer::Vcpus(threads.save_all()?)),
-        Request::RestoreVcpus(_) if !*paused => Err(ControlError::NotPaused),
-        Request::RestoreVcpus(states) if states.len() != threads.len() => {
-            Err(ControlError::VcpuCount {
-                expected: threads.len(),
-                given: states.len(),
-            })
-        }
-        Request::RestoreVcpus(states) => {
-            threads.restore_all(states)?;
-            Ok(Answer::Done)
-        }
-        Request::DeviceStates => Ok(Answer::Devices(virtio.states())),
-        Request::CtrlAltDel => Err(ControlError::Unsupported(
-            "Kiln cannot send Ctrl-Alt-Del yet: its i8042 model has no keyboard to press the keys \
-             on (shut the guest down from inside, or stop the VM)",
-        )),
-        Request::ReplaceDisk { index, path } => {
-            // Paused around the swap, so that no request is served half from each image.
-            let was_paused = *paused;
-            pause(threads, paused, virtio, handle)?;
-            let replaced = virtio.replace_disk(index, &path);
-            if !was_paused {
-                resume(threads, paused, virtio, handle)?;
-            }
-            replaced?;
-            Ok(Answer::Done)
-        }
-    }
+/// The VM itself: TSS address, in-kernel irqchip (PICs, IOAPIC, LAPICs) and PIT.
+fn create_vm_fd(kvm: &KvmHost) -> Result<VmFd, Error> {
+    let vm_fd = kvm
+        .kvm
+        .create_vm()
+        .map_err(|e| Error::KvmIoctl("create the VM", e))?;
+    vm_fd
+        .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        .map_err(|e| Error::KvmIoctl("set the TSS address", e))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(|e| Error::KvmIoctl("create the in-kernel irqchip", e))?;
+    let pit_config = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd
+        .create_pit2(pit_config)
+        .map_err(|e| Error::KvmIoctl("create the in-kernel PIT", e))?;
+    Ok(vm_fd)
 }
 
-/// Parks the vCPUs, then quiesces the devices; pausing a paused VM does nothing.
-fn pause(
-    threads: &VcpuThreads,
-    paused: &mut bool,
+/// Loads kernel, initrd and command line and writes the boot tables; returns the entry point.
+fn load_guest(
+    memory: &GuestMemory,
+    config: &VmConfig,
     virtio: &DeviceManager,
-    handle: &VmHandle,
-) -> Result<(), ControlError> {
-    if *paused {
-        return Ok(());
+) -> Result<GuestAddress, Error> {
+    let kernel = load_kernel(memory, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(load_initrd(memory, path, kernel.end)?),
+        None => None,
+    };
+    let cmdline = config.kernel_cmdline(&virtio.cmdline_args());
+    let cmdline_size = load_cmdline(memory, &cmdline)?;
+    log::debug!("kernel command line: {cmdline}");
+    configure_platform(
+        memory,
+        config,
+        &kernel,
+        initrd,
+        cmdline_size,
+        virtio.acpi_devices(),
+    )?;
+    Ok(kernel.entry)
+}
+
+/// The CPUID a new vCPU gets on this host (KVM's supported set, adjusted as Kiln adjusts it).
+fn host_cpuid(kvm: &KvmHost, cpus: u8) -> Result<kvm_bindings::CpuId, Error> {
+    let mut cpuid = kvm
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::KvmIoctl("read the supported CPUID", e))?;
+    kiln_arch::cpuid::filter_cpuid(&mut cpuid, 0, cpus).map_err(arch("set up CPUID"))?;
+    let tsc_deadline = kvm.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    kiln_arch::cpuid::set_tsc_deadline_timer(&mut cpuid, tsc_deadline)
+        .map_err(arch("set up CPUID"))?;
+    Ok(cpuid)
+}
+
+/// Puts the interrupt controllers, the PIT and kvmclock back as a snapshot saved them.
+fn restore_vm_state(vm_fd: &VmFd, saved: &SavedIrqchip) -> Result<(), Error> {
+    let kvm = |what| move |err| Error::from(SnapshotError::Kvm(what, err));
+    for chip in [&saved.pic_master, &saved.pic_slave, &saved.ioapic] {
+        vm_fd
+            .set_irqchip(chip)
+            .map_err(kvm("restore the interrupt controllers"))?;
     }
-    // vCPUs first: once they are parked no driver can add work, then the devices finish what
-    // they have and stop.
-    threads.pause_all()?;
-    if let Err(err) = virtio.pause_all() {
-        threads.run_all()?;
-        return Err(err.into());
-    }
-    *paused = true;
-    handle.set_state(VmState::Paused);
-    log::debug!("VM paused");
+    vm_fd.set_pit2(&saved.pit).map_err(kvm("restore the PIT"))?;
+    // The guest's clock continues from the snapshot's time (no flags: no realtime catch-up).
+    let clock = kvm_bindings::kvm_clock_data {
+        clock: saved.clock.clock,
+        ..Default::default()
+    };
+    vm_fd.set_clock(&clock).map_err(kvm("restore kvmclock"))?;
     Ok(())
-}
-
-/// Restarts the devices, then the vCPUs; resuming a running VM does nothing.
-fn resume(
-    threads: &VcpuThreads,
-    paused: &mut bool,
-    virtio: &DeviceManager,
-    handle: &VmHandle,
-) -> Result<(), ControlError> {
-    if !*paused {
-        return Ok(());
-    }
-    virtio.resume_all();
-    threads.run_all()?;
-    *paused = false;
-    handle.set_state(VmState::Running);
-    log::debug!("VM resumed");
-    Ok(())
-}
-
-fn console_output(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, Error> {
-    Ok(match console {
-        ConsoleConfig::Stdio => Box::new(std::io::stdout()),
-        ConsoleConfig::None => Box::new(std::io::sink()),
-        ConsoleConfig::File(path) => {
-            Box::new(File::create(path).map_err(|source| Error::ConsoleFile {
-                path: path.clone(),
-                source,
-            })?)
-        }
-    })
 }
 
 fn configure_platform(
@@ -504,7 +553,7 @@ fn create_vcpus(
     vm_fd: &VmFd,
     memory: &GuestMemory,
     config: &VmConfig,
-    kernel: &LoadedKernel,
+    entry: GuestAddress,
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     exit: &ExitNotifier,
@@ -537,7 +586,7 @@ fn create_vcpus(
         fd.set_cpuid2(&cpuid)
             .map_err(|e| Error::KvmIoctl("set the vCPU's CPUID", e))?;
         kiln_arch::msr::setup_msrs(&fd).map_err(arch("set the boot MSRs"))?;
-        kiln_arch::regs::setup_regs(&fd, kernel.entry).map_err(arch("set the registers"))?;
+        kiln_arch::regs::setup_regs(&fd, entry).map_err(arch("set the registers"))?;
         kiln_arch::regs::setup_fpu(&fd).map_err(arch("set up the FPU"))?;
         kiln_arch::regs::setup_sregs(memory, &fd).map_err(arch("set the special registers"))?;
         kiln_arch::interrupts::set_lint(&fd).map_err(arch("set up the local APIC"))?;
@@ -549,6 +598,7 @@ fn create_vcpus(
             exit: exit.clone(),
             memory: memory.clone(),
             msr_indices: msr_indices.clone(),
+            cpuid: cpuid.as_slice().to_vec(),
             warnings: LogLimiter::new(),
             exits: exits.clone(),
         });

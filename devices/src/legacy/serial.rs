@@ -9,7 +9,8 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 
 use log::{error, warn};
-use vm_superio::serial::{Error as SerialError, NoEvents};
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{Error as SerialError, NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -78,12 +79,89 @@ pub struct SerialDevice {
     interrupt_error_logged: bool,
 }
 
+/// The UART's state as a snapshot carries it: every register and both input queues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub registers: [u8; 9],
+    /// The receive FIFO.
+    pub fifo: Vec<u8>,
+    /// Input waiting behind the FIFO.
+    pub pending_input: Vec<u8>,
+}
+
+/// A snapshot's UART state that cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialRestoreError {
+    /// More bytes than the receive FIFO holds.
+    #[error("the serial port's receive FIFO holds {0} bytes, more than its {SERIAL_FIFO_SIZE}")]
+    FifoTooLong(usize),
+    /// More pending input than Kiln keeps.
+    #[error("the serial port has {0} bytes of pending input, more than the {MAX_PENDING_INPUT} Kiln keeps")]
+    PendingTooLong(usize),
+}
+
 impl SerialDevice {
+    /// The UART's state, for a snapshot.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let state = self.uart.state();
+        SerialSnapshot {
+            registers: [
+                state.baud_divisor_low,
+                state.baud_divisor_high,
+                state.interrupt_enable,
+                state.interrupt_identification,
+                state.line_control,
+                state.line_status,
+                state.modem_control,
+                state.modem_status,
+                state.scratch,
+            ],
+            fifo: state.in_buffer,
+            pending_input: self.pending_input.iter().copied().collect(),
+        }
+    }
+
+    /// A UART in the state of `snapshot`, raising `interrupt` and writing to `out`.
+    pub fn restore(
+        snapshot: &SerialSnapshot,
+        interrupt: EventFdTrigger,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, SerialRestoreError> {
+        if snapshot.pending_input.len() > MAX_PENDING_INPUT {
+            return Err(SerialRestoreError::PendingTooLong(
+                snapshot.pending_input.len(),
+            ));
+        }
+        let [dll, dlm, ier, iir, lcr, lsr, mcr, msr, scr] = snapshot.registers;
+        let state = SerialState {
+            baud_divisor_low: dll,
+            baud_divisor_high: dlm,
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: snapshot.fifo.clone(),
+        };
+        let uart = Serial::from_state(&state, interrupt, NoEvents, out)
+            .map_err(|_| SerialRestoreError::FifoTooLong(snapshot.fifo.len()))?;
+        let mut device = Self::new_with(uart);
+        device.pending_input = snapshot.pending_input.iter().copied().collect();
+        Ok(device)
+    }
+
     /// Creates a UART in its reset state that raises `interrupt` and writes guest
     /// output to `out` (stdout, a log file, `io::sink()`: the VMM's choice).
     pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
+        Self::new_with(Serial::new(interrupt, out))
+    }
+
+    fn new_with(uart: Uart) -> Self {
         Self {
-            uart: Serial::new(interrupt, out),
+            uart,
             pending_input: VecDeque::new(),
             dropped_input_bytes: 0,
             input_overflow_logged: false,
@@ -307,6 +385,33 @@ mod tests {
             received.push(read_reg(serial, DATA));
         }
         received
+    }
+
+    #[test]
+    fn a_snapshot_restores_registers_and_queued_input() {
+        let mut serial = device();
+        serial.write(LCR, &[0x80]);
+        serial.write(DATA, &[0x0c]); // divisor latch low
+        serial.write(LCR, &[0x03]);
+        serial.write(IER, &[IER_RDA]);
+        serial.write(7, &[0x5a]); // scratch
+        let input: Vec<u8> = (0..100u8).collect();
+        serial.queue_input(&input);
+        let snapshot = serial.snapshot();
+        assert_eq!(snapshot.fifo.len(), SERIAL_FIFO_SIZE);
+        assert_eq!(snapshot.pending_input.len(), 100 - SERIAL_FIFO_SIZE);
+
+        let trigger = EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let mut restored = SerialDevice::restore(&snapshot, trigger, Box::new(io::sink())).unwrap();
+        assert_eq!(restored.snapshot(), snapshot);
+        assert_eq!(read_reg(&mut restored, 7), 0x5a);
+        assert_eq!(read_reg(&mut restored, IER), IER_RDA);
+        assert_eq!(drain_like_guest(&mut restored), input);
+
+        let mut too_long = snapshot.clone();
+        too_long.fifo = vec![0; SERIAL_FIFO_SIZE + 1];
+        let trigger = EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        assert!(SerialDevice::restore(&too_long, trigger, Box::new(io::sink())).is_err());
     }
 
     #[test]

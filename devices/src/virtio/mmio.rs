@@ -20,7 +20,7 @@ use super::{
 };
 use crate::bus::BusDevice;
 use queue::{set_half, QueueRegisters};
-pub use state::{MmioState, QueueRegisterState, VirtioTransport};
+pub use state::{MmioState, QueuePosition, QueueRegisterState, RestoreError, VirtioTransport};
 
 mod queue;
 pub mod regs;
@@ -65,7 +65,7 @@ pub struct MmioTransport<D: VirtioDevice> {
     /// Quiesced by [`VirtioTransport::pause`]: the device processes nothing until resumed.
     paused: bool,
     /// The queue positions the device handed back when it was paused.
-    paused_queues: Vec<virtio_queue::QueueState>,
+    paused_queues: Vec<QueuePosition>,
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -440,6 +440,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn activate(&mut self) {
+        self.activate_at(&[]);
+    }
+
+    /// Activates the device with its queues at `positions` (a restored snapshot's; empty: the
+    /// rings' start, as on a driver's `DRIVER_OK`).
+    fn activate_at(&mut self, positions: &[QueuePosition]) {
         if self.interrupt.needs_reset() {
             log::warn!("virtio-mmio: not starting a device that needs a reset");
             return;
@@ -449,7 +455,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
         for (index, regs) in self.queues.iter().enumerate() {
             let queue = if regs.ready {
                 match regs.build(&self.memory, event_idx) {
-                    Ok(queue) => queue,
+                    Ok(mut queue) => {
+                        if let Some(position) = positions.get(index) {
+                            queue.set_next_avail(position.next_avail);
+                            queue.set_next_used(position.next_used);
+                        }
+                        queue
+                    }
                     Err(err) => {
                         log::warn!("virtio-mmio: queue {index} became invalid: {err}");
                         self.interrupt.signal_needs_reset();

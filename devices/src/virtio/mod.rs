@@ -157,6 +157,14 @@ impl Interrupt {
         &self.irq
     }
 
+    /// Sets the registers a snapshot saved.
+    pub(crate) fn restore(&self, status: u32, config_generation: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::Release);
+        self.config_generation
+            .store(config_generation, Ordering::Release);
+        self.needs_reset.store(needs_reset, Ordering::Release);
+    }
+
     /// Back to power-on state (device reset): no pending interrupt, no reset request.
     pub(crate) fn reset(&self) {
         self.status.store(0, Ordering::Release);

@@ -24,7 +24,8 @@
  * an ACPI GED poweroff (0x34 to MMIO 0xfea00200: QEMU microvm, which has no i8042; QEMU stops
  * the vCPU a little later, so the guest spins a while), then a triple fault.
  *
- * Output on COM1: `hello` prints KILN-GUEST-HELLO; the loop kinds print
+ * Output on COM1: `hello` prints KILN-GUEST-HELLO; `flood` prints "KILN-GUEST-FLOOD <i>" for
+ * i = 1..=n as fast as the UART takes it (n = 2^64-1 floods for good); the loop kinds print
  * "KILN-GUEST-DONE n=<n> m=<m>" when they finished, so a crash (which also ends in a reset)
  * is never mistaken for success. An unexpected exception prints KILN-GUEST-FAULT with the
  * vector, error code and RIP, writes the pvpanic port and ends the VM.
@@ -37,9 +38,10 @@
 #define KIND_TOUCH 4
 #define KIND_COUNT 5
 #define KIND_REP_IO 6
+#define KIND_FLOOD 7
 
 #ifndef KIND
-#error "build with -DKIND=<0..6>"
+#error "build with -DKIND=<0..7>"
 #endif
 
 #define COM1_DATA 0x3f8
@@ -269,6 +271,37 @@ fault_stubs:
 
 /* Stack: vector, error code, RIP, CS, RFLAGS, RSP, SS. */
 fault_common:
+#if KIND == KIND_COUNT
+    /* The #UD at count_report: print the count and go back to ring 3 past the ud2. */
+    cmpq $VECTOR_UD, (%rsp)
+    jne 5f
+    pushq %rax
+    leaq count_report(%rip), %rax
+    cmpq %rax, 24(%rsp)
+    popq %rax
+    jne 5f
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %r8
+    leaq count_msg(%rip), %rsi
+    call puts
+    movl $COUNT_ADDR, %eax
+    movq (%rax), %rax
+    call put_dec
+    movb $'\n', %al
+    call putc
+    popq %r8
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rax
+    addq $2, 16(%rsp)
+    addq $16, %rsp
+    iretq
+5:
+#endif
     cmpq $VECTOR_UD, (%rsp)
     jne 1f
     leaq user_return(%rip), %rax
@@ -342,7 +375,15 @@ user_main:
 #elif KIND == KIND_COUNT
     /* Counts to n in memory, checking after every step that memory and register agree: a
      * pause, resume or state restore that loses or corrupts either is caught (#UD -> fault). */
-    movq param_n(%rip), %rcx
+    /* With report=K, every 2^K steps a #UD at count_report makes ring 0 print the count. */
+    movq param_report(%rip), %rcx
+    movq $-1, %rdx
+    testq %rcx, %rcx
+    jz 3f
+    movl $1, %edx
+    shlq %cl, %rdx
+    decq %rdx
+3:  movq param_n(%rip), %rcx
     movl $COUNT_ADDR, %ebx
     xorl %eax, %eax
     movq %rax, (%rbx)
@@ -352,7 +393,11 @@ user_main:
     incq (%rbx)
     cmpq (%rbx), %rax
     jne count_mismatch
-    decq %rcx
+    testq %rdx, %rax
+    jnz 4f
+count_report:
+    ud2
+4:  decq %rcx
     jnz 1b
 2:
 #endif
@@ -412,6 +457,19 @@ kernel_resume:
     decl %ecx
     jnz 5b
     call puts
+#elif KIND == KIND_FLOOD
+    movl $1, %ebx                   /* line number; puts/putc/put_dec leave RBX alone */
+1:  cmpq param_n(%rip), %rbx
+    ja 2f
+    leaq flood_msg(%rip), %rsi
+    call puts
+    movq %rbx, %rax
+    call put_dec
+    movb $'\n', %al
+    call putc
+    incq %rbx
+    jnz 1b
+2:
 #endif
 
 #if KIND != KIND_HELLO && KIND != KIND_REP_IO
@@ -458,6 +516,9 @@ parse_cmdline:
     call parse_key
     leaq key_hold(%rip), %rdi
     leaq param_hold(%rip), %rbx
+    call parse_key
+    leaq key_report(%rip), %rdi
+    leaq param_report(%rip), %rbx
     call parse_key
 3:  movb (%rsi), %al                /* skip the rest of the token */
     testb %al, %al
@@ -584,6 +645,7 @@ rep_msg:         .ascii "KILN-GUEST-REP-OUTS\n"
 rep_msg_end:
 rep_in_ok_msg:   .asciz "KILN-GUEST-REP-INS-OK\n"
 rep_in_bad_msg:  .asciz "KILN-GUEST-REP-INS-BAD\n"
+flood_msg:       .asciz "KILN-GUEST-FLOOD "
 done_msg:        .asciz "KILN-GUEST-DONE n="
 done_m_msg:      .asciz " m="
 fault_msg:       .asciz "KILN-GUEST-FAULT vector="
@@ -596,6 +658,8 @@ key_m:           .asciz "m="
 key_port:        .asciz "port="
 key_addr:        .asciz "addr="
 key_hold:        .asciz "hold="
+key_report:      .asciz "report="
+count_msg:       .asciz "KILN-GUEST-COUNT "
 
 /* ------------------------------------------------------------------------------------------ */
 /* Data (file-backed so it is valid whatever the loader does with .bss).                      */
@@ -608,6 +672,7 @@ param_m:     .quad DEFAULT_M
 param_port:  .quad DEFAULT_PORT
 param_addr:  .quad DEFAULT_MMIO_ADDR
 param_hold:  .quad 0
+param_report: .quad 0
 dec_buffer:  .fill 24, 1, 0
 dec_buffer_end: .byte 0
 rep_in_buffer: .fill 8, 1, 0

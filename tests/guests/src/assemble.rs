@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Name of each guest (also its file stem) and the `KIND` it is assembled with.
-pub const GUESTS: [(&str, u32); 7] = [
+pub const GUESTS: [(&str, u32); 8] = [
     ("exit", 0),
     ("hello", 1),
     ("pio-loop", 2),
@@ -17,6 +17,7 @@ pub const GUESTS: [(&str, u32); 7] = [
     ("touch", 4),
     ("count", 5),
     ("rep-io", 6),
+    ("flood", 7),
 ];
 
 /// File stem of the QEMU shim that enters a guest the way Kiln does (tests only).

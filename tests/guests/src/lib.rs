@@ -24,6 +24,8 @@ use std::str::FromStr;
 
 /// Printed (with a newline) by [`GuestKind::Hello`].
 pub const HELLO_MARKER: &str = "KILN-GUEST-HELLO";
+/// Starts each line of [`GuestKind::Flood`]: `KILN-GUEST-FLOOD <i>` for i = 1..=n.
+pub const FLOOD_MARKER: &str = "KILN-GUEST-FLOOD";
 /// Printed by the loop kinds once their work is done: `KILN-GUEST-DONE n=<n> m=<m>`.
 pub const DONE_MARKER: &str = "KILN-GUEST-DONE";
 /// Printed on an unexpected exception, with vector, error code and RIP.
@@ -41,6 +43,8 @@ pub const DEFAULT_MMIO_ADDR: u64 = 0xd010_0000;
 pub const TOUCH_START: u64 = 2 << 20;
 /// Guest-physical address of the `count` guest's 64-bit counter.
 pub const COUNT_ADDR: u64 = 3 << 20;
+/// Printed by the `count` guest with `report=K` every 2^K steps: `KILN-GUEST-COUNT <count>`.
+pub const COUNT_MARKER: &str = "KILN-GUEST-COUNT";
 /// Printed by the `rep-io` guest through one `rep outsb`.
 pub const REP_OUTS_MARKER: &str = "KILN-GUEST-REP-OUTS";
 /// Printed by the `rep-io` guest when each byte of its `rep insb` read the line status register.
@@ -65,11 +69,14 @@ pub enum GuestKind {
     /// String port I/O: one `rep outsb` of [`REP_OUTS_MARKER`] to COM1, then a `rep insb` of
     /// four LSR reads, reported as [`REP_INS_OK_MARKER`] (or `...-BAD`).
     RepIo,
+    /// Prints `n` numbered lines on COM1 from ring 0 ([`flood_line`]), as fast as the UART
+    /// takes them; `n = u64::MAX` floods for good.
+    Flood,
 }
 
 impl GuestKind {
     /// Every kind.
-    pub const ALL: [GuestKind; 7] = [
+    pub const ALL: [GuestKind; 8] = [
         GuestKind::Exit,
         GuestKind::Hello,
         GuestKind::PioLoop,
@@ -77,6 +84,7 @@ impl GuestKind {
         GuestKind::Touch,
         GuestKind::Count,
         GuestKind::RepIo,
+        GuestKind::Flood,
     ];
 
     /// Short name, also the ELF's file stem.
@@ -89,6 +97,7 @@ impl GuestKind {
             GuestKind::Touch => "touch",
             GuestKind::Count => "count",
             GuestKind::RepIo => "rep-io",
+            GuestKind::Flood => "flood",
         }
     }
 
@@ -102,6 +111,7 @@ impl GuestKind {
             GuestKind::Touch => env!("KILN_GUEST_ELF_TOUCH"),
             GuestKind::Count => env!("KILN_GUEST_ELF_COUNT"),
             GuestKind::RepIo => env!("KILN_GUEST_ELF_REP_IO"),
+            GuestKind::Flood => env!("KILN_GUEST_ELF_FLOOD"),
         })
     }
 
@@ -140,6 +150,11 @@ impl FromStr for GuestKind {
     }
 }
 
+/// Line `i` (from 1) of [`GuestKind::Flood`]'s output, newline included.
+pub fn flood_line(i: u64) -> String {
+    format!("{FLOOD_MARKER} {i}\n")
+}
+
 /// Path of the ELF built for `kind`.
 pub fn path(kind: GuestKind) -> &'static Path {
     kind.path()
@@ -153,7 +168,7 @@ pub fn direct_entry_shim_path() -> &'static Path {
 /// Guest parameters, passed on the kernel command line; `None` keeps the guest's default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Params {
-    /// Loop count of `pio-loop` and `mmio-loop`.
+    /// Loop count of `pio-loop` and `mmio-loop`; line count of `flood`.
     pub n: Option<u64>,
     /// MiB written by `touch` (capped by the guest below the MMIO gap, 3326 MiB).
     pub m: Option<u64>,
@@ -163,6 +178,8 @@ pub struct Params {
     pub mmio_addr: Option<u64>,
     /// Halt for good (interrupts off) when done instead of ending the VM: keeps it running.
     pub hold: bool,
+    /// `count` prints its count every 2^report steps.
+    pub report: Option<u64>,
 }
 
 impl Params {
@@ -200,6 +217,9 @@ impl Params {
         if self.hold {
             parts.push("hold=1".to_string());
         }
+        if let Some(report) = self.report {
+            parts.push(format!("report={report}"));
+        }
         parts.join(" ")
     }
 }
@@ -211,6 +231,15 @@ pub struct Done {
     pub n: u64,
     /// The MiB count it used (after capping).
     pub m: u64,
+}
+
+/// The counts a `count` guest reported (`KILN-GUEST-COUNT <count>` lines), in order.
+pub fn parse_counts(output: &str) -> Vec<u64> {
+    output
+        .lines()
+        .filter_map(|line| line.trim_end().strip_prefix(COUNT_MARKER))
+        .filter_map(|count| count.trim().parse().ok())
+        .collect()
 }
 
 /// Finds `KILN-GUEST-DONE n=<n> m=<m>` in a guest's console output.
@@ -300,8 +329,12 @@ mod tests {
             port: Some(0x80),
             mmio_addr: Some(0xd010_0000),
             hold: true,
+            report: Some(20),
         };
-        assert_eq!(all.cmdline(), "n=1 m=2 port=0x80 addr=0xd0100000 hold=1");
+        assert_eq!(
+            all.cmdline(),
+            "n=1 m=2 port=0x80 addr=0xd0100000 hold=1 report=20"
+        );
     }
 
     #[test]

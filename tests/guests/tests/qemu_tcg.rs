@@ -10,8 +10,8 @@ use std::time::Duration;
 use kiln_test_guests::process::{run_with_timeout, Finished};
 use kiln_test_guests::qemu::{Entry, QemuRun, QEMU};
 use kiln_test_guests::{
-    parse_done, Done, GuestKind, Params, FAULT_MARKER, HELLO_MARKER, REP_INS_OK_MARKER,
-    REP_OUTS_MARKER,
+    flood_line, parse_counts, parse_done, Done, GuestKind, Params, FAULT_MARKER, HELLO_MARKER,
+    REP_INS_OK_MARKER, REP_OUTS_MARKER,
 };
 
 const MEMORY_MIB: u64 = 128;
@@ -135,6 +135,21 @@ fn touch_direct_microvm() {
 }
 
 #[test]
+fn flood_prints_n_numbered_lines_in_order() {
+    for entry in [Entry::Pvh, Entry::Direct] {
+        let finished = run("microvm", entry, GuestKind::Flood, Params::with_n(300));
+        let lines: String = (1..=300).map(flood_line).collect();
+        assert!(
+            finished.stdout.contains(&lines),
+            "flood ({entry:?}) did not print lines 1..=300 in order: {}",
+            finished.describe()
+        );
+        assert!(!finished.stdout.contains(&flood_line(301)));
+        assert_done(&finished, GuestKind::Flood, Done { n: 300, m: 16 });
+    }
+}
+
+#[test]
 fn defaults_apply_without_a_cmdline() {
     let finished = run(
         "microvm",
@@ -223,8 +238,20 @@ fn hold_keeps_the_vm_running_after_its_work() {
 #[test]
 fn count_counts_to_n_under_both_entries() {
     for entry in [Entry::Pvh, Entry::Direct] {
-        let finished = run("microvm", entry, GuestKind::Count, Params::with_n(100_000));
+        let params = Params {
+            n: Some(100_000),
+            report: Some(15),
+            ..Params::default()
+        };
+        let finished = run("microvm", entry, GuestKind::Count, params);
         assert_done(&finished, GuestKind::Count, Done { n: 100_000, m: 16 });
+        // Every 2^15 steps: 32768, 65536, 98304.
+        assert_eq!(
+            parse_counts(&finished.stdout),
+            vec![32768, 65536, 98304],
+            "{}",
+            finished.describe()
+        );
     }
 }
 

@@ -106,15 +106,20 @@ fn vcpu_thread(
                     VcpuReply::Done
                 }
                 VcpuCommand::SaveState if running => VcpuReply::Refused(VcpuError::NotPaused(id)),
-                VcpuCommand::SaveState => match VcpuState::save(&vcpu.fd, &vcpu.msr_indices) {
-                    Ok(state) => VcpuReply::Saved(Box::new(state)),
-                    Err(source) => VcpuReply::Refused(VcpuError::State { id, source }),
-                },
+                VcpuCommand::SaveState => {
+                    match VcpuState::save(&vcpu.fd, &vcpu.msr_indices, &vcpu.cpuid) {
+                        Ok(state) => VcpuReply::Saved(Box::new(state)),
+                        Err(source) => VcpuReply::Refused(VcpuError::State { id, source }),
+                    }
+                }
                 VcpuCommand::RestoreState(_) if running => {
                     VcpuReply::Refused(VcpuError::NotPaused(id))
                 }
                 VcpuCommand::RestoreState(state) => match state.restore(&vcpu.fd) {
-                    Ok(()) => VcpuReply::Done,
+                    Ok(()) => {
+                        vcpu.cpuid = state.cpuid;
+                        VcpuReply::Done
+                    }
                     Err(source) => VcpuReply::Refused(VcpuError::State { id, source }),
                 },
                 VcpuCommand::Stop => {

@@ -113,6 +113,8 @@ pub struct Vcpu {
     pub memory: GuestMemory,
     /// The MSRs KVM lets a VMM save, for [`VcpuState::save`].
     pub msr_indices: Arc<Vec<u32>>,
+    /// The CPUID this vCPU was given (saved with its state).
+    pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     /// Rate limit for the lines a guest can trigger on every exit.
     pub warnings: LogLimiter,
     /// Exit counters, shared by the VM's vCPUs.

@@ -5,10 +5,11 @@
 //! and pending events last so that nothing set afterwards clears them.
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
 };
 use kvm_ioctls::VcpuFd;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Why a vCPU's state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -22,13 +23,16 @@ pub struct StateError {
     pub source: kvm_ioctls::Error,
 }
 
-/// Everything KVM holds about one vCPU that the guest can observe.
+/// Everything KVM holds about one vCPU that the guest can observe. Serializable (kvm-bindings'
+/// serde support, which checks each structure's size on the way back in).
+#[derive(Serialize, Deserialize)]
 pub struct VcpuState {
     /// General-purpose registers, RIP, RFLAGS.
     pub regs: kvm_regs,
     /// Segment and control registers, EFER, APIC base, pending interrupt bitmap.
     pub sregs: kvm_sregs,
     /// Legacy FPU/SSE state (also in `xsave`; kept for hosts without XSAVE).
+    #[serde(serialize_with = "serialize_fpu", deserialize_with = "deserialize_fpu")]
     pub fpu: kvm_fpu,
     /// XSAVE area (first 4 KiB).
     pub xsave: Option<kvm_xsave>,
@@ -43,7 +47,7 @@ pub struct VcpuState {
     /// Pending exceptions, interrupts, NMIs, SMIs.
     pub events: kvm_vcpu_events,
     /// The CPUID the vCPU was given.
-    pub cpuid: CpuId,
+    pub cpuid: Vec<kvm_cpuid_entry2>,
     /// Every MSR KVM lets a VMM save (`KVM_GET_MSR_INDEX_LIST`), incl. TSC and kvmclock.
     pub msrs: Vec<kvm_msr_entry>,
 }
@@ -76,8 +80,13 @@ fn write_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateErr
 
 impl VcpuState {
     /// Reads the state of a vCPU that is not running. `msr_indices` is the host's list of
-    /// saveable MSRs.
-    pub fn save(fd: &VcpuFd, msr_indices: &[u32]) -> Result<Self, StateError> {
+    /// saveable MSRs; `cpuid` is what the vCPU was given (KVM_GET_CPUID2 is not trusted for it:
+    /// some hosts, PVM among them, report the host's own CPUID there).
+    pub fn save(
+        fd: &VcpuFd,
+        msr_indices: &[u32],
+        cpuid: &[kvm_cpuid_entry2],
+    ) -> Result<Self, StateError> {
         // MP state first: KVM_GET_MP_STATE also settles pending INIT/SIPI and APIC events.
         let mp_state = fd.get_mp_state().map_err(read_error("MP state"))?;
         let regs = fd.get_regs().map_err(read_error("registers"))?;
@@ -88,9 +97,7 @@ impl VcpuState {
         let xcrs = fd.get_xcrs().ok();
         let debug_regs = fd.get_debug_regs().map_err(read_error("debug registers"))?;
         let lapic = fd.get_lapic().map_err(read_error("local APIC"))?;
-        let cpuid = fd
-            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-            .map_err(read_error("CPUID"))?;
+        let cpuid = cpuid.to_vec();
         let msrs = read_msrs(fd, msr_indices)?;
         let events = fd.get_vcpu_events().map_err(read_error("pending events"))?;
         Ok(Self {
@@ -110,7 +117,12 @@ impl VcpuState {
 
     /// Writes this state into a vCPU that is not running.
     pub fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
-        fd.set_cpuid2(&self.cpuid).map_err(write_error("CPUID"))?;
+        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| StateError {
+            action: "write",
+            what: "CPUID",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        fd.set_cpuid2(&cpuid).map_err(write_error("CPUID"))?;
         fd.set_mp_state(self.mp_state)
             .map_err(write_error("MP state"))?;
         fd.set_regs(&self.regs).map_err(write_error("registers"))?;
@@ -182,4 +194,38 @@ fn msr_list(entries: &[kvm_msr_entry], action: &'static str) -> Result<Msrs, Sta
         what: "MSRs",
         source: kvm_ioctls::Error::new(libc::E2BIG),
     })
+}
+
+/// kvm-bindings has no serde for `kvm_fpu`: it travels as its bytes.
+fn serialize_fpu<S: Serializer>(fpu: &kvm_fpu, serializer: S) -> Result<S::Ok, S::Error> {
+    // SAFETY: kvm_fpu is a plain repr(C) structure of integers and byte arrays whose padding
+    // is spelled out as fields, so every byte of it is initialised and may be read.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (fpu as *const kvm_fpu).cast::<u8>(),
+            std::mem::size_of::<kvm_fpu>(),
+        )
+    };
+    serializer.serialize_bytes(bytes)
+}
+
+fn deserialize_fpu<'de, D: Deserializer<'de>>(deserializer: D) -> Result<kvm_fpu, D::Error> {
+    let bytes: Vec<u8> = Deserialize::deserialize(deserializer)?;
+    if bytes.len() != std::mem::size_of::<kvm_fpu>() {
+        return Err(serde::de::Error::invalid_length(
+            bytes.len(),
+            &"the size of kvm_fpu",
+        ));
+    }
+    let mut fpu = kvm_fpu::default();
+    // SAFETY: the length was checked above; every bit pattern is a valid kvm_fpu (integers and
+    // byte arrays only), and the copy stays within both buffers.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            (&mut fpu as *mut kvm_fpu).cast::<u8>(),
+            bytes.len(),
+        );
+    }
+    Ok(fpu)
 }

@@ -399,3 +399,66 @@ fn a_replaced_image_serves_the_next_requests_and_reports_its_capacity() {
     );
     assert_eq!(t.device().disk().stats().snapshot().write_count, 2);
 }
+
+#[test]
+fn a_restored_transport_continues_the_queue_where_the_snapshot_left_it() {
+    let (mut t, mut event_loop, memory, image) = live_block("restore");
+    let vq = MockSplitQueue::new(&memory, QUEUE);
+    bring_up(&mut t, &vq);
+    queue_write(&memory, &vq, 0, 0);
+    write(&mut t, regs::QUEUE_NOTIFY, 0);
+    serve_until(&mut event_loop, &memory, 1);
+    VirtioTransport::pause(&mut t).unwrap();
+    let saved = VirtioTransport::state(&t);
+    let features = t.driver_features();
+    drop(t);
+
+    // A new device on the same image and memory (as in a new process after a restore).
+    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap()).unwrap();
+    let mut restored = MmioTransport::new(
+        block,
+        memory.clone(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        Some(EventLoopHandle::new(event_loop.remote_endpoint())),
+    )
+    .unwrap();
+    restored.restore(&saved).unwrap();
+    assert!(restored.is_active() && restored.is_paused());
+    assert_eq!(restored.driver_features(), features);
+    assert_eq!(read(&mut restored, regs::STATUS), saved.status);
+    assert_eq!(VirtioTransport::state(&restored).queues, saved.queues);
+
+    // A request made while the restored VM is still paused waits for the resume.
+    queue_write(&memory, &vq, 3, 1);
+    write(&mut restored, regs::QUEUE_NOTIFY, 0);
+    for _ in 0..20 {
+        event_loop.run_with_timeout(5).unwrap();
+    }
+    assert_eq!(
+        used_idx(&memory),
+        1,
+        "a restored, paused device served a request"
+    );
+    VirtioTransport::resume(&mut restored);
+    serve_until(&mut event_loop, &memory, 2);
+    drop(restored);
+
+    // A state of another device type or queue layout is refused.
+    let mut other = saved.clone();
+    other.device_type = 1;
+    let block = Block::new(DiskImage::open(image.path(), false, None).unwrap()).unwrap();
+    let mut fresh = MmioTransport::new(
+        block,
+        memory.clone(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        None,
+    )
+    .unwrap();
+    assert!(fresh.restore(&other).is_err());
+    let mut outside = saved.clone();
+    outside.queue_registers[0].desc_table = 1 << 40;
+    assert!(matches!(
+        fresh.restore(&outside),
+        Err(crate::virtio::mmio::RestoreError::QueueOutsideMemory(0))
+    ));
+}

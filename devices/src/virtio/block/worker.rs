@@ -344,9 +344,12 @@ fn run(receiver: Receiver<Message>, kick_pending: &AtomicBool) {
     while let Ok(message) = receiver.recv() {
         match message {
             Message::Activate(new) => {
-                paused = false;
-                deferred = false;
-                worker.insert(new).process_queue();
+                let worker = worker.insert(new);
+                // Activated while paused (a snapshot restore): serve the queue on resume.
+                deferred = paused;
+                if !paused {
+                    worker.process_queue();
+                }
             }
             Message::Kick => {
                 kick_pending.store(false, Ordering::Release);

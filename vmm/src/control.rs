@@ -1,0 +1,206 @@
+//! The VMM thread's side of [`VmHandle`](crate::VmHandle) requests: pause, resume, vCPU and
+//! device state, snapshots.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kvm_bindings::{
+    kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::VmFd;
+
+use kiln_devices::legacy::serial::SerialDevice;
+
+use crate::config::VmConfig;
+use crate::device_manager::DeviceManager;
+use crate::handle::{Answer, ControlError, Request, VmHandle, VmState};
+use crate::memory::GuestMemory;
+use crate::snapshot::restore::disk_identity;
+use crate::snapshot::{
+    write_memory_file, write_state_file, SavedDisk, SavedIrqchip, SnapshotError, VmSnapshot,
+};
+use crate::vcpu::VcpuThreads;
+
+/// What the VMM thread needs to answer requests.
+pub(crate) struct Controller<'a> {
+    pub(crate) threads: VcpuThreads,
+    pub(crate) virtio: &'a DeviceManager,
+    pub(crate) handle: &'a VmHandle,
+    pub(crate) vm_fd: &'a VmFd,
+    pub(crate) memory: &'a GuestMemory,
+    pub(crate) serial: &'a Arc<Mutex<SerialDevice>>,
+    pub(crate) config: &'a VmConfig,
+}
+
+impl Controller<'_> {
+    /// Carries out one request.
+    pub(crate) fn serve(
+        &mut self,
+        request: Request,
+        paused: &mut bool,
+    ) -> Result<Answer, ControlError> {
+        match request {
+            Request::Pause if *paused => Ok(Answer::Done),
+            Request::Pause => {
+                // vCPUs first: once they are parked no driver can add work, then the devices
+                // finish what they have and stop.
+                self.threads.pause_all()?;
+                if let Err(err) = self.virtio.pause_all() {
+                    self.threads.run_all()?;
+                    return Err(err.into());
+                }
+                *paused = true;
+                self.handle.set_state(VmState::Paused);
+                log::debug!("VM paused");
+                Ok(Answer::Done)
+            }
+            Request::Resume if !*paused => Ok(Answer::Done),
+            Request::Resume => {
+                self.virtio.resume_all();
+                self.threads.run_all()?;
+                *paused = false;
+                self.handle.set_state(VmState::Running);
+                log::debug!("VM resumed");
+                Ok(Answer::Done)
+            }
+            Request::SaveVcpus if !*paused => Err(ControlError::NotPaused),
+            Request::SaveVcpus => Ok(Answer::Vcpus(self.threads.save_all()?)),
+            Request::RestoreVcpus(_) if !*paused => Err(ControlError::NotPaused),
+            Request::RestoreVcpus(states) if states.len() != self.threads.len() => {
+                Err(ControlError::VcpuCount {
+                    expected: self.threads.len(),
+                    given: states.len(),
+                })
+            }
+            Request::RestoreVcpus(states) => {
+                self.threads.restore_all(states)?;
+                Ok(Answer::Done)
+            }
+            Request::DeviceStates => Ok(Answer::Devices(self.virtio.states())),
+            Request::Snapshot { .. } if !*paused => Err(SnapshotError::NotPaused.into()),
+            Request::Snapshot { state, memory } => {
+                self.snapshot(&state, &memory)?;
+                Ok(Answer::Done)
+            }
+            Request::CtrlAltDel => Err(ControlError::Unsupported(
+                "Kiln cannot send Ctrl-Alt-Del yet: its i8042 model has no keyboard to press the \
+                 keys on (shut the guest down from inside, or stop the VM)",
+            )),
+            Request::ReplaceDisk { index, path } => {
+                // Paused around the swap, so that no request is served half from each image.
+                let was_paused = *paused;
+                self.serve(Request::Pause, paused)?;
+                let replaced = self.virtio.replace_disk(index, &path);
+                if !was_paused {
+                    self.serve(Request::Resume, paused)?;
+                }
+                replaced?;
+                Ok(Answer::Done)
+            }
+        }
+    }
+
+    /// Writes a snapshot of the paused VM: memory file first, state file last (the state file
+    /// is what names a snapshot complete).
+    fn snapshot(&self, state_path: &Path, memory_path: &Path) -> Result<(), ControlError> {
+        let started = std::time::Instant::now();
+        let vcpus = self.threads.save_all()?;
+        let irqchip = save_vm_state(self.vm_fd)?;
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .snapshot();
+        let virtio: Vec<_> = self
+            .virtio
+            .states()
+            .into_iter()
+            .map(|(_, state)| state)
+            .collect();
+        let disks = self
+            .config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, config)| {
+                let (size, modified_ns) =
+                    disk_identity(&config.path).map_err(|err| SnapshotError::Disk {
+                        index: index + 1,
+                        path: config.path.clone(),
+                        reason: format!("cannot read its size and time: {err}"),
+                    })?;
+                Ok(SavedDisk {
+                    config: config.clone(),
+                    size,
+                    modified_ns,
+                })
+            })
+            .collect::<Result<Vec<_>, SnapshotError>>()?;
+        let snapshot_id = random_id();
+        let memory = write_memory_file(memory_path, self.memory, snapshot_id)?;
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
+        let snapshot = VmSnapshot {
+            kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+            snapshot_id,
+            created_unix_ms: created,
+            config: self.config.clone(),
+            disks,
+            memory,
+            vcpus,
+            irqchip,
+            serial,
+            virtio,
+        };
+        write_state_file(state_path, &snapshot)?;
+        log::info!(
+            "snapshot written to '{}' and '{}' in {} ms",
+            state_path.display(),
+            memory_path.display(),
+            started.elapsed().as_millis()
+        );
+        Ok(())
+    }
+}
+
+/// Reads the in-kernel interrupt controllers, the PIT and kvmclock.
+fn save_vm_state(vm_fd: &VmFd) -> Result<SavedIrqchip, SnapshotError> {
+    let chip = |id| -> Result<kvm_irqchip, SnapshotError> {
+        let mut chip = kvm_irqchip {
+            chip_id: id,
+            ..Default::default()
+        };
+        vm_fd
+            .get_irqchip(&mut chip)
+            .map_err(|err| SnapshotError::Kvm("read the interrupt controllers", err))?;
+        Ok(chip)
+    };
+    Ok(SavedIrqchip {
+        pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+        pit: vm_fd
+            .get_pit2()
+            .map_err(|err| SnapshotError::Kvm("read the PIT", err))?,
+        clock: vm_fd
+            .get_clock()
+            .map_err(|err| SnapshotError::Kvm("read kvmclock", err))?,
+    })
+}
+
+/// A random snapshot id (ties a memory file to its state file).
+fn random_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the live buffer.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if got == bytes.len() as isize {
+        return u64::from_le_bytes(bytes);
+    }
+    // No getrandom: time and pid are unique enough to tell two snapshots apart.
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos() as u64);
+    now ^ (u64::from(std::process::id()) << 32)
+}
