@@ -31,6 +31,9 @@ pub(crate) struct Controller<'a> {
     pub(crate) memory: &'a GuestMemory,
     pub(crate) serial: &'a Arc<Mutex<SerialDevice>>,
     pub(crate) config: &'a VmConfig,
+    /// kvmclock as the last pause left it: resume sets it back, so that the guest's clock does
+    /// not jump by the time it was paused.
+    pub(crate) frozen_clock: Option<kvm_bindings::kvm_clock_data>,
 }
 
 impl Controller<'_> {
@@ -50,6 +53,7 @@ impl Controller<'_> {
                     self.threads.run_all()?;
                     return Err(err.into());
                 }
+                self.frozen_clock = read_clock(self.vm_fd);
                 *paused = true;
                 self.handle.set_state(VmState::Paused);
                 log::debug!("VM paused");
@@ -57,6 +61,9 @@ impl Controller<'_> {
             }
             Request::Resume if !*paused => Ok(Answer::Done),
             Request::Resume => {
+                if let Some(clock) = self.frozen_clock.take() {
+                    thaw_clock(self.vm_fd, clock);
+                }
                 self.virtio.resume_all();
                 self.threads.run_all()?;
                 *paused = false;
@@ -83,6 +90,15 @@ impl Controller<'_> {
                 self.snapshot(&state, &memory)?;
                 Ok(Answer::Done)
             }
+            Request::GuestClock => Ok(Answer::Clock(match self.frozen_clock {
+                Some(clock) => clock.clock,
+                None => {
+                    self.vm_fd
+                        .get_clock()
+                        .map_err(|err| SnapshotError::Kvm("read kvmclock", err))?
+                        .clock
+                }
+            })),
             Request::CtrlAltDel => Err(ControlError::Unsupported(
                 "Kiln cannot send Ctrl-Alt-Del yet: its i8042 model has no keyboard to press the \
                  keys on (shut the guest down from inside, or stop the VM)",
@@ -106,7 +122,11 @@ impl Controller<'_> {
     fn snapshot(&self, state_path: &Path, memory_path: &Path) -> Result<(), ControlError> {
         let started = std::time::Instant::now();
         let vcpus = self.threads.save_all()?;
-        let irqchip = save_vm_state(self.vm_fd)?;
+        let mut irqchip = save_vm_state(self.vm_fd)?;
+        if let Some(frozen) = self.frozen_clock {
+            // The guest's time stopped at the pause; kvmclock itself went on.
+            irqchip.clock = frozen;
+        }
         let serial = self
             .serial
             .lock()
@@ -162,6 +182,28 @@ impl Controller<'_> {
             started.elapsed().as_millis()
         );
         Ok(())
+    }
+}
+
+/// kvmclock now (None, logged, if KVM cannot say: the guest's clock then jumps on resume).
+pub(crate) fn read_clock(vm_fd: &VmFd) -> Option<kvm_bindings::kvm_clock_data> {
+    match vm_fd.get_clock() {
+        Ok(clock) => Some(clock),
+        Err(err) => {
+            log::warn!("cannot read kvmclock at pause: {err}; the guest's clock will jump");
+            None
+        }
+    }
+}
+
+/// Sets kvmclock back to `frozen` (no realtime catch-up).
+fn thaw_clock(vm_fd: &VmFd, frozen: kvm_bindings::kvm_clock_data) {
+    let clock = kvm_bindings::kvm_clock_data {
+        clock: frozen.clock,
+        ..Default::default()
+    };
+    if let Err(err) = vm_fd.set_clock(&clock) {
+        log::warn!("cannot set kvmclock back at resume: {err}; the guest's clock jumps");
     }
 }
 

@@ -73,6 +73,7 @@ pub(crate) enum Request {
     DeviceStates,
     CtrlAltDel,
     ReplaceDisk { index: usize, path: PathBuf },
+    GuestClock,
     Snapshot { state: PathBuf, memory: PathBuf },
 }
 
@@ -81,6 +82,7 @@ pub(crate) enum Answer {
     Done,
     Vcpus(Vec<VcpuState>),
     Devices(Vec<(String, MmioState)>),
+    Clock(u64),
 }
 
 /// One request and where its answer goes.
@@ -218,6 +220,15 @@ impl VmHandle {
             memory: memory.into(),
         })
         .map(drop)
+    }
+
+    /// The guest's clock (kvmclock) in nanoseconds. It stands still while the VM is paused:
+    /// resuming continues from where the pause stopped it, so the guest sees no jump.
+    pub fn guest_clock_ns(&self) -> Result<u64, ControlError> {
+        match self.request(Request::GuestClock)? {
+            Answer::Clock(ns) => Ok(ns),
+            _ => unreachable!("GuestClock is answered with the clock"),
+        }
     }
 
     /// The VM's counters: vCPU exits and disk requests since it was built. Works in every

@@ -346,6 +346,11 @@ impl Vm {
             memory: &self.memory,
             serial: &self.devices.serial,
             config: &self.config,
+            frozen_clock: if paused {
+                crate::control::read_clock(&self.vm_fd)
+            } else {
+                None
+            },
         };
         let mut loop_result = Ok(());
         while loop_result.is_ok() {

@@ -154,3 +154,39 @@ fn lock_is_held(path: &Path) -> bool {
     let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     ret != 0
 }
+
+#[test]
+fn the_guest_clock_stands_still_while_paused_and_goes_on_from_there() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let console = scratch("clock.log");
+    let vm = build(config(GuestKind::Count, Params::with_n(1 << 60), &console));
+    let handle = vm.handle();
+    let running = vm.start().unwrap();
+    let ms = |ns: u64| ns / 1_000_000;
+
+    handle.pause().unwrap();
+    let paused_at = handle.guest_clock_ns().unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        handle.guest_clock_ns().unwrap(),
+        paused_at,
+        "the clock ran while paused"
+    );
+    handle.resume().unwrap();
+    let resumed_at = handle.guest_clock_ns().unwrap();
+    assert!(
+        resumed_at >= paused_at && ms(resumed_at - paused_at) < 200,
+        "the clock jumped by {} ms over a 400 ms pause",
+        ms(resumed_at - paused_at)
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let later = handle.guest_clock_ns().unwrap();
+    assert!(
+        ms(later - resumed_at) >= 150,
+        "the clock stopped after the resume"
+    );
+
+    handle.stop();
+    assert_eq!(running.wait().unwrap(), VmOutcome::Stopped);
+    let _ = std::fs::remove_file(&console);
+}
