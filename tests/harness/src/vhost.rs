@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::guest_test::{GuestTest, KernelVariant};
+use crate::guest_test::{GuestTest, HostPaths, KernelVariant};
 use crate::images::{self, GuestImages};
 use crate::outcome::GuestOutcome;
 use crate::process::{shell_exit_code, wait_with_limit};
@@ -196,6 +196,17 @@ fn write_payload(
     symlink(&kiln, kiln_dir.join("bin/kiln")).map_err(io(&kiln))?;
     symlink(images.initramfs(), kiln_dir.join("guest/initramfs.cpio.gz"))
         .map_err(io(&images.initramfs()))?;
+    if tests.iter().any(|test| test.host_script_text().is_some()) {
+        // Host scripts talk to Kiln's API with curl; vhost-run copies its libraries along.
+        let curl = find_on_path("curl").ok_or_else(|| {
+            HarnessError::Setup(
+                "a host-script test needs curl on this machine (apt-get install curl); it is \
+                 copied into the virtual KVM host"
+                    .to_string(),
+            )
+        })?;
+        symlink(&curl, kiln_dir.join("bin/curl")).map_err(io(&curl))?;
+    }
     for variant in [KernelVariant::Vmlinux, KernelVariant::BzImage] {
         if tests.iter().any(|test| test.kernel_variant() == variant) {
             let kernel = images.kernel(variant);
@@ -223,20 +234,60 @@ fn write_payload(
             index.to_string(),
             test.time_limit().as_secs().max(1).to_string(),
             guest_dir.clone(),
-            "/kiln/bin/kiln".to_string(),
         ];
         let initrd = format!("{guest_dir}/initrd");
-        command.extend(
-            test.kiln_arguments_with_disks(&kernel, &initrd, |disk, spec| {
-                let drive = drives.get(disk).copied().unwrap_or_default();
-                spec.vhost_spec(&DrivePlan::device(drive))
-            }),
-        );
+        match test.host_script_text() {
+            Some(script) => {
+                let host_script = format!("{guest_dir}/host.sh");
+                fs::write(dir.join("host.sh"), script).map_err(io(&dir))?;
+                let work = format!("{guest_dir}/work");
+                fs::create_dir_all(dir.join("work")).map_err(io(&dir))?;
+                let paths = HostPaths {
+                    kiln: "/kiln/bin/kiln",
+                    kernel: &kernel,
+                    initrd: &initrd,
+                    work: &work,
+                    disks: drives
+                        .iter()
+                        .map(|&drive| DrivePlan::device(drive))
+                        .collect(),
+                };
+                command.extend([
+                    "env".to_string(),
+                    "PATH=/kiln/bin:/usr/bin:/bin:/usr/sbin:/sbin".to_string(),
+                ]);
+                command.extend(
+                    test.host_environment(&paths)
+                        .into_iter()
+                        .map(|(name, value)| format!("{name}={value}")),
+                );
+                // A session (and process group) of its own: the runner kills all of it.
+                command.extend(["setsid".to_string(), "sh".to_string(), host_script]);
+            }
+            None => {
+                command.push("/kiln/bin/kiln".to_string());
+                command.extend(
+                    test.kiln_arguments_with_disks(&kernel, &initrd, |disk, spec| {
+                        let drive = drives.get(disk).copied().unwrap_or_default();
+                        spec.vhost_spec(&DrivePlan::device(drive))
+                    }),
+                );
+            }
+        }
         let quoted: Vec<String> = command.iter().map(|word| shell_quote(word)).collect();
         run.push_str(&format!("run_test {}\n", quoted.join(" ")));
     }
     write_executable(&kiln_dir.join("runner.sh"), RUNNER)?;
     write_executable(&kiln_dir.join("run"), &run)
+}
+
+/// `name` in one of the directories of `PATH`.
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|candidate| candidate.is_file())
 }
 
 fn write_executable(path: &Path, text: &str) -> Result<(), HarnessError> {

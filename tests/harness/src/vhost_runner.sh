@@ -54,13 +54,16 @@ run_test() {
         wait "$sleeper"
         if kill -0 "$pid" 2>/dev/null; then
             : >"$dir/timed_out"
-            kill -KILL "$pid"
+            # A host script leads a process group (setsid): kill all of it.
+            kill -KILL -"$pid" 2>/dev/null || kill -KILL "$pid"
         fi
     ) 3>&- &
     watcher=$!
     wait "$pid"
     status=$?
     end=$(uptime_ms)
+    # Whatever a host script left running goes with it.
+    kill -KILL -"$pid" 2>/dev/null
     kill "$watcher" 2>/dev/null
     wait "$watcher" 2>/dev/null
     # kiln has exited, so its disks are closed (the last close of a block device writes its
@@ -78,5 +81,5 @@ run_test() {
         echo "KILN-TEST $index END"
     } >&3
     # The guest's files are not needed any more; keep the virtual host's memory for the next.
-    rm -f "$dir/initrd" "$dir/stdout" "$dir/stderr"
+    rm -rf "$dir/initrd" "$dir/stdout" "$dir/stderr" "$dir/work"
 }
