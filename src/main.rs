@@ -193,17 +193,7 @@ fn exit_status(end: RunEnd) -> ExitCode {
 
 fn run(args: RunArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error> {
     let config = args.into_config()?;
-    let vm = Vm::new(config, start)?;
-    let handle = vm.handle();
-    let signals = StopSignals::install(handle.stop_fd())
-        .map_err(|e| kiln_vmm::Error::Io("install signal handlers", e))?;
-    let outcome = vm.run()?;
-    let end = match signals.received() {
-        Some(signum) => RunEnd::Signal(signum),
-        None => RunEnd::Guest(outcome),
-    };
-    log::info!("guest ended: {}", describe(end));
-    Ok(end)
+    run_to_end(Vm::new(config, start)?)
 }
 
 fn restore(args: RestoreArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error> {
@@ -215,6 +205,11 @@ fn restore(args: RestoreArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error>
         "restored in {:.1} ms",
         start.elapsed().as_secs_f64() * 1000.0
     );
+    run_to_end(vm)
+}
+
+/// Runs a built VM with SIGINT/SIGTERM/SIGHUP mapped to a stop.
+fn run_to_end(vm: Vm) -> Result<RunEnd, kiln_vmm::Error> {
     let signals = StopSignals::install(vm.handle().stop_fd())
         .map_err(|e| kiln_vmm::Error::Io("install signal handlers", e))?;
     let outcome = vm.run()?;

@@ -330,3 +330,83 @@ fn broken_snapshots_are_refused_by_name_and_start_nothing() {
     // The original files are untouched by all this.
     assert!(std::fs::read(&state).expect("state file") == original);
 }
+
+#[test]
+fn a_diff_snapshot_holds_only_changed_pages_and_restores_the_same_guest() {
+    use kiln_vmm::snapshot::SnapshotKind;
+    use std::os::unix::fs::MetadataExt;
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = Scratch::new("diff");
+    let (full_state, full_memory) = (dir.path("full.state"), dir.path("full.mem"));
+    let (diff_state, diff_memory) = (dir.path("diff.state"), dir.path("diff.mem"));
+    let mut config = count_config(forever(), ConsoleConfig::None, Vec::new());
+    config.memory_mib = 256;
+    config.track_dirty_pages = true;
+    // The guest touches memory first, so that the full snapshot has something to hold.
+    let vm = Vm::new(config, Instant::now()).expect("build the VM");
+    let memory = vm.guest_memory();
+    memory
+        .write_slice(&vec![0x5a; 64 << 20], GuestAddress(64 << 20))
+        .expect("fill guest memory");
+    let running = vm.start().expect("start");
+    let handle = running.handle();
+    assert!(matches!(
+        {
+            wait_for_count(&memory, 1_000, &running);
+            handle.pause().expect("pause");
+            handle.snapshot_of_kind(SnapshotKind::Diff, &diff_state, &diff_memory)
+        },
+        Err(ControlError::Snapshot(SnapshotError::Diff(_)))
+    ));
+    handle
+        .snapshot(&full_state, &full_memory)
+        .expect("full snapshot");
+    handle.resume().expect("resume");
+    wait_for_count(&memory, count(&memory) + 1_000_000, &running);
+    handle.pause().expect("pause again");
+    let refused = handle.snapshot_of_kind(SnapshotKind::Diff, &diff_state, &full_memory);
+    assert!(
+        matches!(refused, Err(ControlError::Snapshot(SnapshotError::Diff(_)))),
+        "a diff over its own base: {refused:?}"
+    );
+    handle
+        .snapshot_of_kind(SnapshotKind::Diff, &diff_state, &diff_memory)
+        .expect("diff snapshot");
+    let at = count(&memory);
+    handle.stop();
+    assert_eq!(running.wait().expect("run"), VmOutcome::Stopped);
+
+    let full_bytes = std::fs::metadata(&full_memory).expect("full").blocks() * 512;
+    let diff_bytes = std::fs::metadata(&diff_memory).expect("diff").blocks() * 512;
+    assert!(
+        full_bytes >= 64 << 20,
+        "the full snapshot holds {full_bytes} bytes"
+    );
+    assert!(
+        diff_bytes < 4 << 20,
+        "the diff holds {diff_bytes} bytes; only a few pages changed"
+    );
+
+    let restored = restore(&diff_state, &diff_memory, true).expect("restore the diff");
+    let restored_memory = restored.guest_memory();
+    assert_eq!(count(&restored_memory), at);
+    let mut filled = vec![0u8; 64 << 20];
+    restored_memory
+        .read_slice(&mut filled, GuestAddress(64 << 20))
+        .expect("read guest memory");
+    assert!(
+        filled.iter().all(|&byte| byte == 0x5a),
+        "the base layer is missing"
+    );
+    let running = restored.start().expect("start the restored VM");
+    wait_for_count(&restored_memory, at + 1_000_000, &running);
+    running.handle().stop();
+    assert_eq!(running.wait().expect("run"), VmOutcome::Stopped);
+
+    // The chain needs its base where it was.
+    std::fs::remove_file(&full_memory).expect("remove the base");
+    let err = restore(&diff_state, &diff_memory, true)
+        .expect_err("no base")
+        .to_string();
+    assert!(err.contains("full.mem"), "{err}");
+}

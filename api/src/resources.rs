@@ -68,6 +68,7 @@ impl Resources {
         config.cpus = self.machine.vcpu_count;
         config.memory_mib = self.machine.mem_size_mib;
         config.huge_pages = self.machine.huge_pages;
+        config.track_dirty_pages = self.machine.track_dirty_pages;
         config.console = self.console.clone();
         config.disks = self.drives.iter().map(disk_config).collect();
         config
@@ -103,13 +104,6 @@ impl Resources {
                  leave cpu_template out or set it to \"None\""
             )));
         }
-        if update.track_dirty_pages == Some(true) {
-            return Err(refuse(
-                "track_dirty_pages is not supported by Kiln: it has no dirty page tracking (no \
-                 diff snapshots); leave it out or set it to false"
-                    .into(),
-            ));
-        }
         let mut machine = self.machine.clone();
         if let Some(count) = update.vcpu_count {
             machine.vcpu_count = count;
@@ -119,6 +113,9 @@ impl Resources {
         }
         if let Some(huge_pages) = update.huge_pages {
             machine.huge_pages = huge_pages;
+        }
+        if let Some(track) = update.track_dirty_pages {
+            machine.track_dirty_pages = track;
         }
         let mut candidate = self.clone();
         candidate.machine = machine;

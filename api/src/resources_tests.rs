@@ -148,13 +148,6 @@ fn machine_updates_apply_whole_or_not_at_all() {
             },
             "cpu_template T2 is not supported by Kiln",
         ),
-        (
-            MachineConfigUpdate {
-                track_dirty_pages: Some(true),
-                ..MachineConfigUpdate::default()
-            },
-            "track_dirty_pages is not supported by Kiln",
-        ),
     ] {
         let err = resources.update_machine(&update).unwrap_err();
         assert!(err.message.starts_with("Machine config error: "), "{err:?}");
@@ -167,10 +160,16 @@ fn machine_updates_apply_whole_or_not_at_all() {
         .update_machine(&MachineConfigUpdate {
             smt: Some(false),
             cpu_template: Some(CpuTemplate::None),
-            track_dirty_pages: Some(false),
             ..MachineConfigUpdate::default()
         })
         .unwrap();
+    resources
+        .update_machine(&MachineConfigUpdate {
+            track_dirty_pages: Some(true),
+            ..MachineConfigUpdate::default()
+        })
+        .unwrap();
+    assert!(resources.vm_config().track_dirty_pages);
 }
 
 #[test]

@@ -10,5 +10,6 @@ pub mod x86_64;
 
 pub use x86_64::*;
 
-/// The guest memory type all of Kiln uses.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// The guest memory type all of Kiln uses. Each region carries a bitmap of the pages written
+/// through it (by devices and the VMM; KVM's dirty log covers the vCPUs), for diff snapshots.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

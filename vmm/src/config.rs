@@ -88,6 +88,10 @@ pub struct VmConfig {
     /// off: there the boot arguments replace the defaults.
     #[serde(default = "yes")]
     pub default_cmdline: bool,
+    /// Track the pages the guest and devices write, so that diff snapshots can save only
+    /// those (costs a little speed on guest writes while on).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 fn yes() -> bool {
@@ -212,6 +216,7 @@ impl VmConfig {
             disks: Vec::new(),
             huge_pages: HugePages::default(),
             default_cmdline: true,
+            track_dirty_pages: false,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The VMM thread's side of [`VmHandle`](crate::VmHandle) requests: pause, resume, vCPU and
 //! device state, snapshots.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -9,6 +9,8 @@ use kvm_bindings::{
     kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::VmFd;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use kiln_devices::legacy::serial::SerialDevice;
 
@@ -18,8 +20,12 @@ use crate::handle::{Answer, ControlError, Request, VmHandle, VmState};
 use crate::memory::GuestMemory;
 use crate::snapshot::restore::disk_identity;
 use crate::snapshot::{
-    write_memory_file, write_state_file, SavedDisk, SavedIrqchip, SnapshotError, VmSnapshot,
+    write_diff_memory_file, write_memory_file, write_state_file, MemoryLayer, SavedDisk,
+    SavedIrqchip, SavedRegion, SnapshotError, SnapshotKind, VmSnapshot,
 };
+
+/// The page size of dirty tracking (KVM's and vm-memory's).
+const PAGE: usize = 4096;
 use crate::vcpu::VcpuThreads;
 
 /// What the VMM thread needs to answer requests.
@@ -34,6 +40,8 @@ pub(crate) struct Controller<'a> {
     /// kvmclock as the last pause left it: resume sets it back, so that the guest's clock does
     /// not jump by the time it was paused.
     pub(crate) frozen_clock: Option<kvm_bindings::kvm_clock_data>,
+    /// The memory files of the last snapshot taken (or restored from): what a diff layers on.
+    pub(crate) layers: Vec<MemoryLayer>,
 }
 
 impl Controller<'_> {
@@ -86,8 +94,12 @@ impl Controller<'_> {
             }
             Request::DeviceStates => Ok(Answer::Devices(self.virtio.states())),
             Request::Snapshot { .. } if !*paused => Err(SnapshotError::NotPaused.into()),
-            Request::Snapshot { state, memory } => {
-                self.snapshot(&state, &memory)?;
+            Request::Snapshot {
+                state,
+                memory,
+                kind,
+            } => {
+                self.snapshot(&state, &memory, kind)?;
                 Ok(Answer::Done)
             }
             Request::GuestClock => Ok(Answer::Clock(match self.frozen_clock {
@@ -119,8 +131,35 @@ impl Controller<'_> {
 
     /// Writes a snapshot of the paused VM: memory file first, state file last (the state file
     /// is what names a snapshot complete).
-    fn snapshot(&self, state_path: &Path, memory_path: &Path) -> Result<(), ControlError> {
+    fn snapshot(
+        &mut self,
+        state_path: &Path,
+        memory_path: &Path,
+        kind: SnapshotKind,
+    ) -> Result<(), ControlError> {
         let started = std::time::Instant::now();
+        let memory_path = absolute(memory_path)?;
+        if kind == SnapshotKind::Diff {
+            if !self.config.track_dirty_pages {
+                return Err(SnapshotError::Diff(
+                    "dirty page tracking is off (track_dirty_pages)".into(),
+                )
+                .into());
+            }
+            if self.layers.is_empty() {
+                return Err(SnapshotError::Diff(
+                    "there is no earlier snapshot of this VM to layer it on".into(),
+                )
+                .into());
+            }
+            if self.layers.iter().any(|layer| layer.path == memory_path) {
+                return Err(SnapshotError::Diff(format!(
+                    "'{}' holds a layer the diff builds on; write it to another file",
+                    memory_path.display()
+                ))
+                .into());
+            }
+        }
         let vcpus = self.threads.save_all()?;
         let mut irqchip = save_vm_state(self.vm_fd)?;
         if let Some(frozen) = self.frozen_clock {
@@ -138,27 +177,45 @@ impl Controller<'_> {
             .into_iter()
             .map(|(_, state)| state)
             .collect();
-        let disks = self
-            .config
-            .disks
-            .iter()
-            .enumerate()
-            .map(|(index, config)| {
-                let (size, modified_ns) =
-                    disk_identity(&config.path).map_err(|err| SnapshotError::Disk {
-                        index: index + 1,
-                        path: config.path.clone(),
-                        reason: format!("cannot read its size and time: {err}"),
-                    })?;
-                Ok(SavedDisk {
-                    config: config.clone(),
-                    size,
-                    modified_ns,
-                })
-            })
-            .collect::<Result<Vec<_>, SnapshotError>>()?;
+        let disks = saved_disks(self.config)?;
         let snapshot_id = random_id();
-        let memory = write_memory_file(memory_path, self.memory, snapshot_id)?;
+        let regions = self
+            .memory
+            .iter()
+            .map(|region| SavedRegion {
+                guest_addr: region.start_addr().raw_value(),
+                len: region.len(),
+            })
+            .collect();
+        let layer = match kind {
+            SnapshotKind::Full => {
+                write_memory_file(&memory_path, self.memory, snapshot_id)?;
+                MemoryLayer {
+                    path: memory_path.clone(),
+                    snapshot_id,
+                    pages: None,
+                }
+            }
+            SnapshotKind::Diff => {
+                let dirty = self.dirty_pages()?;
+                let pages =
+                    write_diff_memory_file(&memory_path, self.memory, snapshot_id, |r, p| {
+                        dirty[r]
+                            .get(p / 64)
+                            .is_some_and(|word| word & (1 << (p % 64)) != 0)
+                    })?;
+                MemoryLayer {
+                    path: memory_path.clone(),
+                    snapshot_id,
+                    pages: Some(pages),
+                }
+            }
+        };
+        let mut layers = match kind {
+            SnapshotKind::Full => Vec::new(),
+            SnapshotKind::Diff => self.layers.clone(),
+        };
+        layers.push(layer);
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |since| since.as_millis() as u64);
@@ -168,21 +225,85 @@ impl Controller<'_> {
             created_unix_ms: created,
             config: self.config.clone(),
             disks,
-            memory,
+            memory: regions,
+            memory_layers: layers.clone(),
             vcpus,
             irqchip,
             serial,
             virtio,
         };
         write_state_file(state_path, &snapshot)?;
+        if self.config.track_dirty_pages {
+            // The next diff starts from here.
+            self.dirty_pages()?;
+        }
+        self.layers = layers;
         log::info!(
-            "snapshot written to '{}' and '{}' in {} ms",
+            "{kind:?} snapshot written to '{}' and '{}' in {} ms",
             state_path.display(),
             memory_path.display(),
             started.elapsed().as_millis()
         );
         Ok(())
     }
+
+    /// The pages written since the last call, per region (one bit per 4 KiB page): KVM's dirty
+    /// log for the vCPUs' writes, the memory bitmap for the devices' and the VMM's. Both are
+    /// cleared.
+    fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, SnapshotError> {
+        self.memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let mut bits = self
+                    .vm_fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(|err| SnapshotError::Kvm("read the dirty page log", err))?;
+                // The region's own bitmap (the mapping's), not a slice of it: it can be reset.
+                let bitmap: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
+                let pages = (region.len() as usize).div_ceil(PAGE);
+                bits.resize(pages.div_ceil(64), 0);
+                for page in 0..pages {
+                    if bitmap.is_addr_set(page * PAGE) {
+                        bits[page / 64] |= 1 << (page % 64);
+                    }
+                }
+                bitmap.reset();
+                Ok(bits)
+            })
+            .collect()
+    }
+}
+
+/// Each disk's config, size and modification time.
+fn saved_disks(config: &VmConfig) -> Result<Vec<SavedDisk>, SnapshotError> {
+    config
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(index, config)| {
+            let (size, modified_ns) =
+                disk_identity(&config.path).map_err(|err| SnapshotError::Disk {
+                    index: index + 1,
+                    path: config.path.clone(),
+                    reason: format!("cannot read its size and time: {err}"),
+                })?;
+            Ok(SavedDisk {
+                config: config.clone(),
+                size,
+                modified_ns,
+            })
+        })
+        .collect()
+}
+
+/// `path` made absolute against the current directory (a diff chain names its files).
+fn absolute(path: &Path) -> Result<PathBuf, SnapshotError> {
+    std::path::absolute(path).map_err(|source| SnapshotError::Io {
+        what: "resolve the memory file path",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// kvmclock now (None, logged, if KVM cannot say: the guest's clock then jumps on resume).

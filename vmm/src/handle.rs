@@ -17,7 +17,7 @@ use kiln_devices::virtio::mmio::MmioState;
 
 use crate::device_manager::DeviceError;
 use crate::metrics::{Counters, VmMetrics};
-use crate::snapshot::SnapshotError;
+use crate::snapshot::{SnapshotError, SnapshotKind};
 use crate::vcpu::{VcpuError, VcpuState};
 
 /// Where a VM is in its life.
@@ -72,9 +72,16 @@ pub(crate) enum Request {
     RestoreVcpus(Vec<VcpuState>),
     DeviceStates,
     CtrlAltDel,
-    ReplaceDisk { index: usize, path: PathBuf },
+    ReplaceDisk {
+        index: usize,
+        path: PathBuf,
+    },
     GuestClock,
-    Snapshot { state: PathBuf, memory: PathBuf },
+    Snapshot {
+        state: PathBuf,
+        memory: PathBuf,
+        kind: SnapshotKind,
+    },
 }
 
 /// The VMM thread's answer.
@@ -215,9 +222,23 @@ impl VmHandle {
         state: impl Into<PathBuf>,
         memory: impl Into<PathBuf>,
     ) -> Result<(), ControlError> {
+        self.snapshot_of_kind(SnapshotKind::Full, state, memory)
+    }
+
+    /// [`snapshot`](Self::snapshot), full or diff. A diff writes only the pages changed since
+    /// this VM's previous snapshot (or the one it was restored from) and layers over it: its
+    /// state file names the earlier memory files, which must stay where they are. Needs
+    /// `track_dirty_pages`.
+    pub fn snapshot_of_kind(
+        &self,
+        kind: SnapshotKind,
+        state: impl Into<PathBuf>,
+        memory: impl Into<PathBuf>,
+    ) -> Result<(), ControlError> {
         self.request(Request::Snapshot {
             state: state.into(),
             memory: memory.into(),
+            kind,
         })
         .map(drop)
     }

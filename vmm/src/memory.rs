@@ -2,15 +2,14 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::config::{HugePages, THP_SKIP_BYTES};
 
 /// Guest memory as Kiln uses it everywhere.
-pub type GuestMemory = GuestMemoryMmap<()>;
+pub type GuestMemory = kiln_arch::GuestMemoryMmap;
 
 /// Why guest memory could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +49,7 @@ pub enum MemoryError {
 /// Maps `size` bytes of guest RAM laid out around the 32-bit MMIO gap.
 pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
     let regions = kiln_arch::memory::arch_memory_regions(size);
-    GuestMemoryMmap::from_ranges(&regions).map_err(|err| MemoryError::Allocate {
+    GuestMemory::from_ranges(&regions).map_err(|err| MemoryError::Allocate {
         mib: size >> 20,
         reason: err.to_string(),
     })
@@ -84,7 +83,7 @@ pub fn create_hugetlb_memory(size: u64) -> Result<GuestMemory, MemoryError> {
     let regions = kiln_arch::memory::arch_memory_regions(size)
         .into_iter()
         .map(|(base, len)| {
-            let mapping = MmapRegionBuilder::new(len)
+            let mapping = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(
                     libc::MAP_ANONYMOUS
@@ -99,7 +98,7 @@ pub fn create_hugetlb_memory(size: u64) -> Result<GuestMemory, MemoryError> {
                 .ok_or_else(|| reserve_error("the region does not fit the address space".into()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    GuestMemoryMmap::from_regions(regions).map_err(|err| MemoryError::Allocate {
+    GuestMemory::from_regions(regions).map_err(|err| MemoryError::Allocate {
         mib: size >> 20,
         reason: err.to_string(),
     })
@@ -136,8 +135,13 @@ pub fn advise_huge_pages(memory: &GuestMemory, skip_below: u64) {
     }
 }
 
-/// Hands every region to KVM, one slot each.
-pub fn register_guest_memory(vm_fd: &VmFd, memory: &GuestMemory) -> Result<(), MemoryError> {
+/// Hands every region to KVM, one slot each (slot = region index); with `track_dirty`, KVM
+/// logs the pages vCPUs write (for diff snapshots).
+pub fn register_guest_memory(
+    vm_fd: &VmFd,
+    memory: &GuestMemory,
+    track_dirty: bool,
+) -> Result<(), MemoryError> {
     for (slot, region) in (0u32..).zip(memory.iter()) {
         let base = region.start_addr().raw_value();
         let host_address =
@@ -149,7 +153,11 @@ pub fn register_guest_memory(vm_fd: &VmFd, memory: &GuestMemory) -> Result<(), M
                 })?;
         let kvm_region = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if track_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: base,
             memory_size: region.len(),
             userspace_addr: host_address as u64,

@@ -33,8 +33,8 @@ use crate::loader::{load_cmdline, load_initrd, load_kernel, LoadedKernel};
 use crate::memory::{create_guest_memory_backed, register_guest_memory, GuestMemory};
 use crate::metrics::{Counters, VcpuExitCounters};
 use crate::snapshot::{
-    check_cpuid, check_disks, map_memory_file, read_state_file, RestoreConfig, SavedIrqchip,
-    SnapshotError, VmSnapshot,
+    check_cpuid, check_disks, map_memory_layers, read_state_file, MemoryLayer, RestoreConfig,
+    SavedIrqchip, SnapshotError, VmSnapshot,
 };
 use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, Vcpu, VcpuThreads};
@@ -108,6 +108,8 @@ pub struct Vm {
     start_paused: bool,
     /// Writes the guest's console output on the event loop; finished when the VM ends.
     console: Arc<Mutex<ConsoleDrain>>,
+    /// The memory files of the snapshot this VM was restored from (a diff layers on them).
+    memory_layers: Vec<MemoryLayer>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -134,6 +136,9 @@ impl Vm {
         let mut config = snapshot.config.clone();
         config.console = restore.console.clone();
         config.disks = disks;
+        if let Some(track) = restore.track_dirty_pages {
+            config.track_dirty_pages = track;
+        }
         if snapshot.vcpus.len() != usize::from(config.cpus) {
             return Err(SnapshotError::Corrupt {
                 path: restore.state.clone(),
@@ -173,9 +178,9 @@ impl Vm {
 
         let memory = match snapshot {
             None => create_guest_memory_backed(config.memory_bytes(), config.huge_pages)?,
-            Some((saved, path)) => map_memory_file(path, &saved.memory, saved.snapshot_id)?,
+            Some((saved, path)) => map_memory_layers(path, &saved.memory, &saved.memory_layers)?,
         };
-        register_guest_memory(&vm_fd, &memory)?;
+        register_guest_memory(&vm_fd, &memory, config.track_dirty_pages)?;
 
         let event_loop = EventLoop::new().map_err(Error::EventLoop)?;
         let mut virtio = DeviceManager::new();
@@ -218,7 +223,7 @@ impl Vm {
         )?;
         if let Some((saved, _)) = snapshot {
             for (vcpu, state) in vcpus.iter_mut().zip(&saved.vcpus) {
-                state.restore(&vcpu.fd).map_err(|source| {
+                state.restore(&vcpu.fd, &vcpu.cpuid).map_err(|source| {
                     Error::Vcpu(crate::vcpu::VcpuError::State {
                         id: vcpu.id,
                         source,
@@ -251,6 +256,9 @@ impl Vm {
             devices_paused: snapshot.is_some(),
             start_paused: false,
             console: Arc::new(Mutex::new(console)),
+            memory_layers: snapshot
+                .map(|(saved, path)| restored_layers(saved, path))
+                .unwrap_or_default(),
         })
     }
 
@@ -351,6 +359,7 @@ impl Vm {
             } else {
                 None
             },
+            layers: std::mem::take(&mut self.memory_layers),
         };
         let mut loop_result = Ok(());
         while loop_result.is_ok() {
@@ -395,6 +404,16 @@ impl Vm {
             }
         }
     }
+}
+
+/// The chain a restored VM's next diff snapshot layers on: the snapshot's own, with its newest
+/// file where it was restored from.
+fn restored_layers(saved: &VmSnapshot, path: &Path) -> Vec<MemoryLayer> {
+    let mut layers = saved.memory_layers.clone();
+    if let Some(last) = layers.last_mut() {
+        last.path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    }
+    layers
 }
 
 /// The VM itself: TSS address, in-kernel irqchip (PICs, IOAPIC, LAPICs) and PIT.

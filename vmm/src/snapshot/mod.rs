@@ -32,7 +32,7 @@ use crate::config::{DiskConfig, VmConfig};
 use crate::vcpu::VcpuState;
 
 pub use files::{read_state_file, write_state_file};
-pub use memory::{map_memory_file, write_memory_file};
+pub use memory::{map_memory_file, map_memory_layers, write_diff_memory_file, write_memory_file};
 pub use restore::{check_cpuid, check_disks, RestoreConfig};
 
 /// "KILNSNAP": the first bytes of every state file.
@@ -96,6 +96,9 @@ pub enum SnapshotError {
     /// The request needs a paused VM.
     #[error("the VM must be paused before a snapshot is taken")]
     NotPaused,
+    /// A diff snapshot cannot be taken.
+    #[error("cannot take a diff snapshot: {0}")]
+    Diff(String),
     /// A KVM call failed while saving or restoring.
     #[error("KVM could not {0}: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
@@ -122,6 +125,29 @@ pub struct SavedRegion {
     pub guest_addr: u64,
     /// Length in bytes.
     pub len: u64,
+}
+
+/// Full: all of RAM. Diff: only the pages written since the VM's previous snapshot (or since
+/// the snapshot it was restored from), layered over that one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SnapshotKind {
+    /// All of guest RAM.
+    #[default]
+    Full,
+    /// Pages written since the last snapshot; needs `track_dirty_pages`.
+    Diff,
+}
+
+/// One memory file of a snapshot's chain: a full one first, then diffs in the order taken.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemoryLayer {
+    /// The file (absolute, as written; the last layer's path can be given anew on restore).
+    pub path: PathBuf,
+    /// The snapshot that wrote it (its footer carries the same id).
+    pub snapshot_id: u64,
+    /// For a diff: the byte ranges `(offset, len)` of the file that hold pages; None for a
+    /// full memory file.
+    pub pages: Option<Vec<(u64, u64)>>,
 }
 
 /// The in-kernel interrupt controllers and timer.
@@ -155,6 +181,9 @@ pub struct VmSnapshot {
     pub disks: Vec<SavedDisk>,
     /// Guest RAM layout.
     pub memory: Vec<SavedRegion>,
+    /// The memory files this snapshot's RAM is made of, base first (the last is this
+    /// snapshot's own).
+    pub memory_layers: Vec<MemoryLayer>,
     /// Each vCPU, in order.
     pub vcpus: Vec<VcpuState>,
     /// Interrupt controllers, PIT and clock.

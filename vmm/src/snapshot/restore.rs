@@ -23,6 +23,8 @@ pub struct RestoreConfig {
     pub disk_overrides: Vec<(usize, PathBuf)>,
     /// Run the guest at once (false: restored paused, resumed through the handle).
     pub resume: bool,
+    /// Track dirty pages (for diff snapshots of the restored VM); None: as the snapshot's VM.
+    pub track_dirty_pages: Option<bool>,
 }
 
 impl RestoreConfig {
@@ -34,6 +36,7 @@ impl RestoreConfig {
             console: ConsoleConfig::Stdio,
             disk_overrides: Vec::new(),
             resume: true,
+            track_dirty_pages: None,
         }
     }
 }

@@ -72,6 +72,11 @@ fn snapshot() -> VmSnapshot {
             guest_addr: 0,
             len: 1 << 20,
         }],
+        memory_layers: vec![MemoryLayer {
+            path: "/vm.mem".into(),
+            snapshot_id: 7,
+            pages: None,
+        }],
         vcpus: vec![vcpu(), vcpu()],
         irqchip: SavedIrqchip {
             pic_master: Default::default(),

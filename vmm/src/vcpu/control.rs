@@ -115,7 +115,7 @@ fn vcpu_thread(
                 VcpuCommand::RestoreState(_) if running => {
                     VcpuReply::Refused(VcpuError::NotPaused(id))
                 }
-                VcpuCommand::RestoreState(state) => match state.restore(&vcpu.fd) {
+                VcpuCommand::RestoreState(state) => match state.restore(&vcpu.fd, &vcpu.cpuid) {
                     Ok(()) => {
                         vcpu.cpuid = state.cpuid;
                         VcpuReply::Done

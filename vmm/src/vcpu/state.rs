@@ -115,14 +115,22 @@ impl VcpuState {
         })
     }
 
-    /// Writes this state into a vCPU that is not running.
-    pub fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
-        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| StateError {
-            action: "write",
-            what: "CPUID",
-            source: kvm_ioctls::Error::new(libc::E2BIG),
-        })?;
-        fd.set_cpuid2(&cpuid).map_err(write_error("CPUID"))?;
+    /// Writes this state into a vCPU that is not running. `current_cpuid` is what the vCPU
+    /// has now: KVM refuses a CPUID change once a vCPU has run, so an unchanged one is not
+    /// written again.
+    pub fn restore(
+        &self,
+        fd: &VcpuFd,
+        current_cpuid: &[kvm_cpuid_entry2],
+    ) -> Result<(), StateError> {
+        if self.cpuid != current_cpuid {
+            let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| StateError {
+                action: "write",
+                what: "CPUID",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
+            fd.set_cpuid2(&cpuid).map_err(write_error("CPUID"))?;
+        }
         fd.set_mp_state(self.mp_state)
             .map_err(write_error("MP state"))?;
         fd.set_regs(&self.regs).map_err(write_error("registers"))?;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, BS};
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use kiln_arch::GuestMemoryMmap;
@@ -307,13 +308,16 @@ impl DiskImage {
     }
 }
 
+/// A piece of guest memory with its dirty-page bitmap.
+type GuestSlice<'a> = VolatileSlice<'a, BS<'a, AtomicBitmap>>;
+
 /// The host mappings of `addr..addr + len`, all of them or an error: no I/O starts on a range
 /// that is only partly guest memory.
 fn guest_slices(
     memory: &GuestMemoryMmap,
     addr: GuestAddress,
     len: usize,
-) -> io::Result<Vec<VolatileSlice<'_, ()>>> {
+) -> io::Result<Vec<GuestSlice<'_>>> {
     memory
         .get_slices(addr, len)
         .collect::<Result<Vec<_>, _>>()
@@ -343,7 +347,9 @@ fn lock(file: &File, path: &Path, readonly: bool) -> Result<(), DiskError> {
 }
 
 /// `pread` until `slice` is full; end of file is an error (the image shrank under us).
-fn pread_exact(file: &File, slice: &VolatileSlice<'_, ()>, offset: u64) -> io::Result<()> {
+fn pread_exact(file: &File, slice: &GuestSlice<'_>, offset: u64) -> io::Result<()> {
+    // The kernel writes guest memory behind vm-memory's back: record it for diff snapshots.
+    slice.bitmap().mark_dirty(0, slice.len());
     let guard = slice.ptr_guard_mut();
     let mut done = 0usize;
     while done < slice.len() {
@@ -377,7 +383,7 @@ fn pread_exact(file: &File, slice: &VolatileSlice<'_, ()>, offset: u64) -> io::R
 }
 
 /// `pwrite` all of `slice`.
-fn pwrite_all(file: &File, slice: &VolatileSlice<'_, ()>, offset: u64) -> io::Result<()> {
+fn pwrite_all(file: &File, slice: &GuestSlice<'_>, offset: u64) -> io::Result<()> {
     let guard = slice.ptr_guard();
     let mut done = 0usize;
     while done < slice.len() {
