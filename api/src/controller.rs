@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use kiln_vmm::snapshot::{read_state_file, RestoreConfig, SnapshotKind};
 use kiln_vmm::{RunningVm, Vm, VmHandle, VmState};
 use serde::Serialize;
 
@@ -43,6 +44,8 @@ pub struct Controller {
     metrics: Option<MetricsWriter>,
     times: ProcessTimes,
     on_start: StartedHook,
+    /// A boot resource was configured: loading a snapshot is no longer allowed (Firecracker).
+    boot_path: bool,
 }
 
 impl std::fmt::Debug for Controller {
@@ -72,6 +75,7 @@ impl Controller {
             metrics: None,
             times: ProcessTimes::default(),
             on_start,
+            boot_path: false,
         }
     }
 
@@ -125,16 +129,32 @@ impl Controller {
             Action::GetMachineConfig => json(&self.resources.machine),
             Action::PutBootSource(boot_source) => {
                 self.resources.set_boot_source(boot_source)?;
+                self.boot_path = true;
                 Ok(Response::no_content())
             }
             Action::PutMachineConfig(update) | Action::PatchMachineConfig(update) => {
                 self.resources.update_machine(&update)?;
+                self.boot_path = true;
                 Ok(Response::no_content())
             }
             Action::PutDrive(drive) => {
                 self.resources.put_drive(drive)?;
+                self.boot_path = true;
                 Ok(Response::no_content())
             }
+            Action::CreateSnapshot(params) => {
+                let kind = match params.snapshot_type.unwrap_or_default() {
+                    SnapshotType::Full => SnapshotKind::Full,
+                    SnapshotType::Diff => SnapshotKind::Diff,
+                };
+                self.running()?
+                    .snapshot_of_kind(kind, &params.snapshot_path, &params.mem_file_path)
+                    .map_err(|err| {
+                        ApiError::bad_request(format!("Create snapshot error: {err}"))
+                    })?;
+                Ok(Response::no_content())
+            }
+            Action::LoadSnapshot(params) => self.load_snapshot(params),
             Action::PatchDrive(update) => self.patch_drive(update),
             Action::PutLogger(logger) => {
                 logger
@@ -202,6 +222,95 @@ impl Controller {
         let running = vm.start().map_err(start_error)?;
         self.vm = Some(running.handle());
         log::info!("microVM '{}' started", self.instance_id);
+        (self.on_start)(running);
+        Ok(Response::no_content())
+    }
+
+    fn load_snapshot(&mut self, params: SnapshotLoadParams) -> Result<Response, ApiError> {
+        let refuse =
+            |message: String| ApiError::bad_request(format!("Load snapshot error: {message}"));
+        if self.boot_path {
+            return Err(refuse(
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources."
+                    .into(),
+            ));
+        }
+        let memory =
+            match (&params.mem_file_path, &params.mem_backend) {
+                (Some(path), None) => path.clone(),
+                (None, Some(backend)) if backend.backend_type == BackendType::File => {
+                    backend.backend_path.clone()
+                }
+                (None, Some(_)) => return Err(refuse(
+                    "mem_backend Uffd is not supported by Kiln: it maps the memory file itself \
+                     (use backend_type File)"
+                        .into(),
+                )),
+                _ => {
+                    return Err(refuse(
+                        "give exactly one of mem_file_path and mem_backend".into(),
+                    ))
+                }
+            };
+        if params
+            .network_overrides
+            .as_ref()
+            .is_some_and(|o| !o.is_empty())
+        {
+            return Err(refuse(
+                "network_overrides is not supported by Kiln: it has no network devices yet".into(),
+            ));
+        }
+        if params.vsock_override.as_ref().is_some_and(|o| !o.is_null()) {
+            return Err(refuse(
+                "vsock_override is not supported by Kiln: it has no vsock device yet".into(),
+            ));
+        }
+        if params.clock_realtime == Some(true) {
+            return Err(refuse(
+                "clock_realtime is not supported by Kiln: the guest's clock goes on from the \
+                 snapshot's time"
+                    .into(),
+            ));
+        }
+        let snapshot = read_state_file(std::path::Path::new(&params.snapshot_path))
+            .map_err(|err| refuse(err.to_string()))?;
+        let mut restore = RestoreConfig::new(&params.snapshot_path, memory);
+        restore.console = self.resources.console.clone();
+        restore.resume = params.resume_vm;
+        restore.track_dirty_pages = params.track_dirty_pages.or(params.enable_diff_snapshots);
+        let vm = Vm::restore(&restore, Instant::now()).map_err(|err| refuse(err.to_string()))?;
+        let running = vm.start().map_err(|err| refuse(err.to_string()))?;
+        // What GET /vm/config shows from now on: the snapshot's machine and disks.
+        let config = snapshot.config;
+        self.resources.machine.vcpu_count = config.cpus;
+        self.resources.machine.mem_size_mib = config.memory_mib;
+        self.resources.machine.huge_pages = config.huge_pages;
+        self.resources.machine.track_dirty_pages = restore
+            .track_dirty_pages
+            .unwrap_or(config.track_dirty_pages);
+        self.resources.drives = config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, disk)| Drive {
+                drive_id: disk.id.clone().unwrap_or_else(|| format!("drive{index}")),
+                path_on_host: Some(disk.path.to_string_lossy().into_owned()),
+                is_root_device: disk.root,
+                partuuid: disk.partuuid.clone(),
+                is_read_only: disk.readonly,
+                cache_type: None,
+                rate_limiter: None,
+                io_engine: None,
+                socket: None,
+            })
+            .collect();
+        self.vm = Some(running.handle());
+        log::info!(
+            "microVM '{}' restored from '{}'",
+            self.instance_id,
+            params.snapshot_path
+        );
         (self.on_start)(running);
         Ok(Response::no_content())
     }

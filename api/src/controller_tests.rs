@@ -363,3 +363,129 @@ fn the_lifecycle_through_the_controller() {
     let message = fault_message(&request(&mut controller, Method::Patch, "/vm", pause));
     assert!(message.contains("not running"), "{message}");
 }
+
+#[test]
+fn a_snapshot_taken_over_the_api_loads_in_a_fresh_instance() {
+    let dir = std::env::temp_dir();
+    let state = dir.join(format!("kiln-api-snap-{}.state", std::process::id()));
+    let memory = dir.join(format!("kiln-api-snap-{}.mem", std::process::id()));
+    let create = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        memory.display()
+    );
+    let (mut source, started, _) = controller();
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "{}"}}"#,
+        GuestKind::Count.path().display(),
+        Params::with_n(1 << 60).cmdline()
+    );
+    assert_eq!(
+        request(&mut source, Method::Put, "/boot-source", Some(&boot)).status,
+        204
+    );
+    assert_eq!(
+        request(
+            &mut source,
+            Method::Put,
+            "/machine-config",
+            Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#)
+        )
+        .status,
+        204
+    );
+    assert_eq!(
+        fault_message(&request(
+            &mut source,
+            Method::Put,
+            "/snapshot/create",
+            Some(&create)
+        )),
+        "The requested operation is not supported before starting the microVM."
+    );
+    let start = Some(r#"{"action_type": "InstanceStart"}"#);
+    assert_eq!(
+        request(&mut source, Method::Put, "/actions", start).status,
+        204
+    );
+    let running = started.try_recv().unwrap();
+    let message = fault_message(&request(
+        &mut source,
+        Method::Put,
+        "/snapshot/create",
+        Some(&create),
+    ));
+    assert!(message.contains("must be paused"), "{message}");
+    let pause = Some(r#"{"state": "Paused"}"#);
+    assert_eq!(
+        request(&mut source, Method::Patch, "/vm", pause).status,
+        204
+    );
+    let response = request(&mut source, Method::Put, "/snapshot/create", Some(&create));
+    assert_eq!(response.status, 204, "{response:?}");
+    source.vm().unwrap().stop();
+    running.wait().unwrap();
+
+    let load = |extra: &str| {
+        format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}{extra}}}"#,
+            state.display(),
+            memory.display()
+        )
+    };
+    let (mut configured, _, _) = controller();
+    assert_eq!(
+        request(&mut configured, Method::Put, "/boot-source", Some(&boot)).status,
+        204
+    );
+    let message = fault_message(&request(
+        &mut configured,
+        Method::Put,
+        "/snapshot/load",
+        Some(&load("")),
+    ));
+    assert!(
+        message.contains("not allowed after configuring boot-specific resources"),
+        "{message}"
+    );
+
+    let (mut fresh, restored, _) = controller();
+    let uffd = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "Uffd", "backend_path": "/u.sock"}}}}"#,
+        state.display()
+    );
+    let message = fault_message(&request(
+        &mut fresh,
+        Method::Put,
+        "/snapshot/load",
+        Some(&uffd),
+    ));
+    assert!(message.contains("Uffd is not supported"), "{message}");
+    let response = request(
+        &mut fresh,
+        Method::Put,
+        "/snapshot/load",
+        Some(&load(r#", "resume_vm": true"#)),
+    );
+    assert_eq!(response.status, 204, "{response:?}");
+    let running = restored
+        .try_recv()
+        .expect("the restored VM was handed over");
+    let info = json_body(&request(&mut fresh, Method::Get, "/", None));
+    assert_eq!(info["state"], "Running");
+    let machine = json_body(&request(&mut fresh, Method::Get, "/machine-config", None));
+    assert_eq!(machine["mem_size_mib"], 64);
+    assert_eq!(
+        fault_message(&request(
+            &mut fresh,
+            Method::Put,
+            "/snapshot/load",
+            Some(&load(""))
+        )),
+        "The requested operation is not supported after starting the microVM."
+    );
+    fresh.vm().unwrap().stop();
+    assert_eq!(running.wait().unwrap(), VmOutcome::Stopped);
+    let _ = std::fs::remove_file(state);
+    let _ = std::fs::remove_file(memory);
+}

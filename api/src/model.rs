@@ -289,6 +289,80 @@ pub struct Vm {
     pub state: VmStateChange,
 }
 
+/// The `snapshot_type` of `PUT /snapshot/create`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum SnapshotType {
+    /// All of guest memory.
+    #[default]
+    Full,
+    /// Only the pages written since the previous snapshot (needs `track_dirty_pages`).
+    Diff,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// The memory file to write.
+    pub mem_file_path: String,
+    /// The state file to write.
+    pub snapshot_path: String,
+    /// Full (default) or Diff.
+    #[serde(default)]
+    pub snapshot_type: Option<SnapshotType>,
+}
+
+/// Where a loaded snapshot's memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum BackendType {
+    /// A memory file.
+    File,
+    /// A userfaultfd handler process (not in Kiln).
+    Uffd,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    /// File or Uffd.
+    pub backend_type: BackendType,
+    /// The file (or the handler's socket).
+    pub backend_path: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The state file.
+    pub snapshot_path: String,
+    /// The memory file (deprecated in Firecracker in favour of `mem_backend`).
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    /// The memory backend.
+    #[serde(default)]
+    pub mem_backend: Option<MemoryBackend>,
+    /// Deprecated name of `track_dirty_pages`.
+    #[serde(default)]
+    pub enable_diff_snapshots: Option<bool>,
+    /// Track dirty pages in the restored VM (for diff snapshots of it).
+    #[serde(default)]
+    pub track_dirty_pages: Option<bool>,
+    /// Run the guest at once (default: restored paused).
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// New TAP devices for network interfaces (Kiln has none).
+    #[serde(default)]
+    pub network_overrides: Option<Vec<serde_json::Value>>,
+    /// A new vsock socket (Kiln has no vsock yet).
+    #[serde(default)]
+    pub vsock_override: Option<serde_json::Value>,
+    /// Advance kvmclock by the wall-clock time since the snapshot (not in Kiln).
+    #[serde(default)]
+    pub clock_realtime: Option<bool>,
+}
+
 /// `GET /`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InstanceInfo {

@@ -42,6 +42,10 @@ pub enum Action {
     Action(ActionType),
     /// `PATCH /vm`.
     PatchVm(VmStateChange),
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(SnapshotLoadParams),
     /// A Firecracker endpoint Kiln does not implement (balloon, MMDS, snapshots...).
     NotImplemented(&'static str),
 }
@@ -113,6 +117,8 @@ impl Action {
                 Action::Action(json::<InstanceActionInfo>(body)?.action_type)
             }
             (Method::Patch, "vm", []) => Action::PatchVm(json::<Vm>(body)?.state),
+            (Method::Put, "snapshot", ["create"]) => Action::CreateSnapshot(json(body)?),
+            (Method::Put, "snapshot", ["load"]) => Action::LoadSnapshot(json(body)?),
             (Method::Get | Method::Put | Method::Patch, endpoint, _) => {
                 match not_implemented(method, endpoint) {
                     Some(what) => Action::NotImplemented(what),
@@ -141,9 +147,11 @@ impl Action {
             | Action::PutEntropy(_)
             | Action::PutNetworkInterface(_)
             | Action::PutVsock(_)
+            | Action::LoadSnapshot(_)
             | Action::Action(ActionType::InstanceStart) => !started,
             Action::PatchDrive(_)
             | Action::PatchVm(_)
+            | Action::CreateSnapshot(_)
             | Action::Action(ActionType::FlushMetrics | ActionType::SendCtrlAltDel) => started,
         }
     }
@@ -179,7 +187,6 @@ fn not_implemented(method: &Method, endpoint: &str) -> Option<&'static str> {
     Some(match (method, endpoint) {
         (_, "balloon") => "the balloon device (/balloon)",
         (_, "mmds") => "the microVM metadata service (/mmds)",
-        (_, "snapshot") => "snapshots (/snapshot)",
         (Method::Put, "cpu-config") => "custom CPU templates (/cpu-config)",
         (Method::Put, "serial") => "serial console configuration (/serial)",
         (_, "hotplug") => "memory hotplug (/hotplug/memory)",

@@ -326,7 +326,6 @@ fn firecracker_endpoints_kiln_lacks_say_so() {
         (Method::Put, "/balloon", Some("{}")),
         (Method::Get, "/balloon/statistics", None),
         (Method::Put, "/mmds", Some("{}")),
-        (Method::Put, "/snapshot/create", Some("{}")),
         (Method::Put, "/cpu-config", Some("{}")),
         (Method::Put, "/serial", Some("{}")),
         (Method::Patch, "/network-interfaces/eth0", Some("{}")),
@@ -336,6 +335,45 @@ fn firecracker_endpoints_kiln_lacks_say_so() {
             "{path}"
         );
     }
+}
+
+#[test]
+fn snapshot_requests_parse() {
+    assert_eq!(
+        parse(
+            Method::Put,
+            "/snapshot/create",
+            Some(r#"{"snapshot_path": "/s", "mem_file_path": "/m", "snapshot_type": "Diff"}"#)
+        ),
+        Ok(Action::CreateSnapshot(SnapshotCreateParams {
+            mem_file_path: "/m".into(),
+            snapshot_path: "/s".into(),
+            snapshot_type: Some(SnapshotType::Diff),
+        }))
+    );
+    let message = fault(
+        Method::Put,
+        "/snapshot/create",
+        Some(r#"{"snapshot_path": "/s", "mem_file_path": "/m", "version": "1.0"}"#),
+    );
+    assert!(message.contains("unknown field `version`"), "{message}");
+    match parse(
+        Method::Put,
+        "/snapshot/load",
+        Some(r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File", "backend_path": "/m"}, "resume_vm": true}"#),
+    )
+    .unwrap()
+    {
+        Action::LoadSnapshot(load) => {
+            assert!(load.resume_vm);
+            assert_eq!(load.mem_backend.unwrap().backend_path, "/m");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        fault(Method::Put, "/snapshot/load", Some("{}")).contains("missing field `snapshot_path`")
+    );
+    assert!(fault(Method::Put, "/snapshot/other", Some("{}")).contains("Invalid request"));
 }
 
 #[test]
