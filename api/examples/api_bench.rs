@@ -44,7 +44,9 @@ fn options() -> Options {
                 options.reps = 1;
                 options.cycles = 3;
             }
-            other => panic!("unknown argument {other}; use --kiln PATH --reps N --cycles N --quick"),
+            other => {
+                panic!("unknown argument {other}; use --kiln PATH --reps N --cycles N --quick")
+            }
         }
     }
     options
@@ -105,7 +107,8 @@ struct Sample {
 }
 
 fn api_run(kiln: &Path, cycles: usize, rep: usize) -> Sample {
-    let socket = std::env::temp_dir().join(format!("kiln-api-bench-{}-{rep}.sock", std::process::id()));
+    let socket =
+        std::env::temp_dir().join(format!("kiln-api-bench-{}-{rep}.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket);
     let spawned = Instant::now();
     let mut child = Command::new(kiln)
@@ -149,8 +152,14 @@ fn api_run(kiln: &Path, cycles: usize, rep: usize) -> Sample {
     let pause_resume = (0..cycles)
         .map(|_| {
             let began = Instant::now();
-            assert_eq!(call(&mut api, "PATCH", "/vm", r#"{"state": "Paused"}"#), 204);
-            assert_eq!(call(&mut api, "PATCH", "/vm", r#"{"state": "Resumed"}"#), 204);
+            assert_eq!(
+                call(&mut api, "PATCH", "/vm", r#"{"state": "Paused"}"#),
+                204
+            );
+            assert_eq!(
+                call(&mut api, "PATCH", "/vm", r#"{"state": "Resumed"}"#),
+                204
+            );
             began.elapsed()
         })
         .collect();
@@ -222,12 +231,27 @@ fn main() {
         cycles.iter().min().copied().unwrap_or_default(),
         cycles.iter().max().copied().unwrap_or_default(),
     );
-    println!("| Metric (`hello hold=1`, 1 vCPU, 128 MiB; medians of {} runs) | ms |", options.reps);
+    println!(
+        "| Metric (`hello hold=1`, 1 vCPU, 128 MiB; medians of {} runs) | ms |",
+        options.reps
+    );
     println!("|---|---:|");
-    println!("| exec → API socket accepts | {} |", ms(pick(|s| s.socket_ready)));
-    println!("| `InstanceStart` request → 204 (VM built, vCPUs running) | {} |", ms(pick(|s| s.start_answered)));
-    println!("| `InstanceStart` sent → guest's first output | {} |", ms(pick(|s| s.first_output)));
-    println!("| CLI: `kiln run` exec → guest's first output | {} |", ms(median(cli)));
+    println!(
+        "| exec → API socket accepts | {} |",
+        ms(pick(|s| s.socket_ready))
+    );
+    println!(
+        "| `InstanceStart` request → 204 (VM built, vCPUs running) | {} |",
+        ms(pick(|s| s.start_answered))
+    );
+    println!(
+        "| `InstanceStart` sent → guest's first output | {} |",
+        ms(pick(|s| s.first_output))
+    );
+    println!(
+        "| CLI: `kiln run` exec → guest's first output | {} |",
+        ms(median(cli))
+    );
     println!(
         "| `PATCH /vm` Paused + Resumed round trip ({cycle_count} cycles; min {}, max {}) | {} |",
         ms(fastest),
