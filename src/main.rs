@@ -208,8 +208,9 @@ fn restore(args: RestoreArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error>
     run_to_end(vm)
 }
 
-/// Runs a built VM with SIGINT/SIGTERM/SIGHUP mapped to a stop.
-fn run_to_end(vm: Vm) -> Result<RunEnd, kiln_vmm::Error> {
+/// Runs a built VM with SIGINT/SIGTERM/SIGHUP mapped to a stop; the process exits right after.
+fn run_to_end(mut vm: Vm) -> Result<RunEnd, kiln_vmm::Error> {
+    vm.skip_teardown();
     let signals = StopSignals::install(vm.handle().stop_fd())
         .map_err(|e| kiln_vmm::Error::Io("install signal handlers", e))?;
     let outcome = vm.run()?;

@@ -4,7 +4,7 @@
 //! - [`exit`]: the single channel through which any device asks the VM to stop.
 //! - [`log_limit`]: rate limiting for the log lines a guest can trigger.
 //! - [`legacy`]: the few PC-compatible devices a microVM still needs (COM1 serial,
-//!   i8042 reset, pvpanic, ACPI power management, boot timer).
+//!   i8042 keyboard controller, pvpanic, ACPI power management, boot timer).
 //! - [`virtio`]: the virtio-mmio transport and the virtio devices (block).
 #![deny(missing_docs)]
 

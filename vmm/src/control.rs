@@ -12,6 +12,7 @@ use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
+use kiln_devices::legacy::i8042::I8042Device;
 use kiln_devices::legacy::serial::SerialDevice;
 
 use crate::config::VmConfig;
@@ -36,6 +37,7 @@ pub(crate) struct Controller<'a> {
     pub(crate) vm_fd: &'a VmFd,
     pub(crate) memory: &'a GuestMemory,
     pub(crate) serial: &'a Arc<Mutex<SerialDevice>>,
+    pub(crate) i8042: &'a Arc<Mutex<I8042Device>>,
     pub(crate) config: &'a VmConfig,
     /// kvmclock as the last pause left it: resume sets it back, so that the guest's clock does
     /// not jump by the time it was paused.
@@ -111,10 +113,13 @@ impl Controller<'_> {
                         .clock
                 }
             })),
-            Request::CtrlAltDel => Err(ControlError::Unsupported(
-                "Kiln cannot send Ctrl-Alt-Del yet: its i8042 model has no keyboard to press the \
-                 keys on (shut the guest down from inside, or stop the VM)",
-            )),
+            Request::CtrlAltDel => {
+                self.i8042
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .send_ctrl_alt_del()?;
+                Ok(Answer::Done)
+            }
             Request::ReplaceDisk { index, path } => {
                 // Paused around the swap, so that no request is served half from each image.
                 let was_paused = *paused;

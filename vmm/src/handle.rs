@@ -56,9 +56,9 @@ pub enum ControlError {
     /// A device failed the request.
     #[error(transparent)]
     Device(#[from] DeviceError),
-    /// Kiln cannot do this (yet); the message says what is missing.
-    #[error("{0}")]
-    Unsupported(&'static str),
+    /// The keyboard did not take the keys.
+    #[error("cannot press keys on the guest's keyboard: {0}")]
+    Keyboard(#[from] kiln_devices::legacy::i8042::KeyboardError),
     /// A snapshot could not be written.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
@@ -198,8 +198,10 @@ impl VmHandle {
         }
     }
 
-    /// Presses Ctrl-Alt-Del on the guest's keyboard (a Linux guest then reboots, and with
-    /// Kiln's `reboot=k` the VM ends).
+    /// Presses and releases Ctrl-Alt-Del on the guest's i8042 keyboard: a Linux guest with
+    /// the i8042 and AT keyboard drivers and a VT reboots (with Kiln's `reboot=k` the VM then
+    /// ends). Refused when the guest has turned its keyboard off or is not reading it (its key
+    /// buffer is full).
     pub fn send_ctrl_alt_del(&self) -> Result<(), ControlError> {
         self.request(Request::CtrlAltDel).map(drop)
     }

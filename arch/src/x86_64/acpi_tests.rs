@@ -109,7 +109,7 @@ fn fadt_describes_a_hardware_reduced_machine() {
     assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
     let boot_arch = u16_at(&fadt, 109);
     assert_ne!(boot_arch & IAPC_BOOT_ARCH_VGA_NOT_PRESENT, 0);
-    assert_eq!(boot_arch & IAPC_BOOT_ARCH_8042, 0);
+    assert_ne!(boot_arch & IAPC_BOOT_ARCH_8042, 0);
     assert_ne!(boot_arch & IAPC_BOOT_ARCH_LEGACY_DEVICES, 0);
 
     // Generic address structures: SystemIO, 8 bits, offset 0, byte access, port.
@@ -199,7 +199,21 @@ fn dsdt_has_s5_pvpanic_and_com1() {
     ));
 
     assert!(!contains(&dsdt, b"LNRO0005"));
-    assert!(!contains(&dsdt, b"PS2_"));
+
+    // The keyboard controller: EISAID("PNP0303"), ports 0x60 and 0x64, IRQ 1; no mouse.
+    assert!(contains(&dsdt, b"PS2_"));
+    assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x03, 0x03]));
+    for port in [0x60, 0x64] {
+        assert!(contains(
+            &dsdt,
+            &[0x47, 0x01, port, 0x00, port, 0x00, 0x01, 0x01]
+        ));
+    }
+    assert!(contains(
+        &dsdt,
+        &[0x89, 0x06, 0x00, 0x03, 0x01, 0x01, 0, 0, 0]
+    ));
+    assert!(!contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0f, 0x13]), "PNP0F13");
 }
 
 #[test]
@@ -236,14 +250,14 @@ fn legacy_device_selection() {
     let config = AcpiConfig {
         legacy_devices: LegacyDevices {
             serial: false,
-            i8042: true,
+            i8042: false,
             pvpanic: false,
         },
         ..default_config(1)
     };
     let tables = write_and_walk(config);
-    assert_ne!(u16_at(&tables.fadt, 109) & IAPC_BOOT_ARCH_8042, 0);
-    assert!(contains(&tables.dsdt, b"PS2_"));
+    assert_eq!(u16_at(&tables.fadt, 109) & IAPC_BOOT_ARCH_8042, 0);
+    assert!(!contains(&tables.dsdt, b"PS2_"));
     assert!(!contains(&tables.dsdt, b"COM1"));
     assert!(!contains(&tables.dsdt, b"QEMU0001"));
     // The _S5_ object does not depend on the devices.

@@ -66,6 +66,8 @@ pub const SERIAL_PORT_BASE: u16 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;
 /// i8042 keyboard controller ports 0x60..=0x64.
 pub const I8042_PORT_BASE: u16 = 0x60;
+/// i8042 keyboard IRQ line (there is no IRQ 12 for a mouse: virtio-mmio devices use it).
+pub const I8042_KEYBOARD_IRQ: u32 = 1;
 /// pvpanic-style port: the guest writes here when its kernel panics.
 pub const PVPANIC_PORT: u16 = 0x505;
 /// ACPI hardware-reduced sleep control/status and reset register port.

@@ -2,10 +2,12 @@
 //!
 //! ```text
 //!            Run                       Pause (kick)
-//!  Paused ─────────▶ Running ──────────────────────▶ Paused
-//!    │  ▲              │ guest ends the VM / error      │ SaveState, RestoreState
-//!    │  └──────────────┘ (parks, waits for Stop)        │ (answered while paused)
-//!    └──── Stop (kick) ──▶ Exited ◀──── Stop (kick) ────┘
+//!  Parked ─────────▶ Running ──────────────────────▶ Parked
+//!    │  ▲              │                                │ SaveState, RestoreState
+//!    │  └──────────────┘                                │ (answered while parked)
+//!    │                 │ guest ends the VM / error      │
+//!    │                 ▼                                │
+//!    └── Stop (kick) ─▶ Exited ◀──── Stop (kick) ───────┘
 //! ```
 //!
 //! Every command gets exactly one reply. Commands that must interrupt the guest are followed by
@@ -133,9 +135,8 @@ fn vcpu_thread(
         }
         match vcpu.run_once() {
             Ok(Flow::Continue) | Ok(Flow::Interrupted) => {}
-            Ok(Flow::GuestEnded) => running = false,
+            Ok(Flow::GuestEnded) => {}
             Err(err) => {
-                running = false;
                 vcpu.exits.failure();
                 if vcpu.exit.reason().is_some() {
                     // The VM was already ending; this is only context.
@@ -147,10 +148,11 @@ fn vcpu_thread(
                 }
             }
         }
-        // A device may have ended the VM during the last exit: stop entering the guest at
-        // once rather than run on until the VMM thread's stop command arrives.
+        // The guest (or a device, during the last exit) ended the VM: this thread is done.
+        // Ending it now rather than parking spares the VM's end a round trip per vCPU; the
+        // VMM thread's stop finds it gone and only joins it.
         if vcpu.exit.reason().is_some() {
-            running = false;
+            break;
         }
     }
     failure.map_or(Ok(()), Err)

@@ -36,13 +36,14 @@ impl fmt::Display for BenchError {
 impl std::error::Error for BenchError {}
 
 const USAGE: &str = "\
-usage: kiln-bench [--quick] [--kiln PATH] [--qemu PATH | --no-qemu] [--reps N]
-                  [--vms N] [--cycles N] [--out FILE]
+usage: kiln-bench [--quick] [--kiln PATH] [--qemu PATH | --no-qemu] [--floor PATH]
+                  [--reps N] [--vms N] [--cycles N] [--out FILE]
 
   --quick       every benchmark once at tiny sizes (proves the benchmark works)
   --kiln PATH   Kiln binary (default: `kiln` next to this binary)
   --qemu PATH   QEMU binary (default: qemu-system-x86_64 from PATH)
   --no-qemu     Kiln only
+  --floor PATH  kvm-floor (resources/bench/floor.c, built): start-up also against this floor
   --reps N      repetitions per measurement (default 5; quick: 1)
   --vms N       VMs started at once in the density test (default 100; quick: 3)
   --cycles N    sequential start/stop cycles in the leak check (default 200; quick: 3)
@@ -54,6 +55,7 @@ struct Options {
     kiln: Option<PathBuf>,
     qemu: Option<PathBuf>,
     no_qemu: bool,
+    floor: Option<PathBuf>,
     out: Option<PathBuf>,
 }
 
@@ -65,6 +67,7 @@ fn parse_args(args: &[String]) -> Result<Options, BenchError> {
         kiln: None,
         qemu: None,
         no_qemu: false,
+        floor: None,
         out: None,
     };
     let mut args = args.iter();
@@ -85,6 +88,7 @@ fn parse_args(args: &[String]) -> Result<Options, BenchError> {
             "--kiln" => options.kiln = Some(value("--kiln")?.into()),
             "--qemu" => options.qemu = Some(value("--qemu")?.into()),
             "--no-qemu" => options.no_qemu = true,
+            "--floor" => options.floor = Some(value("--floor")?.into()),
             "--out" => options.out = Some(value("--out")?.into()),
             "--reps" => options.sizes.reps = count("--reps", value("--reps")?)?,
             "--vms" => options.sizes.density_vms = count("--vms", value("--vms")?)?,
@@ -188,6 +192,23 @@ fn run(options: Options) -> Result<String, BenchError> {
         }
     };
 
+    let floor = match options.floor {
+        Some(path) => {
+            let floor = Vmm {
+                kind: VmmKind::Floor,
+                binary: path,
+            };
+            floor
+                .probe(&mut scratch, probe_timeout)
+                .map_err(|reason| BenchError::new(format!("kvm-floor does not run: {reason}")))?;
+            Some(floor)
+        }
+        None => {
+            notes.push("No floor (--floor not given).".to_string());
+            None
+        }
+    };
+
     let mut header = String::new();
     header.push_str(&format!("Machine: {}\n\n", machine_description()));
     header.push_str(&format!(
@@ -205,7 +226,7 @@ fn run(options: Options) -> Result<String, BenchError> {
     let mode = if options.quick { "quick" } else { "full" };
     header.push_str(&format!("Mode: {mode}, {:?}\n\n", options.sizes));
 
-    let mut bench = Bench::new(kiln, qemu, options.sizes)?;
+    let mut bench = Bench::new(kiln, qemu, floor, options.sizes)?;
     let mut rows = Vec::new();
     eprintln!("kiln-bench: start-up");
     rows.extend(bench.startup()?);
@@ -224,7 +245,11 @@ fn run(options: Options) -> Result<String, BenchError> {
     ));
 
     let mut text = header;
-    text.push_str(&report::table(&rows));
+    text.push_str(&report::table(&rows, "QEMU microvm", "Kiln/QEMU"));
+    if !bench.floor_rows.is_empty() {
+        text.push_str("\nKiln against the floor (kvm-floor, same `exit` guest, same run):\n\n");
+        text.push_str(&report::table(&bench.floor_rows, "Floor", "Kiln/floor"));
+    }
     if !notes.is_empty() {
         text.push('\n');
         for note in notes {

@@ -24,7 +24,7 @@ pub struct Row {
     pub metric: String,
     /// Kiln's median.
     pub kiln: Option<f64>,
-    /// QEMU's median.
+    /// The other column's median (QEMU, or the floor).
     pub qemu: Option<f64>,
     /// Number of samples behind each median.
     pub samples: usize,
@@ -60,10 +60,10 @@ pub fn format_value(value: Option<f64>) -> String {
     }
 }
 
-/// The results as a Markdown table.
-pub fn table(rows: &[Row]) -> String {
+/// The results as a Markdown table; `other` names the column compared with Kiln.
+pub fn table(rows: &[Row], other: &str, ratio_title: &str) -> String {
     let mut out = String::new();
-    out.push_str("| Metric | Kiln | QEMU microvm | Kiln/QEMU | n |\n");
+    let _ = writeln!(out, "| Metric | Kiln | {other} | {ratio_title} | n |");
     out.push_str("|---|---:|---:|---:|---:|\n");
     for row in rows {
         let ratio = row
@@ -103,7 +103,7 @@ mod tests {
             Row::from_samples("start (ms)", &[10.0, 30.0, 20.0], &[40.0]),
             Row::from_samples("leak (count)", &[0.0], &[]),
         ];
-        let text = table(&rows);
+        let text = table(&rows, "QEMU microvm", "Kiln/QEMU");
         assert!(
             text.contains("| start (ms) | 20.0 | 40.0 | 0.50 | 3 |"),
             "{text}"

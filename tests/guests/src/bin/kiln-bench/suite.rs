@@ -76,11 +76,12 @@ impl Sizes {
     }
 }
 
-/// Samples of one metric for both VMMs.
+/// Samples of one metric for each VMM.
 #[derive(Default)]
 struct PerVmm {
     kiln: Vec<f64>,
     qemu: Vec<f64>,
+    floor: Vec<f64>,
 }
 
 impl PerVmm {
@@ -88,11 +89,17 @@ impl PerVmm {
         match vmm.kind {
             VmmKind::Kiln => self.kiln.push(value),
             VmmKind::Qemu => self.qemu.push(value),
+            VmmKind::Floor => self.floor.push(value),
         }
     }
 
     fn row(&self, metric: impl Into<String>) -> Row {
         Row::from_samples(metric, &self.kiln, &self.qemu)
+    }
+
+    /// Kiln against the floor.
+    fn floor_row(&self, metric: impl Into<String>) -> Row {
+        Row::from_samples(metric, &self.kiln, &self.floor)
     }
 }
 
@@ -110,21 +117,32 @@ enum Expect {
 pub struct Bench {
     kiln: Vmm,
     qemu: Option<Vmm>,
+    floor: Option<Vmm>,
     sizes: Sizes,
     scratch: Scratch,
     /// Observations worth a sentence in the report.
     pub notes: Vec<String>,
+    /// Kiln against the floor (start-up only), once [`Bench::startup`] ran with a floor.
+    pub floor_rows: Vec<Row>,
 }
 
 impl Bench {
-    /// A runner comparing `kiln` with `qemu` (Kiln alone when `qemu` is `None`).
-    pub fn new(kiln: Vmm, qemu: Option<Vmm>, sizes: Sizes) -> Result<Self, BenchError> {
+    /// A runner comparing `kiln` with `qemu` (Kiln alone when `qemu` is `None`), and Kiln's
+    /// start-up with `floor`'s.
+    pub fn new(
+        kiln: Vmm,
+        qemu: Option<Vmm>,
+        floor: Option<Vmm>,
+        sizes: Sizes,
+    ) -> Result<Self, BenchError> {
         Ok(Bench {
             kiln,
             qemu,
+            floor,
             sizes,
             scratch: Scratch::new()?,
             notes: Vec::new(),
+            floor_rows: Vec::new(),
         })
     }
 
@@ -132,6 +150,17 @@ impl Bench {
     fn order(&self, rep: usize) -> Vec<Vmm> {
         let mut vmms = vec![self.kiln.clone()];
         vmms.extend(self.qemu.clone());
+        if rep % 2 == 1 {
+            vmms.reverse();
+        }
+        vmms
+    }
+
+    /// As [`Bench::order`], with the floor too: A B C, then C B A, ...
+    fn order_with_floor(&self, rep: usize) -> Vec<Vmm> {
+        let mut vmms = vec![self.kiln.clone()];
+        vmms.extend(self.qemu.clone());
+        vmms.extend(self.floor.clone());
         if rep % 2 == 1 {
             vmms.reverse();
         }
@@ -190,14 +219,18 @@ impl Bench {
         Ok(())
     }
 
-    /// (1) Process start to VMM exit for the `exit` guest: wall, CPU and peak RSS.
+    /// (1) Process start to VMM exit for the `exit` guest: wall, CPU and peak RSS; also for
+    /// the floor, whose rows go to [`Bench::floor_rows`].
     pub fn startup(&mut self) -> Result<Vec<Row>, BenchError> {
         let spec = self.spec(GuestKind::Exit, Params::default());
         self.warm_up(&spec, &Expect::Clean)?;
+        if let (Some(floor), true) = (self.floor.clone(), self.sizes.warmup) {
+            self.run(&floor, &spec, &Expect::Clean)?;
+        }
         let (mut wall, mut cpu, mut rss) =
             (PerVmm::default(), PerVmm::default(), PerVmm::default());
         for rep in 0..self.sizes.reps {
-            for vmm in self.order(rep) {
+            for vmm in self.order_with_floor(rep) {
                 let sample = self.run(&vmm, &spec, &Expect::Clean)?;
                 wall.push(&vmm, millis(sample.wall));
                 cpu.push(&vmm, millis(sample.cpu));
@@ -205,12 +238,20 @@ impl Bench {
             }
         }
         let memory = self.sizes.memory_mib;
+        let wall_metric = format!("Start → exit, `exit` guest, {memory} MiB: wall (ms)");
+        let cpu_metric = "Start → exit: CPU user+sys (ms)";
+        let rss_metric = "Start → exit: peak RSS (MiB)";
+        if self.floor.is_some() {
+            self.floor_rows = vec![
+                wall.floor_row(wall_metric.clone()),
+                cpu.floor_row(cpu_metric),
+                rss.floor_row(rss_metric),
+            ];
+        }
         Ok(vec![
-            wall.row(format!(
-                "Start → exit, `exit` guest, {memory} MiB: wall (ms)"
-            )),
-            cpu.row("Start → exit: CPU user+sys (ms)"),
-            rss.row("Start → exit: peak RSS (MiB)"),
+            wall.row(wall_metric),
+            cpu.row(cpu_metric),
+            rss.row(rss_metric),
         ])
     }
 

@@ -28,6 +28,8 @@ pub enum VmmKind {
     Kiln,
     /// QEMU `-M microvm` on KVM.
     Qemu,
+    /// `kvm-floor` (resources/bench/floor.c): the least a VMM must do to run the `exit` guest.
+    Floor,
 }
 
 /// A VMM binary.
@@ -45,6 +47,7 @@ impl Vmm {
         match self.kind {
             VmmKind::Kiln => "Kiln",
             VmmKind::Qemu => "QEMU microvm",
+            VmmKind::Floor => "Floor (kvm-floor)",
         }
     }
 
@@ -79,12 +82,19 @@ impl Vmm {
                     .arg("-append")
                     .arg(&vm.cmdline);
             }
+            // One vCPU, no command line, no console: only the `exit` guest runs on it.
+            VmmKind::Floor => {
+                command.arg(guest).arg(vm.memory_mib.to_string());
+            }
         }
         command
     }
 
     /// First line of `--version`, for the report.
     pub fn version(&self) -> String {
+        if self.kind == VmmKind::Floor {
+            return "resources/bench/floor.c".to_string();
+        }
         Command::new(&self.binary)
             .arg("--version")
             .output()
