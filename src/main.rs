@@ -413,6 +413,28 @@ mod tests {
     }
 
     #[test]
+    fn huge_pages_flag_sets_the_backing() {
+        let config = run_args(&["run", "--kernel", "/k", "--huge-pages", "none"])
+            .into_config()
+            .unwrap();
+        assert_eq!(config.huge_pages, HugePages::None);
+        let config = run_args(&["run", "--kernel", "/k", "--huge-pages", "2M"])
+            .into_config()
+            .unwrap();
+        assert_eq!(config.huge_pages, HugePages::Hugetlbfs2M);
+        let default = run_args(&["run", "--kernel", "/k"]).into_config().unwrap();
+        assert_eq!(default.huge_pages, HugePages::Transparent);
+        let err = parse(&["run", "--kernel", "/k", "--huge-pages", "1G"])
+            .err()
+            .expect("refused");
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains("use None, Transparent or 2M"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bad_flags_are_usage_errors() {
         for args in [
             &["run", "--kernel", "/k", "--memory", "lots"][..],
