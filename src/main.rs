@@ -11,7 +11,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use kiln_vmm::config::{parse_memory_mib, ConfigError, DiskConfig, HugePages};
+use kiln_vmm::config::{
+    parse_memory_mib, ConfigError, DiskConfig, HugePages, RngConfig, VsockConfig,
+};
+use kiln_vmm::image::{create_overlay, DiskFormat, OverlayOptions};
 use kiln_vmm::snapshot::RestoreConfig;
 use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
 use signals::StopSignals;
@@ -52,6 +55,9 @@ enum Command {
     /// `--disk N=PATH` uses another image for disk N (from 1), e.g. a copy for a clone.
     /// Exit status as for `run`.
     Restore(RestoreArgs),
+    /// Disk image tools.
+    #[command(subcommand)]
+    Image(ImageCommand),
 }
 
 #[derive(Args)]
@@ -85,6 +91,33 @@ fn parse_disk_override(text: &str) -> Result<(usize, PathBuf), String> {
     Ok((index - 1, PathBuf::from(path)))
 }
 
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Create a qcow2 image: a copy-on-write overlay over a base image (which is never
+    /// written), or an empty image of --size.
+    Create(CreateArgs),
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    /// The base image, recorded as given: an absolute path, or one relative to the new
+    /// image's directory (as `qemu-img create -b` records it).
+    #[arg(long, short = 'b')]
+    backing: Option<PathBuf>,
+    /// The base image's format, raw or qcow2 [default: detected; a qcow2 base that has a
+    /// backing file of its own needs it given].
+    #[arg(long = "backing-format", short = 'F', value_parser = parse_format_arg)]
+    backing_format: Option<DiskFormat>,
+    /// Virtual size in bytes, or with a K, M, G or T suffix [default: the base image's].
+    #[arg(long, value_parser = parse_size_arg)]
+    size: Option<u64>,
+    /// Cluster size: a power of two from 512 to 2M [default: 64K].
+    #[arg(long = "cluster-size", value_parser = parse_cluster_size_arg)]
+    cluster_bits: Option<u32>,
+    /// The new image; an existing file is never overwritten.
+    image: PathBuf,
+}
+
 #[derive(Args)]
 struct RunArgs {
     /// Guest kernel: an ELF vmlinux or a bzImage.
@@ -105,15 +138,26 @@ struct RunArgs {
     /// Serial console: stdio, none, or file=PATH [default: stdio].
     #[arg(long)]
     console: Option<ConsoleConfig>,
-    /// A raw disk image, attached as a virtio-blk disk (repeat for more: vda, vdb, ...).
-    /// `readonly`: the guest cannot write; `root`: boot from it (adds root=/dev/vdX);
-    /// `id=ID`: serial number (at most 20 bytes). Replaces the config file's disks.
-    #[arg(long = "disk", value_name = "path=IMG[,readonly][,root][,id=ID]", value_parser = parse_disk_arg)]
+    /// A disk image, attached as a virtio-blk disk (repeat for more: vda, vdb, ...).
+    /// `format`: raw or qcow2 (detected when not given; a detected qcow2 image must not name
+    /// a backing file); `readonly`: the guest cannot write; `root`: boot from it (adds
+    /// root=/dev/vdX); `id=ID`: serial number (at most 20 bytes); `partuuid=UUID`: with
+    /// `root`, boot from that partition (root=PARTUUID=UUID). Replaces the config file's disks.
+    #[arg(long = "disk", value_name = "path=IMG[,format=raw|qcow2][,readonly][,root][,id=ID][,partuuid=UUID]", value_parser = parse_disk_arg)]
     disks: Vec<DiskConfig>,
     /// Page size behind guest RAM: none (4 KiB pages), transparent (transparent huge pages
     /// above the first 2 MiB) or 2M (hugetlbfs pages from the host's pool) [default: transparent].
     #[arg(long, value_parser = parse_huge_pages_arg)]
     huge_pages: Option<HugePages>,
+    /// A vsock device: guest context ID N; host clients connect to the Unix socket PATH and
+    /// write `CONNECT <port>\n` (Firecracker's convention); guest connections to host port P
+    /// go to `PATH_P`.
+    #[arg(long, value_name = "cid=N,uds=PATH", value_parser = parse_vsock_arg)]
+    vsock: Option<VsockConfig>,
+    /// The entropy device (virtio-rng, on by default): `on`, `off`, or `rate=BYTES/s` to
+    /// limit how fast the guest drains the host's random pool (K and M suffixes allowed).
+    #[arg(long, value_name = "on|off|rate=BYTES/s", num_args = 0..=1, default_missing_value = "on", value_parser = parse_rng_arg)]
+    rng: Option<RngConfig>,
     /// JSON VM config; flags given on the command line override its fields.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -132,9 +176,82 @@ fn parse_huge_pages_arg(text: &str) -> Result<HugePages, String> {
     text.parse().map_err(|err: ConfigError| err.to_string())
 }
 
+fn parse_format_arg(text: &str) -> Result<DiskFormat, String> {
+    text.parse()
+}
+
+/// Bytes, or a number with a binary K, M, G or T suffix.
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    let bad = || format!("'{text}' is not a size (bytes, or a number with K, M, G or T)");
+    let (digits, shift) = match text.char_indices().last() {
+        Some((at, unit)) if unit.is_ascii_alphabetic() => {
+            let shift = match unit.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&text[..at], shift)
+        }
+        _ => (text, 0),
+    };
+    let number: u64 = digits.parse().map_err(|_| bad())?;
+    number.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// log2 of a cluster size given as a size.
+fn parse_cluster_size_arg(text: &str) -> Result<u32, String> {
+    let size = parse_size_arg(text)?;
+    if !size.is_power_of_two() || !(512..=2 << 20).contains(&size) {
+        return Err(format!("'{text}' is not a power of two from 512 to 2M"));
+    }
+    Ok(size.trailing_zeros())
+}
+
+fn image_create(args: CreateArgs) -> ExitCode {
+    let options = OverlayOptions {
+        backing: args.backing.clone(),
+        backing_format: args.backing_format,
+        size: args.size,
+        cluster_bits: args.cluster_bits,
+    };
+    match create_overlay(&args.image, &options) {
+        Ok(size) => {
+            match &args.backing {
+                Some(backing) => println!(
+                    "created {} ({size} bytes, over {})",
+                    args.image.display(),
+                    backing.display()
+                ),
+                None => println!("created {} ({size} bytes)", args.image.display()),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            log::error!("cannot create {}: {err}", args.image.display());
+            ExitCode::from(EXIT_KILN_ERROR)
+        }
+    }
+}
+
 fn parse_disk_arg(text: &str) -> Result<DiskConfig, String> {
     text.parse().map_err(|err| match err {
         ConfigError::InvalidDiskSpec { reason, .. } => reason,
+        other => other.to_string(),
+    })
+}
+
+fn parse_vsock_arg(text: &str) -> Result<VsockConfig, String> {
+    text.parse().map_err(|err| match err {
+        ConfigError::InvalidVsockSpec { reason, .. } => reason,
+        other => other.to_string(),
+    })
+}
+
+fn parse_rng_arg(text: &str) -> Result<RngConfig, String> {
+    text.parse().map_err(|err| match err {
+        ConfigError::InvalidRngSpec { reason, .. } => reason,
         other => other.to_string(),
     })
 }
@@ -168,6 +285,12 @@ impl RunArgs {
         }
         if let Some(huge_pages) = self.huge_pages {
             config.huge_pages = huge_pages;
+        }
+        if self.vsock.is_some() {
+            config.vsock = self.vsock;
+        }
+        if let Some(rng) = self.rng {
+            config.rng = rng;
         }
         Ok(config)
     }
@@ -248,6 +371,7 @@ fn main() -> ExitCode {
         ),
         Command::Run(args) => finish(run(args, start)),
         Command::Restore(args) => finish(restore(args, start)),
+        Command::Image(ImageCommand::Create(args)) => image_create(args),
     }
 }
 
@@ -272,8 +396,9 @@ mod tests {
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).expect("valid arguments").command {
             Command::Run(run) => run,
-            Command::Fc { .. } => panic!("not a run command"),
-            Command::Restore(_) => panic!("not a run command"),
+            Command::Fc { .. } | Command::Restore(_) | Command::Image(_) => {
+                panic!("not a run command")
+            }
         }
     }
 
@@ -401,6 +526,61 @@ mod tests {
     }
 
     #[test]
+    fn vsock_and_rng_flags_become_a_config() {
+        let config = run_args(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--vsock",
+            "cid=7,uds=/run/v.sock",
+            "--rng",
+            "rate=4K/s",
+        ])
+        .into_config()
+        .unwrap();
+        let vsock = config.vsock.unwrap();
+        assert_eq!((vsock.cid, vsock.uds), (7, PathBuf::from("/run/v.sock")));
+        assert_eq!(config.rng.rate_bytes_per_sec, Some(4096));
+        assert!(config.rng.enabled);
+
+        let plain = run_args(&["run", "--kernel", "/k", "--rng"])
+            .into_config()
+            .unwrap();
+        assert!(plain.rng.enabled && plain.rng.rate_bytes_per_sec.is_none());
+        assert!(plain.vsock.is_none());
+        let off = run_args(&["run", "--kernel", "/k", "--rng", "off"])
+            .into_config()
+            .unwrap();
+        assert!(!off.rng.enabled);
+    }
+
+    #[test]
+    fn bad_vsock_and_rng_flags_are_usage_errors_that_say_why() {
+        for (args, reason) in [
+            (
+                &["run", "--kernel", "/k", "--vsock", "cid=3"][..],
+                "no uds=PATH",
+            ),
+            (
+                &["run", "--kernel", "/k", "--vsock", "uds=/x,cid=three"],
+                "not a number",
+            ),
+            (
+                &["run", "--kernel", "/k", "--rng", "rate=0/s"],
+                "at least 1 byte",
+            ),
+            (
+                &["run", "--kernel", "/k", "--rng", "maybe"],
+                "on, off or rate",
+            ),
+        ] {
+            let err = parse(args).err().expect("refused");
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            assert!(err.to_string().contains(reason), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
     fn bad_disk_flags_are_usage_errors_that_say_why() {
         let err = parse(&["run", "--kernel", "/k", "--disk", "path=/a.img,cache=none"])
             .err()
@@ -432,6 +612,60 @@ mod tests {
             err.to_string().contains("use None, Transparent or 2M"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn image_create_takes_a_base_format_and_size() {
+        let Command::Image(ImageCommand::Create(args)) = parse(&[
+            "image",
+            "create",
+            "--backing",
+            "base.raw",
+            "-F",
+            "raw",
+            "--size",
+            "20G",
+            "--cluster-size",
+            "4k",
+            "overlay.qcow2",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not image create");
+        };
+        assert_eq!(args.backing, Some(PathBuf::from("base.raw")));
+        assert_eq!(args.backing_format, Some(DiskFormat::Raw));
+        assert_eq!(args.size, Some(20 << 30));
+        assert_eq!(args.cluster_bits, Some(12));
+        assert!(parse(&[
+            "image",
+            "create",
+            "--cluster-size",
+            "3000",
+            "--size",
+            "1M",
+            "x"
+        ])
+        .is_err());
+        assert!(parse(&[
+            "image",
+            "create",
+            "--cluster-size",
+            "4M",
+            "--size",
+            "1M",
+            "x"
+        ])
+        .is_err());
+        assert_eq!(args.image, PathBuf::from("overlay.qcow2"));
+        assert_eq!(parse_size_arg("4096"), Ok(4096));
+        assert_eq!(parse_size_arg("3k"), Ok(3072));
+        assert!(parse_size_arg("1X").is_err());
+        assert!(parse_size_arg("G").is_err());
+        assert!(parse_size_arg("99999999999T").is_err());
+        assert!(parse(&["image", "create", "-F", "vmdk", "x.qcow2"]).is_err());
+        assert!(parse(&["image", "create"]).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Kiln's Firecracker API with a Linux guest: host scripts (run on the KVM host, the virtual
-//! one in vhost mode) start `kiln --api-sock`, configure and boot the guest with `curl`, and
-//! the guest reports what it got. Also Firecracker's `--config-file` layout booting the same
+//! Kiln's Firecracker API with a Linux guest: host-only scripts
+//! (`GuestTest::host_only_script`, run on the KVM host, the virtual one in vhost mode, instead
+//! of `kiln run`) start `kiln --api-sock`, configure and boot the guest with `curl`, and the
+//! guest reports what it got. Also Firecracker's `--config-file` layout booting the same
 //! guest, a live drive swap, metrics, and pause/resume that leaves the guest's clock alone.
 
 use std::fs::File;
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use kiln_test_harness::{CheckFailure, DiskOptions, GuestOutcome, GuestTest, Suite};
 
-/// Shell functions every host script starts with.
+/// Shell functions every host-only script starts with.
 const PRELUDE: &str = r#"
 set -u
 SOCK="$WORK/api.sock"
@@ -148,7 +149,7 @@ finish
         .disk(&root, DiskOptions::new().id("api-root"))
         .disk(&data, DiskOptions::new().id("api-data"))
         .disk(&swapped, DiskOptions::new().id("api-data2"))
-        .host_script(api_script)
+        .host_only_script(api_script)
         .timeout(Duration::from_secs(180)),
         |outcome| {
             let metrics: serde_json::Value = outcome
@@ -245,7 +246,7 @@ exit $status
         )
         .disk(&root, DiskOptions::new().id("api-root"))
         .disk(&data, DiskOptions::new().id("api-data"))
-        .host_script(config_script)
+        .host_only_script(config_script)
         .timeout(Duration::from_secs(120)),
         |outcome| {
             let cmdline = outcome.console_value("CMDLINE=").unwrap_or_default();
@@ -292,7 +293,7 @@ finish
             "i=0\nwhile [ $i -lt 24 ]; do\n  echo \"TICK $i $(cut -d' ' -f1 /proc/uptime)\"\n  \
              i=$((i + 1))\n  sleep 0.5\ndone\necho TICKS-DONE",
         )
-        .host_script(pause_script)
+        .host_only_script(pause_script)
         .timeout(Duration::from_secs(150)),
         |outcome| {
             outcome

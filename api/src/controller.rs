@@ -166,15 +166,16 @@ impl Controller {
             }
             Action::PutMetrics(metrics) => self.put_metrics(metrics),
             Action::PutEntropy(_) => Err(ApiError::bad_request(
-                "Entropy config error: Kiln has no entropy device (virtio-rng is not implemented)",
+                "Entropy config error: Kiln's API does not attach an entropy device yet (kiln run --rng \
+                 does)",
             )),
             Action::PutNetworkInterface(_) => Err(ApiError::bad_request(
                 "Network config error: Kiln has no virtio-net device yet, so network interfaces \
                  cannot be attached",
             )),
             Action::PutVsock(_) => Err(ApiError::bad_request(
-                "Vsock config error: Kiln has no virtio-vsock device yet, so a vsock cannot be \
-                 attached",
+                "Vsock config error: Kiln's API does not attach a virtio-vsock device yet (kiln \
+                 run --vsock does)",
             )),
             Action::Action(ActionType::InstanceStart) => self.start(),
             Action::Action(ActionType::SendCtrlAltDel) => {
@@ -263,7 +264,7 @@ impl Controller {
         }
         if params.vsock_override.as_ref().is_some_and(|o| !o.is_null()) {
             return Err(refuse(
-                "vsock_override is not supported by Kiln: it has no vsock device yet".into(),
+                "vsock_override is not supported by Kiln: its API does not attach a vsock device yet".into(),
             ));
         }
         if params.clock_realtime == Some(true) {

@@ -160,14 +160,20 @@ fn devices_kiln_lacks_are_refused_by_name() {
         "/vsock",
         Some(r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#),
     ));
-    assert!(message.contains("no virtio-vsock device"), "{message}");
+    assert!(
+        message.contains("does not attach a virtio-vsock device"),
+        "{message}"
+    );
     let message = fault_message(&request(
         &mut controller,
         Method::Put,
         "/entropy",
         Some("{}"),
     ));
-    assert!(message.contains("no entropy device"), "{message}");
+    assert!(
+        message.contains("does not attach an entropy device"),
+        "{message}"
+    );
     let message = fault_message(&request(
         &mut controller,
         Method::Put,

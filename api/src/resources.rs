@@ -71,6 +71,9 @@ impl Resources {
         config.track_dirty_pages = self.machine.track_dirty_pages;
         config.console = self.console.clone();
         config.disks = self.drives.iter().map(disk_config).collect();
+        // Firecracker attaches an entropy device only on `PUT /entropy`, which Kiln's API does
+        // not take yet: no rng, unlike `kiln run`.
+        config.rng.enabled = false;
         config
     }
 
@@ -212,6 +215,8 @@ fn disk_config(drive: &Drive) -> DiskConfig {
         readonly: drive.is_read_only,
         root: drive.is_root_device,
         id: (drive.drive_id.len() <= 20).then(|| drive.drive_id.clone()),
+        // Firecracker drives are raw; a qcow2 image is detected (and refused with a backing file).
+        format: None,
         partuuid: drive.partuuid.clone(),
     }
 }

@@ -1,4 +1,5 @@
-//! Fuzzing harness for Kiln's virtio-blk request path.
+//! Fuzzing harnesses: Kiln's virtio-blk request path (here) and qcow2 image parsing
+//! ([`qcow2`]).
 //!
 //! One input is one guest state: a small guest memory image (descriptor table, available ring,
 //! request headers and buffers, all taken from the input) and a queue set-up. The harness runs
@@ -13,6 +14,11 @@
 //! and the queue size (`1 << (bits 2..5 % 5)`, 1 to 16); byte 1 is the available ring index
 //! (0 to 2 × size: past the size is a corrupt ring); the rest is copied into guest memory from
 //! address 0 (low region), continuing in the high region after the hole.
+
+pub mod vsock;
+
+pub use vsock::{run_vsock_packets, vsock_seeds, VsockStats};
+pub mod qcow2;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -394,6 +400,29 @@ mod tests {
                 ("loop", 2),
             ]
         );
+    }
+
+    #[test]
+    fn vsock_seeds_move_packets_both_ways() {
+        let stats: Vec<(&str, VsockStats)> = vsock_seeds()
+            .iter()
+            .map(|(name, input)| (*name, run_vsock_packets(input)))
+            .collect();
+        let guest = stats[0].1;
+        assert!(guest.tx_used >= 3 && guest.rx_used >= 1, "{stats:?}");
+        assert_eq!(guest.max_connections, 1, "{stats:?}");
+        let host = stats[1].1;
+        assert!(host.rx_used >= 2 && host.max_connections == 1, "{stats:?}");
+    }
+
+    #[test]
+    fn short_random_vsock_run_keeps_the_invariants() {
+        let seeds = vsock_seeds();
+        let mut rng = Rng::new(0x7673_6f63);
+        for _ in 0..1500 {
+            let (_, base) = &seeds[rng.below(seeds.len())];
+            run_vsock_packets(&mutate(base, &mut rng));
+        }
     }
 
     #[test]

@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod channels;
 mod disk;
 mod memory;
+pub use channels::{RngConfig, VsockConfig};
 pub use disk::{disk_name, DiskConfig, MAX_DISKS};
 pub use memory::{HugePages, HUGE_PAGE_MIB, THP_SKIP_BYTES};
 
@@ -92,6 +94,12 @@ pub struct VmConfig {
     /// those (costs a little speed on guest writes while on).
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// A vsock device whose host side is a Unix socket (none when absent).
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// The entropy device (on by default).
+    #[serde(default)]
+    pub rng: RngConfig,
 }
 
 fn yes() -> bool {
@@ -201,6 +209,38 @@ pub enum ConfigError {
         "guest memory of {0} MiB is not a multiple of the 2 MiB huge page size (huge_pages 2M)"
     )]
     MemoryNotHugePageMultiple(u32),
+    /// More virtio devices than virtio-mmio slots.
+    #[error("{disks} disks plus {others} other virtio devices (vsock, rng) asked for; Kiln has room for at most {MAX_DISKS} virtio devices (turn the rng off with --rng off)")]
+    TooManyDevices {
+        /// Disks asked for.
+        disks: usize,
+        /// vsock and rng devices.
+        others: usize,
+    },
+    /// A `--vsock` argument did not parse.
+    #[error("invalid --vsock '{spec}': {reason}")]
+    InvalidVsockSpec {
+        /// The argument.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The vsock device was refused.
+    #[error("vsock socket '{path}' {problem}", path = path.display())]
+    BadVsock {
+        /// Its Unix socket path.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// An `--rng` argument did not parse.
+    #[error("invalid --rng '{spec}': {reason}")]
+    InvalidRngSpec {
+        /// The argument.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl VmConfig {
@@ -217,6 +257,8 @@ impl VmConfig {
             huge_pages: HugePages::default(),
             default_cmdline: true,
             track_dirty_pages: false,
+            vsock: None,
+            rng: RngConfig::default(),
         }
     }
 
@@ -276,7 +318,7 @@ impl VmConfig {
     pub fn validate(&self, host_memory_mib: Option<u64>) -> Result<(), ConfigError> {
         self.validate_boot_source()?;
         self.validate_machine(host_memory_mib)?;
-        disk::validate_disks(&self.disks)?;
+        self.validate_disks()?;
         self.validate_cmdline()
     }
 
@@ -312,9 +354,22 @@ impl VmConfig {
         self.huge_pages.check_memory(self.memory_mib)
     }
 
-    /// The disks: files there, at most one root, no image twice, serials that fit.
+    /// The virtio devices: disks (files there, at most one root, no image twice, serials that
+    /// fit), the vsock and rng settings, and all of them fit the virtio-mmio slots.
     pub fn validate_disks(&self) -> Result<(), ConfigError> {
-        disk::validate_disks(&self.disks)
+        disk::validate_disks(&self.disks)?;
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
+        }
+        self.rng.validate()?;
+        let others = usize::from(self.vsock.is_some()) + usize::from(self.rng.enabled);
+        if self.disks.len() + others > MAX_DISKS {
+            return Err(ConfigError::TooManyDevices {
+                disks: self.disks.len(),
+                others,
+            });
+        }
+        Ok(())
     }
 
     /// The full command line is ASCII and fits the boot protocol.

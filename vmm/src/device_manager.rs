@@ -18,9 +18,11 @@ use kiln_arch::layout::{VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE, VIR
 use kiln_devices::bus::{Bus, BusDevice, BusError};
 use kiln_devices::virtio::block::{Block, DiskError, DiskImage, DiskStats};
 use kiln_devices::virtio::mmio::{regs, MmioState, MmioTransport, TransportError, VirtioTransport};
+use kiln_devices::virtio::rng::Rng;
+use kiln_devices::virtio::vsock::{MuxerError, Vsock};
 use kiln_devices::virtio::{EventLoopHandle, PauseError, VirtioDevice};
 
-use crate::config::{disk_name, DiskConfig};
+use crate::config::{disk_name, DiskConfig, RngConfig, VsockConfig};
 use crate::memory::GuestMemory;
 
 /// Number of virtio-mmio slots: one per IRQ line set aside for virtio.
@@ -76,10 +78,20 @@ pub enum DeviceError {
     /// A device's saved state could not be restored.
     #[error("{0}: cannot restore its state: {1}")]
     Restore(String, String),
+    /// The vsock device's Unix socket could not be set up.
+    #[error("vsock: {0}")]
+    Vsock(MuxerError),
+    /// A host resource of a device could not be created.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
 }
 
 /// A disk's transport, typed: what the VMM (and later its API) uses to reach the device.
 pub type BlockHandle = Arc<Mutex<MmioTransport<Block>>>;
+/// The vsock device's transport.
+pub type VsockHandle = Arc<Mutex<MmioTransport<Vsock>>>;
+/// The entropy device's transport.
+pub type RngHandle = Arc<Mutex<MmioTransport<Rng>>>;
 
 /// The KVM calls that wire a device up; a trait so that tests can record them.
 pub trait IrqAndIoEvents {
@@ -134,6 +146,8 @@ pub struct DeviceManager {
     irqs: IdAllocator,
     slots: Vec<VirtioSlot>,
     disks: Vec<BlockHandle>,
+    vsock: Option<VsockHandle>,
+    rng: Option<RngHandle>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -160,6 +174,8 @@ impl DeviceManager {
                 .expect("the virtio IRQ lines are a valid range"),
             slots: Vec::new(),
             disks: Vec::new(),
+            vsock: None,
+            rng: None,
         }
     }
 
@@ -170,7 +186,7 @@ impl DeviceManager {
             .iter()
             .enumerate()
             .map(|(index, disk)| {
-                DiskImage::open(&disk.path, disk.readonly, disk.id.as_deref())
+                DiskImage::open_as(&disk.path, disk.readonly, disk.id.as_deref(), disk.format)
                     .map(|image| OpenDisk {
                         config: disk.clone(),
                         image,
@@ -200,10 +216,11 @@ impl DeviceManager {
         ) in disks.into_iter().enumerate()
         {
             let what = format!(
-                "disk {} ({}, '{}'{})",
+                "disk {} ({}, '{}', {}{})",
                 index + 1,
                 disk_name(index),
                 disk.path.display(),
+                image.format(),
                 if disk.readonly { ", read-only" } else { "" }
             );
             let sectors = image.sectors();
@@ -261,6 +278,62 @@ impl DeviceManager {
             .enumerate()
             .map(|(index, disk)| (disk_name(index), lock(disk).device().disk().stats().clone()))
             .collect()
+    }
+
+    /// Adds the vsock device: its Unix socket is created here, so a taken path is reported
+    /// before the guest starts.
+    pub fn add_vsock(
+        &mut self,
+        kvm: &dyn IrqAndIoEvents,
+        memory: &GuestMemory,
+        event_loop: &EventLoopHandle,
+        config: &VsockConfig,
+    ) -> Result<(), DeviceError> {
+        let what = format!(
+            "vsock (guest CID {}, '{}')",
+            config.cid,
+            config.uds.display()
+        );
+        let device = Vsock::new(config.cid, &config.uds).map_err(DeviceError::Vsock)?;
+        let (transport, base, irq) =
+            self.add_virtio_device(kvm, memory, event_loop, device, what.clone())?;
+        self.vsock = Some(transport);
+        log::debug!("{what}: virtio-mmio at {base:#x}, IRQ {irq}");
+        Ok(())
+    }
+
+    /// Adds the entropy device (if enabled).
+    pub fn add_rng(
+        &mut self,
+        kvm: &dyn IrqAndIoEvents,
+        memory: &GuestMemory,
+        event_loop: &EventLoopHandle,
+        config: &RngConfig,
+    ) -> Result<(), DeviceError> {
+        if !config.enabled {
+            return Ok(());
+        }
+        let what = match config.rate_bytes_per_sec {
+            Some(rate) => format!("rng ({rate} bytes/s)"),
+            None => "rng".to_string(),
+        };
+        let device = Rng::new(config.rate_bytes_per_sec)
+            .map_err(|err| DeviceError::Io(what.clone(), err))?;
+        let (transport, base, irq) =
+            self.add_virtio_device(kvm, memory, event_loop, device, what.clone())?;
+        self.rng = Some(transport);
+        log::debug!("{what}: virtio-mmio at {base:#x}, IRQ {irq}");
+        Ok(())
+    }
+
+    /// The vsock device's transport, if the VM has one.
+    pub fn vsock(&self) -> Option<&VsockHandle> {
+        self.vsock.as_ref()
+    }
+
+    /// The entropy device's transport, if the VM has one.
+    pub fn rng(&self) -> Option<&RngHandle> {
+        self.rng.as_ref()
     }
 
     /// Quiesces every device (the vCPUs must be paused first, so that no driver adds work);

@@ -27,6 +27,12 @@ pub mod vcpu;
 pub mod vm;
 
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
+
+/// Disk image tools: new qcow2 images and overlays (`kiln image create`).
+pub mod image {
+    pub use kiln_devices::virtio::block::qcow2::{create_overlay, CreateError, OverlayOptions};
+    pub use kiln_devices::virtio::block::DiskFormat;
+}
 pub use handle::{ControlError, StopHandle, VmHandle, VmState};
 pub use metrics::VmMetrics;
 pub use vm::{RunningVm, Vm, VmOutcome};

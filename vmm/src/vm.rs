@@ -190,6 +190,10 @@ impl Vm {
         let mut virtio = DeviceManager::new();
         let loop_handle = EventLoopHandle::new(event_loop.remote_endpoint());
         virtio.add_disks(&vm_fd, &memory, &loop_handle, disks)?;
+        if let Some(vsock) = &config.vsock {
+            virtio.add_vsock(&vm_fd, &memory, &loop_handle, vsock)?;
+        }
+        virtio.add_rng(&vm_fd, &memory, &loop_handle, &config.rng)?;
 
         let entry = match snapshot {
             None => load_guest(&memory, &config, &virtio)?,
@@ -245,6 +249,15 @@ impl Vm {
                 vcpu.cpuid.clone_from(&state.cpuid);
             }
             virtio.restore_states(&saved.virtio)?;
+            if let Some(vsock) = virtio.vsock() {
+                // Connections do not survive a restore (their host sockets belonged to the old
+                // process): the guest is told to reset its vsock sockets, as Firecracker does.
+                vsock
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .device()
+                    .reset_transport();
+            }
         }
         let counters = Counters {
             vcpu: exits,

@@ -218,7 +218,9 @@ fn device_states_are_reachable_and_paused_with_the_vm() {
     std::fs::write(&image, vec![0u8; 1 << 20]).expect("write a disk image");
     let vm = Running::start_with_disk(1, "devices", Some(image.clone()));
     let states = vm.handle.device_states().expect("states");
-    assert_eq!(states.len(), 1, "{states:?}");
+    // The disk, then the entropy device every VM has unless it is turned off.
+    assert_eq!(states.len(), 2, "{states:?}");
+    assert_eq!(states[1].1.device_type, 4, "the rng: {states:?}");
     let (what, state) = &states[0];
     assert!(what.contains("vda"), "{what}");
     assert_eq!(state.device_type, 2, "a block device");

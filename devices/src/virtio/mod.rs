@@ -14,8 +14,12 @@
 
 pub mod block;
 pub mod mmio;
+pub mod rng;
 #[cfg(test)]
 mod spec_values_tests;
+#[cfg(test)]
+pub(crate) mod test_driver;
+pub mod vsock;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -71,6 +75,22 @@ pub const INTERRUPT_CONFIG_CHANGE: u32 = virtio_bindings::virtio_mmio::VIRTIO_MM
 
 /// Largest queue the split-ring layout allows.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Takes the next available descriptor chain. `Err` means the available ring is corrupt (its
+/// index ran more than the queue size ahead): nothing more can be taken from the queue until the
+/// driver resets the device. (`QueueT::pop_descriptor_chain` would say `None` for both, and a
+/// device that then asks again because the ring index moved would spin.)
+pub fn next_chain<'a>(
+    queue: &mut Queue,
+    memory: &'a GuestMemoryMmap,
+) -> Result<Option<virtio_queue::DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
+    use virtio_queue::QueueOwnedT;
+    let mut available = queue.iter(memory)?;
+    Ok(available.next())
+}
+
+/// The dirty-page bitmap slice that comes with every piece of Kiln's guest memory.
+pub type GuestBitmap<'a> = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>;
 
 /// An event subscriber that can be shared with the VMM thread's event loop.
 ///

@@ -14,6 +14,7 @@ pub use kiln_devices::virtio::block::ID_BYTES;
 /// How a disk is attached: the options of `kiln run --disk`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DiskOptions {
+    format: Option<String>,
     readonly: bool,
     root: bool,
     id: Option<String>,
@@ -23,6 +24,12 @@ impl DiskOptions {
     /// A read-write, non-root disk whose serial is its file name.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The image format (`format=raw|qcow2`); Kiln detects it when not given.
+    pub fn format(mut self, format: impl Into<String>) -> Self {
+        self.format = Some(format.into());
+        self
     }
 
     /// The guest may only read (`readonly`); in vhost mode the drive is read-only too.
@@ -141,6 +148,10 @@ impl GuestDisk {
 
     fn spec(&self, path: &str, id: Option<String>) -> String {
         let mut spec = format!("path={path}");
+        if let Some(format) = &self.options.format {
+            spec.push_str(",format=");
+            spec.push_str(format);
+        }
         if self.options.readonly {
             spec.push_str(",readonly");
         }
@@ -226,6 +237,11 @@ mod tests {
         );
         let named = GuestDisk::new("/images/x.img", DiskOptions::new().id("kiln-second"));
         assert_eq!(named.vhost_spec("/dev/vdb"), "path=/dev/vdb,id=kiln-second");
+        let qcow2 = GuestDisk::new("/images/o.qcow2", DiskOptions::new().format("qcow2").root());
+        assert_eq!(
+            qcow2.vhost_spec("/dev/vda"),
+            "path=/dev/vda,format=qcow2,root,id=o.qcow2"
+        );
     }
 
     #[test]

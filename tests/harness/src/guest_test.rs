@@ -12,6 +12,25 @@ pub const GUEST_TEST_SCRIPT: &str = "kiln/test.sh";
 /// How long a test may take when it does not say, guest boot included.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// How long a test's host script may go on after Kiln exited before it is killed.
+pub const HOST_SCRIPT_GRACE: Duration = Duration::from_secs(15);
+
+/// Shell functions every host script gets (see [`GuestTest::host_script`]).
+pub const HOST_SCRIPT_PRELUDE: &str = r#"# Added by kiln-test-harness.
+# wait_console TEXT [SECONDS]: waits (default 120 s) until the guest console shows TEXT.
+wait_console() {
+    tenths=$(( ${2:-120} * 10 ))
+    until grep -q -F -- "$1" "$KILN_CONSOLE" 2>/dev/null; do
+        tenths=$((tenths - 1))
+        if [ "$tenths" -le 0 ]; then
+            echo "host: gave up waiting for '$1' on the guest console"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+"#;
+
 /// Which build of the guest kernel Kiln boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelVariant {
@@ -43,12 +62,15 @@ pub struct GuestTest {
     cmdline: Option<String>,
     kernel: KernelVariant,
     disks: Vec<GuestDisk>,
+    backing_files: Vec<PathBuf>,
     extra_args: Vec<String>,
-    host_script: Option<String>,
+    host_only_script: Option<String>,
     timeout: Duration,
+    vsock_cid: Option<u64>,
+    host_script: Option<String>,
 }
 
-/// Where a host script's inputs are (see [`GuestTest::host_script`]).
+/// Where a host-only script's inputs are (see [`GuestTest::host_only_script`]).
 #[derive(Debug, Clone)]
 pub struct HostPaths<'a> {
     /// The `kiln` binary.
@@ -82,9 +104,12 @@ impl GuestTest {
             cmdline: None,
             kernel: KernelVariant::default(),
             disks: Vec::new(),
+            backing_files: Vec::new(),
             extra_args: Vec::new(),
-            host_script: None,
+            host_only_script: None,
             timeout: DEFAULT_TIMEOUT,
+            vsock_cid: None,
+            host_script: None,
         }
     }
 
@@ -122,6 +147,62 @@ impl GuestTest {
         self
     }
 
+    /// Gives the guest a vsock device with context ID `cid`. Its Unix socket is in the test's
+    /// own directory (on this machine, or inside the virtual KVM host); the host script finds it
+    /// in `$KILN_VSOCK`, and guest connections to host port P go to `$KILN_VSOCK_P`.
+    pub fn vsock(mut self, cid: u64) -> Self {
+        self.vsock_cid = Some(cid);
+        self
+    }
+
+    /// A shell script that runs on the host side while Kiln runs: here in direct mode, inside
+    /// the virtual KVM host in vhost mode, started just before Kiln. It gets `$KILN_VSOCK` (the
+    /// vsock socket, if any), `$KILN_CONSOLE` (the guest console as it is written),
+    /// `$KILN_TEST_DIR` (a scratch directory), the `kiln-vsock` helper on `$PATH`, and
+    /// `wait_console TEXT [SECONDS]` ([`HOST_SCRIPT_PRELUDE`]). Its output and exit status are
+    /// in the outcome; it may run [`HOST_SCRIPT_GRACE`] after Kiln exited, then it is killed.
+    pub fn host_script(mut self, script: impl Into<String>) -> Self {
+        self.host_script = Some(script.into());
+        self
+    }
+
+    /// The vsock device's context ID, if the test has one.
+    pub fn vsock_cid(&self) -> Option<u64> {
+        self.vsock_cid
+    }
+
+    /// The host script as it is run: the prelude, then the test's script.
+    pub fn host_program(&self) -> Option<String> {
+        self.host_script.as_ref().map(|script| {
+            format!(
+                "{HOST_SCRIPT_PRELUDE}{script}
+"
+            )
+        })
+    }
+
+    /// The `--vsock` arguments for a socket at `uds`.
+    pub fn vsock_arguments(&self, uds: &str) -> Vec<String> {
+        match self.vsock_cid {
+            Some(cid) => vec!["--vsock".to_string(), format!("cid={cid},uds={uds}")],
+            None => Vec::new(),
+        }
+    }
+
+    /// Makes the host image at `path` (absolute) available to Kiln at that same path: a file a
+    /// disk refers to, such as a qcow2 backing file named by its absolute path. Direct mode
+    /// needs nothing; in vhost mode it is a read-only drive of the virtual host, linked at
+    /// `path` inside.
+    pub fn backing_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.backing_files.push(path.into());
+        self
+    }
+
+    /// The files added with [`GuestTest::backing_file`].
+    pub fn backing_files(&self) -> &[PathBuf] {
+        &self.backing_files
+    }
+
     /// Adds arguments to `kiln run` after the ones the harness generates.
     pub fn kiln_args<I, S>(mut self, args: I) -> Self
     where
@@ -132,7 +213,8 @@ impl GuestTest {
         self
     }
 
-    /// Runs this shell script on the KVM host instead of `kiln run`: it starts Kiln itself
+    /// Runs this shell script on the KVM host instead of `kiln run` (unlike
+    /// [`GuestTest::host_script`], which runs beside it): it starts Kiln itself
     /// (for instance `$KILN --api-sock "$WORK/api.sock"` and `curl --unix-socket`), and its
     /// stdout, stderr and exit status are the test's outcome. In direct mode that host is this
     /// machine; in vhost mode it is the virtual KVM host, whose `PATH` then has `kiln` and
@@ -141,17 +223,17 @@ impl GuestTest {
     /// `DISK_0`, `DISK_1`... (each disk as Kiln opens it: host path or `/dev/vdX`) and, when
     /// set, `CPUS`, `MEMORY_MIB` and `CMDLINE`. Everything in its process group is killed at
     /// the time limit.
-    pub fn host_script(mut self, script: impl Into<String>) -> Self {
-        self.host_script = Some(script.into());
+    pub fn host_only_script(mut self, script: impl Into<String>) -> Self {
+        self.host_only_script = Some(script.into());
         self
     }
 
-    /// The host script, if the test has one.
-    pub fn host_script_text(&self) -> Option<&str> {
-        self.host_script.as_deref()
+    /// The host-only script, if the test has one.
+    pub fn host_only_script_text(&self) -> Option<&str> {
+        self.host_only_script.as_deref()
     }
 
-    /// The environment of the host script.
+    /// The environment of the host-only script.
     pub fn host_environment(&self, paths: &HostPaths) -> Vec<(String, String)> {
         let mut env = vec![
             ("KILN".to_string(), paths.kiln.to_string()),
@@ -219,9 +301,29 @@ impl GuestTest {
     /// that cannot be attached, or a `--disk` passed as a raw argument (it would name a host
     /// path that does not exist inside the virtual KVM host).
     pub fn problem(&self) -> Option<String> {
-        if self.host_script.is_some() && !self.extra_args.is_empty() {
+        if self.host_only_script.is_some() && !self.extra_args.is_empty() {
             return Some(
-                "the test has a host script, which starts kiln itself: kiln_args are not used"
+                "the test has a host-only script, which starts kiln itself: kiln_args are not used"
+                    .to_string(),
+            );
+        }
+        if self.host_only_script.is_some()
+            && (self.host_script.is_some() || self.vsock_cid.is_some())
+        {
+            return Some(
+                "the test has a host-only script, which starts kiln itself: a host script beside \
+                 kiln and GuestTest::vsock are not used"
+                    .to_string(),
+            );
+        }
+        if self
+            .extra_args
+            .iter()
+            .any(|arg| arg == "--vsock" || arg.starts_with("--vsock="))
+        {
+            return Some(
+                "the test passes --vsock in kiln_args; use GuestTest::vsock so that the socket \
+                 works in both modes"
                     .to_string(),
             );
         }
@@ -235,6 +337,13 @@ impl GuestTest {
                  they work in both modes"
                     .to_string(),
             );
+        }
+        if let Some(path) = self.backing_files.iter().find(|path| !path.is_absolute()) {
+            return Some(format!(
+                "backing file {} must be given by an absolute path (it is linked at that path \
+                 inside the virtual KVM host)",
+                path.display()
+            ));
         }
         self.disks.iter().find_map(GuestDisk::problem)
     }
@@ -369,11 +478,11 @@ mod tests {
     }
 
     #[test]
-    fn host_scripts_get_their_inputs_and_refuse_kiln_args() {
+    fn host_only_scripts_get_their_inputs_and_refuse_kiln_args() {
         let test = GuestTest::new("t", "true")
             .cpus(2)
             .cmdline("quiet")
-            .host_script("$KILN --api-sock \"$WORK/s\"");
+            .host_only_script("$KILN --api-sock \"$WORK/s\"");
         let env = test.host_environment(&HostPaths {
             kiln: "/k/kiln",
             kernel: "/g/vmlinux",
@@ -390,7 +499,14 @@ mod tests {
         assert_eq!(get("MEMORY_MIB"), None);
         assert_eq!(test.problem(), None);
         let mixed = test.kiln_args(["--console", "none"]);
-        assert!(mixed.problem().unwrap().contains("host script"));
+        assert!(mixed.problem().unwrap().contains("host-only script"));
+        let beside = GuestTest::new("t", "true")
+            .host_only_script("$KILN")
+            .host_script("true");
+        assert!(beside
+            .problem()
+            .unwrap()
+            .contains("host script beside kiln"));
     }
 
     #[test]

@@ -74,6 +74,11 @@ impl GuestImages {
         self.kernel_dir.join(variant.file_name())
     }
 
+    /// The static vsock helper (`kiln-vsock`, also in the guest's `/usr/bin`), for host scripts.
+    pub fn vsock_helper(&self) -> PathBuf {
+        self.initramfs_dir.join("kiln-vsock")
+    }
+
     /// The base initramfs (gzip newc cpio, padded to 4 bytes).
     pub fn initramfs(&self) -> PathBuf {
         self.initramfs_dir.join("initramfs.cpio.gz")

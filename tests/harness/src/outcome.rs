@@ -29,6 +29,11 @@ pub struct GuestOutcome {
     pub problem: Option<String>,
     /// Where to look for more: the virtual KVM host's console log, the test's files.
     pub logs: Vec<PathBuf>,
+    /// The host script's output (stdout and stderr), if the test has one.
+    pub host_output: String,
+    /// The host script's exit status (128+N after signal N); `None` without a host script, or
+    /// when it was killed after Kiln exited.
+    pub host_exit_code: Option<i32>,
 }
 
 impl GuestOutcome {
@@ -47,6 +52,14 @@ impl GuestOutcome {
         self.stdout
             .lines()
             .map(|line| line.trim_end_matches('\r'))
+            .find_map(|line| line.strip_prefix(prefix))
+            .map(str::trim)
+    }
+
+    /// The rest of the first host script output line that starts with `prefix` (trimmed).
+    pub fn host_value(&self, prefix: &str) -> Option<&str> {
+        self.host_output
+            .lines()
             .find_map(|line| line.strip_prefix(prefix))
             .map(str::trim)
     }
@@ -128,6 +141,30 @@ impl Check<'_> {
         self
     }
 
+    /// Expects the host script to have exited with `code`.
+    pub fn host_exit_code(&mut self, code: i32) -> &mut Self {
+        if self.outcome.host_exit_code != Some(code) && !self.run_failed() {
+            let got = match self.outcome.host_exit_code {
+                Some(got) => got.to_string(),
+                None => "none (killed or not run)".to_string(),
+            };
+            self.failures.push(format!(
+                "expected host script exit status {code}, got {got}"
+            ));
+        }
+        self
+    }
+
+    /// Expects the host script's output to contain `needle`.
+    pub fn host_contains(&mut self, needle: &str) -> &mut Self {
+        if !self.outcome.host_output.contains(needle) {
+            self.failures.push(format!(
+                "the host script's output does not contain {needle:?}"
+            ));
+        }
+        self
+    }
+
     /// Expects `condition`; `what` describes the expectation for the failure report.
     pub fn that(&mut self, condition: bool, what: impl Into<String>) -> &mut Self {
         if !condition {
@@ -205,7 +242,11 @@ impl fmt::Display for CheckFailure {
             writeln!(f, "  see {}", log.display())?;
         }
         write_tail(f, "guest console (kiln stdout)", &outcome.stdout)?;
-        write_tail(f, "kiln log (stderr)", &outcome.stderr)
+        write_tail(f, "kiln log (stderr)", &outcome.stderr)?;
+        if !outcome.host_output.is_empty() || outcome.host_exit_code.is_some() {
+            write_tail(f, "host script output", &outcome.host_output)?;
+        }
+        Ok(())
     }
 }
 

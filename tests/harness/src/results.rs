@@ -10,6 +10,8 @@
 //! <base64 of kiln's stdout, any number of lines>
 //! KILN-TEST 0 STDERR
 //! <base64 of kiln's stderr>
+//! KILN-TEST 0 HOST exit=0          (only for tests with a host script; exit=killed when the
+//! <base64 of its output>            runner had to kill it)
 //! KILN-TEST 0 END
 //! KILN-TEST 1 PROBLEM /dev/vdb is missing in the virtual host
 //! KILN-VHOST-DONE status=0
@@ -44,6 +46,17 @@ pub struct TestReport {
     pub stdout: Vec<u8>,
     /// `kiln`'s stderr.
     pub stderr: Vec<u8>,
+    /// The host script's result, for tests that have one.
+    pub host: Option<HostReport>,
+}
+
+/// What a test's host script did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostReport {
+    /// Its exit status; `None` when the runner killed it.
+    pub exit: Option<i32>,
+    /// Its stdout and stderr.
+    pub output: Vec<u8>,
 }
 
 /// Everything parsed from the results channel.
@@ -66,6 +79,7 @@ enum Section {
     None,
     Stdout,
     Stderr,
+    Host,
 }
 
 #[derive(Debug)]
@@ -75,6 +89,9 @@ struct Partial {
     section: Section,
     stdout: String,
     stderr: String,
+    /// `Some(exit)` once a HOST line arrived (`exit` is None for "killed").
+    host_exit: Option<Option<i32>>,
+    host: String,
 }
 
 impl Partial {
@@ -82,7 +99,15 @@ impl Partial {
         let (exit, timed_out, elapsed) = self.status.ok_or("no STATUS line")?;
         let stdout = base64::decode(&self.stdout).ok_or("stdout is not valid base64")?;
         let stderr = base64::decode(&self.stderr).ok_or("stderr is not valid base64")?;
+        let host = match self.host_exit {
+            Some(exit) => Some(HostReport {
+                exit,
+                output: base64::decode(&self.host).ok_or("host output is not valid base64")?,
+            }),
+            None => None,
+        };
         Ok(TestReport {
+            host,
             exit,
             timed_out,
             elapsed,
@@ -128,6 +153,8 @@ pub fn parse(text: &str) -> VhostReport {
                     section: Section::None,
                     stdout: String::new(),
                     stderr: String::new(),
+                    host_exit: None,
+                    host: String::new(),
                 });
                 continue;
             }
@@ -140,6 +167,11 @@ pub fn parse(text: &str) -> VhostReport {
             match tag {
                 "STDOUT" => partial.section = Section::Stdout,
                 "STDERR" => partial.section = Section::Stderr,
+                "HOST" => {
+                    partial.section = Section::Host;
+                    let exit = words.find_map(|word| word.strip_prefix("exit="));
+                    partial.host_exit = Some(exit.and_then(|value| value.parse().ok()));
+                }
                 "END" => {
                     if let Some(partial) = current.take() {
                         match partial.complete() {
@@ -158,6 +190,7 @@ pub fn parse(text: &str) -> VhostReport {
             let target = match partial.section {
                 Section::Stdout => &mut partial.stdout,
                 Section::Stderr => &mut partial.stderr,
+                Section::Host => &mut partial.host,
                 Section::None => continue,
             };
             target.push_str(line);
@@ -249,6 +282,23 @@ mod tests {
             "/dev/vdb is missing in the virtual host"
         );
         assert!(report.broken.is_empty());
+    }
+
+    #[test]
+    fn host_script_results_are_parsed() {
+        let text = "KILN-TEST 0 STATUS exit=0 timed_out=0 elapsed_ms=1\n\
+                    KILN-TEST 0 STDOUT\nKILN-TEST 0 STDERR\n\
+                    KILN-TEST 0 HOST exit=3\naGk=\nKILN-TEST 0 END\n\
+                    KILN-TEST 1 STATUS exit=0 timed_out=0 elapsed_ms=1\n\
+                    KILN-TEST 1 STDOUT\nKILN-TEST 1 STDERR\n\
+                    KILN-TEST 1 HOST exit=killed\nKILN-TEST 1 END\n\
+                    KILN-TEST 2 STATUS exit=0 timed_out=0 elapsed_ms=1\n\
+                    KILN-TEST 2 STDOUT\nKILN-TEST 2 STDERR\nKILN-TEST 2 END\n";
+        let report = parse(text);
+        let host = report.tests[&0].host.clone().unwrap();
+        assert_eq!((host.exit, host.output), (Some(3), b"hi".to_vec()));
+        assert_eq!(report.tests[&1].host.as_ref().unwrap().exit, None);
+        assert!(report.tests[&2].host.is_none());
     }
 
     #[test]

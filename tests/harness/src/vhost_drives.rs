@@ -44,6 +44,8 @@ pub struct DrivePlan {
     pub drives: Vec<Drive>,
     /// Per test, in batch order: the drive of each disk, or the reason it cannot run.
     pub tests: Vec<Result<Vec<usize>, String>>,
+    /// Per test, in batch order: its backing files, as (drive, path to link it at).
+    pub links: Vec<Vec<(usize, PathBuf)>>,
 }
 
 impl DrivePlan {
@@ -52,7 +54,20 @@ impl DrivePlan {
         let mut plan = Self::default();
         for test in tests {
             let assigned = plan.assign(test);
-            plan.tests.push(assigned);
+            let links = match assigned {
+                Ok(_) => plan.link_backing_files(test),
+                Err(_) => Ok(Vec::new()),
+            };
+            match links {
+                Ok(links) => {
+                    plan.tests.push(assigned);
+                    plan.links.push(links);
+                }
+                Err(problem) => {
+                    plan.tests.push(Err(problem));
+                    plan.links.push(Vec::new());
+                }
+            }
         }
         plan
     }
@@ -74,6 +89,34 @@ impl DrivePlan {
                 )
             })
             .collect()
+    }
+
+    /// Read-only drives for a test's backing files (or the drives already holding them).
+    fn link_backing_files(&mut self, test: &GuestTest) -> Result<Vec<(usize, PathBuf)>, String> {
+        let mut links = Vec::new();
+        for path in test.backing_files() {
+            let disk = GuestDisk::new(path, crate::disk::DiskOptions::new().readonly());
+            let (image, bytes) = examine(&disk)?;
+            let index = match self.drives.iter().position(|drive| drive.image == image) {
+                Some(index) => index,
+                None if self.drives.len() == MAX_DRIVES => {
+                    return Err(format!(
+                        "the batch uses more than {MAX_DRIVES} distinct disk images, more than one \
+                         virtual-host boot attaches; split the suite"
+                    ))
+                }
+                None => {
+                    self.drives.push(Drive {
+                        image,
+                        readonly: true,
+                        bytes,
+                    });
+                    self.drives.len() - 1
+                }
+            };
+            links.push((index, path.clone()));
+        }
+        Ok(links)
     }
 
     fn assign(&mut self, test: &GuestTest) -> Result<Vec<usize>, String> {
@@ -197,6 +240,28 @@ mod tests {
         assert_eq!(plan.tests[2], Ok(vec![1, 0]));
         assert_eq!(plan.runner_list(&[1, 0]), "vdb 8192\nvda 4096\n");
         assert_eq!(DrivePlan::device(1), "/dev/vdb");
+    }
+
+    #[test]
+    fn backing_files_become_read_only_drives_linked_at_their_paths() {
+        let scratch = Scratch::new("backing");
+        let base = scratch.image("base.raw", 4096);
+        let overlay = scratch.image("overlay.qcow2", 8192);
+        let tests = [
+            GuestTest::new("one", "true")
+                .disk(&overlay, DiskOptions::new().format("qcow2"))
+                .backing_file(&base),
+            GuestTest::new("relative", "true").backing_file("base.raw"),
+        ];
+        let plan = DrivePlan::new(&tests);
+        assert_eq!(plan.tests[0], Ok(vec![0]));
+        assert_eq!(plan.links[0], vec![(1, base.clone())]);
+        assert!(plan.drives[1].readonly);
+        assert!(plan.tests[1]
+            .as_ref()
+            .unwrap_err()
+            .contains("absolute path"));
+        assert_eq!(plan.drives.len(), 2);
     }
 
     #[test]

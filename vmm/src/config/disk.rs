@@ -1,12 +1,12 @@
-//! Disks: raw images (regular files or block devices) attached as virtio-blk devices, in order
-//! (`vda`, `vdb`, ...).
+//! Disks: raw or qcow2 images (regular files or block devices) attached as virtio-blk devices,
+//! in order (`vda`, `vdb`, ...).
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use kiln_arch::layout::{VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST};
-use kiln_devices::virtio::block::ID_BYTES;
+use kiln_devices::virtio::block::{DiskFormat, ID_BYTES};
 
 use super::ConfigError;
 
@@ -17,8 +17,12 @@ pub const MAX_DISKS: usize = (VIRTIO_IRQ_LAST - VIRTIO_IRQ_FIRST + 1) as usize;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
-    /// The raw image file.
+    /// The image file.
     pub path: PathBuf,
+    /// `raw` or `qcow2`; detected from the contents when not given (and then a qcow2 image
+    /// that names a backing file is refused).
+    #[serde(default, with = "format_name", skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
     /// The guest may only read: the image is opened read-only and the device says so.
     #[serde(default)]
     pub readonly: bool,
@@ -39,6 +43,7 @@ impl DiskConfig {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
+            format: None,
             readonly: false,
             root: false,
             id: None,
@@ -50,8 +55,8 @@ impl DiskConfig {
 impl std::str::FromStr for DiskConfig {
     type Err = ConfigError;
 
-    /// Parses the CLI form: `path=IMG[,readonly][,root][,id=ID]` (a bare first item is the
-    /// path too).
+    /// Parses the CLI form: `path=IMG[,format=raw|qcow2][,readonly][,root][,id=ID][,partuuid=UUID]`
+    /// first item is the path too).
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let invalid = |reason: String| ConfigError::InvalidDiskSpec {
             spec: spec.to_string(),
@@ -70,6 +75,12 @@ impl std::str::FromStr for DiskConfig {
                         return Err(invalid("the path is empty".into()));
                     }
                     path = Some(PathBuf::from(value));
+                }
+                Some(("format", value)) => {
+                    if disk.format.is_some() {
+                        return Err(repeated());
+                    }
+                    disk.format = Some(value.parse().map_err(invalid)?);
                 }
                 Some(("id", value)) => {
                     if disk.id.is_some() {
@@ -99,13 +110,37 @@ impl std::str::FromStr for DiskConfig {
                 None if position == 0 && !item.is_empty() => path = Some(PathBuf::from(item)),
                 _ => {
                     return Err(invalid(format!(
-                        "unknown option '{item}'; expected path=IMG, readonly, root, id=ID or partuuid=UUID"
+                        "unknown option '{item}'; expected path=IMG, format=raw|qcow2, readonly, \
+                         root, id=ID or partuuid=UUID"
                     )))
                 }
             }
         }
         disk.path = path.ok_or_else(|| invalid("no path=IMG given".into()))?;
         Ok(disk)
+    }
+}
+
+/// `format` in JSON configs: `"raw"` or `"qcow2"`.
+mod format_name {
+    use kiln_devices::virtio::block::DiskFormat;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        format: &Option<DiskFormat>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match format {
+            Some(format) => serializer.serialize_str(format.name()),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<DiskFormat>, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map(Some).map_err(serde::de::Error::custom)
     }
 }
 
@@ -218,11 +253,20 @@ mod tests {
             parse("path=/a.img,readonly,root,id=serial-1"),
             Ok(DiskConfig {
                 path: "/a.img".into(),
+                format: None,
                 readonly: true,
                 root: true,
                 id: Some("serial-1".into()),
                 partuuid: None,
             })
+        );
+        assert_eq!(
+            parse("path=/a.qcow2,format=qcow2").unwrap().format,
+            Some(DiskFormat::Qcow2)
+        );
+        assert_eq!(
+            parse("/a.img,format=raw").unwrap().format,
+            Some(DiskFormat::Raw)
         );
         assert_eq!(
             parse("/b.img,root"),
@@ -249,6 +293,11 @@ mod tests {
             ("path=/a,id=x,id=y", "given twice"),
             ("path=/a,rw", "unknown option 'rw'"),
             ("path=/a,cache=none", "unknown option 'cache=none'"),
+            (
+                "path=/a,format=vmdk",
+                "unknown disk format 'vmdk'; expected raw or qcow2",
+            ),
+            ("path=/a,format=raw,format=qcow2", "given twice"),
         ] {
             let err = parse(spec).unwrap_err();
             assert!(
@@ -379,6 +428,17 @@ mod tests {
         assert_eq!(config.disks.len(), 2);
         assert!(config.disks[0].readonly && !config.disks[0].root);
         assert_eq!(config.disks[1].id.as_deref(), Some("b"));
+        assert_eq!(config.disks[0].format, None);
+        let config = VmConfig::from_json_str(
+            r#"{"kernel": "/k", "disks": [{"path": "/a.qcow2", "format": "qcow2"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.disks[0].format, Some(DiskFormat::Qcow2));
+        let err = VmConfig::from_json_str(
+            r#"{"kernel": "/k", "disks": [{"path": "/a", "format": "vdi"}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.contains("unknown disk format 'vdi'"), "{err}");
         let err = VmConfig::from_json_str(
             r#"{"kernel": "/k", "disks": [{"path": "/a", "cache": "none"}]}"#,
         )

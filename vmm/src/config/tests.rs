@@ -240,3 +240,75 @@ fn huge_pages_default_to_transparent_and_2m_needs_even_memory() {
     let err = VmConfig::from_json_str(r#"{"kernel": "/k", "huge_pages": "1G"}"#).unwrap_err();
     assert!(err.contains("unknown variant `1G`"), "{err}");
 }
+
+#[test]
+fn json_config_takes_vsock_and_rng() {
+    let config = VmConfig::from_json_str(
+        r#"{"kernel": "/k", "vsock": {"cid": 5, "uds": "/tmp/k.sock"},
+            "rng": {"rate_bytes_per_sec": 2048}}"#,
+    )
+    .unwrap();
+    let vsock = config.vsock.unwrap();
+    assert_eq!((vsock.cid, vsock.uds), (5, PathBuf::from("/tmp/k.sock")));
+    assert!(config.rng.enabled);
+    assert_eq!(config.rng.rate_bytes_per_sec, Some(2048));
+
+    let defaults = VmConfig::from_json_str(r#"{"kernel": "/k"}"#).unwrap();
+    assert!(defaults.vsock.is_none());
+    assert_eq!(defaults.rng, RngConfig::default());
+    assert!(defaults.rng.enabled, "the rng is on by default");
+    let off = VmConfig::from_json_str(r#"{"kernel": "/k", "rng": {"enabled": false}}"#).unwrap();
+    assert!(!off.rng.enabled);
+
+    for (bad, field) in [
+        (r#"{"kernel": "/k", "vsock": {"cid": 5}}"#, "uds"),
+        (
+            r#"{"kernel": "/k", "vsock": {"cid": 5, "uds": "/x", "port": 1}}"#,
+            "port",
+        ),
+        (r#"{"kernel": "/k", "rng": {"rate": 5}}"#, "rate"),
+    ] {
+        let err = VmConfig::from_json_str(bad).unwrap_err();
+        assert!(err.contains(field), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn validation_checks_vsock_rng_and_the_slot_count() {
+    let mut config = valid_config();
+    config.vsock = Some(VsockConfig {
+        cid: 2,
+        uds: std::env::temp_dir().join("kiln-cfg-test.sock"),
+    });
+    assert!(matches!(
+        config.validate(None),
+        Err(ConfigError::BadVsock { .. })
+    ));
+    config.vsock = None;
+    config.rng.rate_bytes_per_sec = Some(0);
+    assert!(matches!(
+        config.validate(None),
+        Err(ConfigError::InvalidRngSpec { .. })
+    ));
+
+    let dir = std::env::temp_dir().join(format!("kiln-cfg-slots-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut full = valid_config();
+    full.disks = (0..MAX_DISKS)
+        .map(|i| {
+            let image = dir.join(format!("d{i}.img"));
+            std::fs::write(&image, [0u8; 512]).unwrap();
+            DiskConfig::new(image)
+        })
+        .collect();
+    let err = full.validate(None).unwrap_err();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        matches!(err, ConfigError::TooManyDevices { others: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--rng off"), "{err}");
+    full.rng.enabled = false;
+    full.disks.clear();
+    assert_eq!(full.validate(None), Ok(()));
+}

@@ -11,16 +11,23 @@ use crate::virtio::{
 };
 
 use super::disk::DiskImage;
+use super::request::MAX_RANGES;
 use super::worker::{QueueWorker, WorkerThread};
-use super::{features, DEVICE_TYPE, QUEUE_SIZE, SEG_MAX};
+use super::{features, DEVICE_TYPE, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX};
+
+use std::mem::offset_of;
+use virtio_bindings::virtio_blk::virtio_blk_config;
 
 /// Offset of `seg_max` in `struct virtio_blk_config`.
 const CONFIG_SEG_MAX_OFFSET: usize = 12;
-/// Bytes of `struct virtio_blk_config` Kiln fills in: capacity, size_max, seg_max, geometry,
-/// blk_size. Later fields belong to features Kiln does not offer and read as zero.
-const CONFIG_SIZE: usize = 24;
+/// Bytes of `struct virtio_blk_config` Kiln fills in: up to the discard and write-zeroes
+/// limits (zero unless offered). Later fields belong to features Kiln does not offer and read
+/// as zero.
+const CONFIG_SIZE: usize = offset_of!(virtio_blk_config, unused1);
+/// Largest discard or write-zeroes range, in sectors (just under 2 GiB).
+const MAX_ZERO_SECTORS: u32 = 0x3f_ffff;
 
-/// A virtio-blk device backed by a raw image.
+/// A virtio-blk device backed by a disk image.
 #[derive(Debug)]
 pub struct Block {
     disk: Arc<DiskImage>,
@@ -39,6 +46,33 @@ impl Block {
         config[..8].copy_from_slice(&disk.sectors().to_le_bytes());
         config[CONFIG_SEG_MAX_OFFSET..CONFIG_SEG_MAX_OFFSET + 4]
             .copy_from_slice(&SEG_MAX.to_le_bytes());
+        if disk.supports_discard() {
+            // Discard granularity: a cluster (smaller ranges are written as zeros or ignored).
+            let alignment = disk
+                .qcow2()
+                .map_or(1, |image| (image.cluster_size() / SECTOR_SIZE) as u32);
+            let mut put = |offset: usize, value: u32| {
+                config[offset..offset + 4].copy_from_slice(&value.to_le_bytes())
+            };
+            put(
+                offset_of!(virtio_blk_config, max_discard_sectors),
+                MAX_ZERO_SECTORS,
+            );
+            put(offset_of!(virtio_blk_config, max_discard_seg), MAX_RANGES);
+            put(
+                offset_of!(virtio_blk_config, discard_sector_alignment),
+                alignment,
+            );
+            put(
+                offset_of!(virtio_blk_config, max_write_zeroes_sectors),
+                MAX_ZERO_SECTORS,
+            );
+            put(
+                offset_of!(virtio_blk_config, max_write_zeroes_seg),
+                MAX_RANGES,
+            );
+            config[offset_of!(virtio_blk_config, write_zeroes_may_unmap)] = 1;
+        }
         Ok(Self {
             disk: Arc::new(disk),
             config,
@@ -86,6 +120,9 @@ impl VirtioDevice for Block {
             | (1 << features::FLUSH);
         if self.disk.readonly() {
             offered |= 1 << features::RO;
+        }
+        if self.disk.supports_discard() {
+            offered |= (1 << features::DISCARD) | (1 << features::WRITE_ZEROES);
         }
         offered
     }

@@ -1,6 +1,7 @@
-//! A raw disk image (a regular file or a block device): opened, locked and checked before the
-//! guest starts, then read and written with `pread`/`pwrite` straight between it and guest
-//! memory.
+//! A disk image (a regular file or a block device): opened, locked and checked before the
+//! guest starts. Raw images are read and written with `pread`/`pwrite` straight between the
+//! file and guest memory; qcow2 images go through [`Qcow2Image`], which does the same for
+//! allocated clusters.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -15,7 +16,48 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use kiln_arch::GuestMemoryMmap;
 
+use super::qcow2::{open_image, BackingPolicy, Qcow2Error, Qcow2Image};
+use super::request::Segment;
 use super::{ID_BYTES, SECTOR_SIZE};
+
+/// How an image file stores the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// Byte for byte.
+    Raw,
+    /// QEMU's copy-on-write format.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// The name used in `--disk format=` and configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl std::fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DiskFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "raw" => Ok(DiskFormat::Raw),
+            "qcow2" => Ok(DiskFormat::Qcow2),
+            other => Err(format!(
+                "unknown disk format '{other}'; expected raw or qcow2"
+            )),
+        }
+    }
+}
 
 /// Why a disk image cannot be used. The messages name the file and say what to do.
 #[derive(Debug, thiserror::Error)]
@@ -75,12 +117,29 @@ pub enum DiskError {
     /// The serial given is too long.
     #[error("disk id '{0}' is longer than {ID_BYTES} bytes")]
     IdTooLong(String),
+    /// A qcow2 image Kiln cannot use.
+    #[error("'{path}': {source}")]
+    Qcow2 {
+        /// The image.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: Box<Qcow2Error>,
+    },
 }
 
-/// An open, locked raw disk image.
+/// Where a disk's data is.
+#[derive(Debug)]
+enum Backend {
+    /// A raw file: guest sector N is at byte N * 512.
+    Raw(File),
+    /// A qcow2 image.
+    Qcow2(Box<Qcow2Image>),
+}
+
+/// An open, locked disk image.
 #[derive(Debug)]
 pub struct DiskImage {
-    file: File,
+    backend: Backend,
     path: PathBuf,
     sectors: u64,
     readonly: bool,
@@ -154,68 +213,97 @@ impl DiskImage {
     /// Opens the image at `path` (a regular file or a block device) read-write (or read-only),
     /// takes an advisory lock on it (exclusive for read-write, shared for read-only) and checks
     /// its size. `id` is the serial reported to the guest (at most [`ID_BYTES`] bytes; None:
-    /// derived from the file name).
+    /// derived from the file name). The format is detected: see [`DiskImage::open_as`].
     pub fn open(path: &Path, readonly: bool, id: Option<&str>) -> Result<Self, DiskError> {
+        Self::open_as(path, readonly, id, None)
+    }
+
+    /// [`DiskImage::open`] with the format given, or detected when None: an image that starts
+    /// with the qcow2 magic is qcow2, anything else raw. A detected qcow2 image that names a
+    /// backing file is refused: its first bytes may be what a guest wrote to a raw disk, and
+    /// Kiln must not open host files a guest named.
+    pub fn open_as(
+        path: &Path,
+        readonly: bool,
+        id: Option<&str>,
+        format: Option<DiskFormat>,
+    ) -> Result<Self, DiskError> {
         let id = match id {
             Some(id) if id.len() > ID_BYTES => return Err(DiskError::IdTooLong(id.to_string())),
             Some(id) => id.as_bytes().to_vec(),
             None => default_id(path),
         };
-        let unreadable = |source| DiskError::Unreadable {
-            path: path.to_path_buf(),
-            source,
-        };
-        let block_device = match std::fs::metadata(path) {
-            Ok(meta) if meta.is_dir() => return Err(DiskError::Directory(path.to_path_buf())),
-            Ok(meta) if meta.is_file() => false,
-            Ok(meta) if meta.file_type().is_block_device() => true,
-            Ok(_) => return Err(DiskError::NotRegularFile(path.to_path_buf())),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                return Err(DiskError::NotFound(path.to_path_buf()))
-            }
-            Err(err) => return Err(unreadable(err)),
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(|source| {
-                if readonly {
-                    unreadable(source)
-                } else {
-                    DiskError::NotWritable {
-                        path: path.to_path_buf(),
-                        source,
-                    }
-                }
-            })?;
-        lock(&file, path, readonly)?;
-        let size = if block_device {
-            // A block device's metadata says 0 bytes; its end is its size.
-            (&file).seek(SeekFrom::End(0)).map_err(unreadable)?
-        } else {
-            file.metadata().map_err(unreadable)?.len()
-        };
-        if size == 0 {
-            return Err(DiskError::Empty(path.to_path_buf()));
-        }
-        if !size.is_multiple_of(SECTOR_SIZE) {
-            return Err(DiskError::NotSectorMultiple {
+        let (file, size) = open_locked(path, readonly)?;
+        let detected = match format {
+            Some(format) => format,
+            None => detect(&file).map_err(|source| DiskError::Unreadable {
                 path: path.to_path_buf(),
-                size,
-            });
-        }
+                source,
+            })?,
+        };
+        let (backend, bytes) = match detected {
+            DiskFormat::Raw => {
+                if size == 0 {
+                    return Err(DiskError::Empty(path.to_path_buf()));
+                }
+                if !size.is_multiple_of(SECTOR_SIZE) {
+                    return Err(DiskError::NotSectorMultiple {
+                        path: path.to_path_buf(),
+                        size,
+                    });
+                }
+                (Backend::Raw(file), size)
+            }
+            DiskFormat::Qcow2 => {
+                let policy = if format.is_some() {
+                    BackingPolicy::Follow
+                } else {
+                    BackingPolicy::Refuse
+                };
+                let image = open_image(file, path, size, readonly, policy).map_err(|source| {
+                    DiskError::Qcow2 {
+                        path: path.to_path_buf(),
+                        source: Box::new(source),
+                    }
+                })?;
+                let bytes = image.size();
+                (Backend::Qcow2(Box::new(image)), bytes)
+            }
+        };
         let mut padded = [0u8; ID_BYTES];
         padded[..id.len()].copy_from_slice(&id);
         Ok(Self {
-            file,
+            backend,
             path: path.to_path_buf(),
-            sectors: size / SECTOR_SIZE,
+            sectors: bytes / SECTOR_SIZE,
             readonly,
             id: padded,
             write_through: AtomicBool::new(false),
             stats: Arc::default(),
         })
+    }
+
+    /// The image's format.
+    pub fn format(&self) -> DiskFormat {
+        match self.backend {
+            Backend::Raw(_) => DiskFormat::Raw,
+            Backend::Qcow2(_) => DiskFormat::Qcow2,
+        }
+    }
+
+    /// The qcow2 image, if the disk is one.
+    pub fn qcow2(&self) -> Option<&Qcow2Image> {
+        match &self.backend {
+            Backend::Qcow2(image) => Some(image),
+            Backend::Raw(_) => None,
+        }
+    }
+
+    /// Whether discard and write-zeroes are offered: the format does them in its metadata
+    /// (qcow2 version 3 zero clusters) on a writable disk.
+    pub fn supports_discard(&self) -> bool {
+        self.qcow2()
+            .is_some_and(|image| image.supports_zero_clusters())
     }
 
     /// The image file.
@@ -251,12 +339,17 @@ impl DiskImage {
         len: usize,
         offset: u64,
     ) -> io::Result<()> {
-        let mut offset = offset;
-        for slice in guest_slices(memory, addr, len)? {
-            pread_exact(&self.file, &slice, offset)?;
-            offset += slice.len() as u64;
+        match &self.backend {
+            Backend::Raw(file) => {
+                let mut offset = offset;
+                for slice in guest_slices(memory, addr, len)? {
+                    pread_exact(file, &slice, offset)?;
+                    offset += slice.len() as u64;
+                }
+                Ok(())
+            }
+            Backend::Qcow2(image) => image.read(&guest_slices(memory, addr, len)?, offset),
         }
-        Ok(())
     }
 
     /// Writes `len` bytes of guest memory at `addr` to byte `offset` of the image.
@@ -267,18 +360,83 @@ impl DiskImage {
         len: usize,
         offset: u64,
     ) -> io::Result<()> {
-        let mut offset = offset;
-        for slice in guest_slices(memory, addr, len)? {
-            pwrite_all(&self.file, &slice, offset)?;
-            offset += slice.len() as u64;
+        match &self.backend {
+            Backend::Raw(file) => {
+                let mut offset = offset;
+                for slice in guest_slices(memory, addr, len)? {
+                    pwrite_all(file, &slice, offset)?;
+                    offset += slice.len() as u64;
+                }
+                Ok(())
+            }
+            Backend::Qcow2(image) => image.write(&guest_slices(memory, addr, len)?, offset),
         }
-        Ok(())
     }
 
-    /// Makes written data durable (`fdatasync`).
+    /// Reads the disk from byte `offset` into `segments` of guest memory, in order.
+    pub fn read_segments(
+        &self,
+        memory: &GuestMemoryMmap,
+        segments: &[Segment],
+        offset: u64,
+    ) -> io::Result<()> {
+        match &self.backend {
+            Backend::Raw(_) => {
+                let mut offset = offset;
+                for segment in segments {
+                    self.read_to_guest(memory, segment.addr, segment.len as usize, offset)?;
+                    offset += u64::from(segment.len);
+                }
+                Ok(())
+            }
+            // One call for the whole request: clusters are looked up (and allocated) once.
+            Backend::Qcow2(image) => image.read(&segment_slices(memory, segments)?, offset),
+        }
+    }
+
+    /// Writes `segments` of guest memory, in order, to the disk from byte `offset`.
+    pub fn write_segments(
+        &self,
+        memory: &GuestMemoryMmap,
+        segments: &[Segment],
+        offset: u64,
+    ) -> io::Result<()> {
+        match &self.backend {
+            Backend::Raw(_) => {
+                let mut offset = offset;
+                for segment in segments {
+                    self.write_from_guest(memory, segment.addr, segment.len as usize, offset)?;
+                    offset += u64::from(segment.len);
+                }
+                Ok(())
+            }
+            Backend::Qcow2(image) => image.write(&segment_slices(memory, segments)?, offset),
+        }
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros (`unmap`: their space may be freed).
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        match &self.backend {
+            Backend::Raw(_) => Err(io::Error::from(io::ErrorKind::Unsupported)),
+            Backend::Qcow2(image) => image.write_zeroes(offset, len, unmap),
+        }
+    }
+
+    /// Frees the space of `len` bytes at `offset` where the format can.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        match &self.backend {
+            Backend::Raw(_) => Err(io::Error::from(io::ErrorKind::Unsupported)),
+            Backend::Qcow2(image) => image.discard(offset, len),
+        }
+    }
+
+    /// Makes written data durable (`fdatasync`; for qcow2, metadata included).
     pub fn flush(&self) -> io::Result<()> {
         self.stats.flush_count.fetch_add(1, Ordering::Relaxed);
-        self.file.sync_data()
+        match &self.backend {
+            Backend::Raw(file) => file.sync_data(),
+            Backend::Qcow2(image) => image.flush(),
+        }
     }
 
     /// Whether every write must be durable before it completes (the driver has no FLUSH).
@@ -322,6 +480,79 @@ fn guest_slices(
         .get_slices(addr, len)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))
+}
+
+/// Every segment's host mappings, in order.
+fn segment_slices<'m>(
+    memory: &'m GuestMemoryMmap,
+    segments: &[Segment],
+) -> io::Result<Vec<GuestSlice<'m>>> {
+    let mut slices = Vec::with_capacity(segments.len());
+    for segment in segments {
+        slices.extend(guest_slices(memory, segment.addr, segment.len as usize)?);
+    }
+    Ok(slices)
+}
+
+/// The format an image's first bytes suggest.
+fn detect(file: &File) -> io::Result<DiskFormat> {
+    use std::os::unix::fs::FileExt;
+    let mut magic = [0u8; 4];
+    let mut got = 0;
+    while got < magic.len() {
+        match file.read_at(&mut magic[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(if super::qcow2::header::has_magic(&magic[..got]) {
+        DiskFormat::Qcow2
+    } else {
+        DiskFormat::Raw
+    })
+}
+
+/// Opens `path` (a regular file or a block device) read-write or read-only and locks it
+/// (exclusive, or shared); returns the file and its size.
+pub(crate) fn open_locked(path: &Path, readonly: bool) -> Result<(File, u64), DiskError> {
+    let unreadable = |source| DiskError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    };
+    let block_device = match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => return Err(DiskError::Directory(path.to_path_buf())),
+        Ok(meta) if meta.is_file() => false,
+        Ok(meta) if meta.file_type().is_block_device() => true,
+        Ok(_) => return Err(DiskError::NotRegularFile(path.to_path_buf())),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            return Err(DiskError::NotFound(path.to_path_buf()))
+        }
+        Err(err) => return Err(unreadable(err)),
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!readonly)
+        .open(path)
+        .map_err(|source| {
+            if readonly {
+                unreadable(source)
+            } else {
+                DiskError::NotWritable {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+    lock(&file, path, readonly)?;
+    let size = if block_device {
+        // A block device's metadata says 0 bytes; its end is its size.
+        (&file).seek(SeekFrom::End(0)).map_err(unreadable)?
+    } else {
+        file.metadata().map_err(unreadable)?.len()
+    };
+    Ok((file, size))
 }
 
 fn lock(file: &File, path: &Path, readonly: bool) -> Result<(), DiskError> {
@@ -383,7 +614,7 @@ fn pread_exact(file: &File, slice: &GuestSlice<'_>, offset: u64) -> io::Result<(
 }
 
 /// `pwrite` all of `slice`.
-fn pwrite_all(file: &File, slice: &GuestSlice<'_>, offset: u64) -> io::Result<()> {
+pub(crate) fn pwrite_all(file: &File, slice: &GuestSlice<'_>, offset: u64) -> io::Result<()> {
     let guard = slice.ptr_guard();
     let mut done = 0usize;
     while done < slice.len() {
@@ -417,225 +648,5 @@ fn pwrite_all(file: &File, slice: &GuestSlice<'_>, offset: u64) -> io::Result<()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::virtio::block::test_utils::{guest_memory, TempImage};
-    use vm_memory::Bytes;
-
-    #[test]
-    fn opens_and_reports_geometry_and_id() {
-        let image = TempImage::new("geometry", 4096);
-        let disk = DiskImage::open(image.path(), false, Some("serial-1")).unwrap();
-        assert_eq!(disk.sectors(), 8);
-        assert_eq!(disk.size(), 4096);
-        assert!(!disk.readonly());
-        assert_eq!(&disk.id()[..9], b"serial-1\0");
-        assert_eq!(disk.id()[8..], [0u8; 12]);
-    }
-
-    #[test]
-    fn default_id_is_the_file_name_cut_to_20_bytes() {
-        assert_eq!(default_id(Path::new("/images/rootfs.ext4")), b"rootfs.ext4");
-        assert_eq!(
-            default_id(Path::new("/a/debian-bookworm-rootfs-amd64.ext4")),
-            b"debian-bookworm-root"
-        );
-        let image = TempImage::new("derived-id", 512);
-        let disk = DiskImage::open(image.path(), true, None).unwrap();
-        let expected = default_id(image.path());
-        assert_eq!(&disk.id()[..expected.len()], &expected[..]);
-    }
-
-    #[test]
-    fn refuses_bad_images_with_clear_errors() {
-        let dir = std::env::temp_dir();
-        let missing = dir.join(format!("kiln-no-such-image-{}", std::process::id()));
-        let err = DiskImage::open(&missing, false, None).unwrap_err();
-        assert!(matches!(err, DiskError::NotFound(_)), "{err}");
-        assert!(err.to_string().contains("does not exist"));
-
-        let err = DiskImage::open(&dir, true, None).unwrap_err();
-        assert!(matches!(err, DiskError::Directory(_)), "{err}");
-
-        // A character device.
-        let err = DiskImage::open(Path::new("/dev/null"), true, None).unwrap_err();
-        assert!(matches!(err, DiskError::NotRegularFile(_)), "{err}");
-
-        let empty = TempImage::new("empty", 0);
-        let err = DiskImage::open(empty.path(), false, None).unwrap_err();
-        assert!(matches!(err, DiskError::Empty(_)), "{err}");
-
-        let odd = TempImage::new("odd", 1000);
-        let err = DiskImage::open(odd.path(), false, None).unwrap_err();
-        assert!(
-            matches!(err, DiskError::NotSectorMultiple { size: 1000, .. }),
-            "{err}"
-        );
-        assert!(err.to_string().contains("1000 bytes"));
-
-        let err =
-            DiskImage::open(odd.path(), false, Some("a-serial-that-is-too-long")).unwrap_err();
-        assert!(matches!(err, DiskError::IdTooLong(_)), "{err}");
-    }
-
-    /// A loop device over a temporary image, detached on drop.
-    struct LoopDevice {
-        device: PathBuf,
-        _image: TempImage,
-    }
-
-    impl LoopDevice {
-        /// None when this host cannot attach one (not root, no loop driver, no losetup).
-        fn attach(size: u64) -> Option<Self> {
-            let image = TempImage::new("loop", size);
-            let output = std::process::Command::new("losetup")
-                .args(["--find", "--show"])
-                .arg(image.path())
-                .output()
-                .ok()?;
-            if !output.status.success() {
-                return None;
-            }
-            let device = String::from_utf8(output.stdout).ok()?.trim().to_string();
-            Some(Self {
-                device: PathBuf::from(device),
-                _image: image,
-            })
-        }
-    }
-
-    impl Drop for LoopDevice {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("losetup")
-                .arg("--detach")
-                .arg(&self.device)
-                .status();
-        }
-    }
-
-    #[test]
-    fn block_devices_are_disks_too() {
-        let Some(device) = LoopDevice::attach(3 * 512 * 1024) else {
-            eprintln!(
-                "note: no loop device could be attached here; block device path not exercised"
-            );
-            return;
-        };
-        let disk = DiskImage::open(&device.device, false, None).unwrap();
-        assert_eq!(disk.sectors(), 3 * 1024);
-        assert_eq!(&disk.id()[..4], b"loop");
-        let memory = guest_memory();
-        memory
-            .write_slice(&[0x5c; 4096], GuestAddress(0x1000))
-            .unwrap();
-        disk.write_from_guest(&memory, GuestAddress(0x1000), 4096, 512 * 1024)
-            .unwrap();
-        disk.flush().unwrap();
-        disk.read_to_guest(&memory, GuestAddress(0x4000), 4096, 512 * 1024)
-            .unwrap();
-        let mut back = [0u8; 4096];
-        memory.read_slice(&mut back, GuestAddress(0x4000)).unwrap();
-        assert_eq!(back, [0x5c; 4096]);
-        let err = DiskImage::open(&device.device, true, None).unwrap_err();
-        assert!(matches!(err, DiskError::InUseReadWrite(_)), "{err}");
-    }
-
-    #[test]
-    fn read_write_locks_are_exclusive_and_read_only_locks_shared() {
-        let image = TempImage::new("locks", 512);
-        {
-            let _writer = DiskImage::open(image.path(), false, None).unwrap();
-            let err = DiskImage::open(image.path(), false, None).unwrap_err();
-            assert!(matches!(err, DiskError::InUse(_)), "{err}");
-            let err = DiskImage::open(image.path(), true, None).unwrap_err();
-            assert!(matches!(err, DiskError::InUseReadWrite(_)), "{err}");
-        }
-        let _reader = DiskImage::open(image.path(), true, None).unwrap();
-        let _second_reader = DiskImage::open(image.path(), true, None).unwrap();
-        let err = DiskImage::open(image.path(), false, None).unwrap_err();
-        assert!(matches!(err, DiskError::InUse(_)), "{err}");
-    }
-
-    #[test]
-    fn read_only_images_are_opened_read_only() {
-        let image = TempImage::new("ro-open", 512);
-        let disk = DiskImage::open(image.path(), true, None).unwrap();
-        let memory = guest_memory();
-        memory
-            .write_slice(&[0xaa; 512], GuestAddress(0x1000))
-            .unwrap();
-        // The descriptor itself refuses writes: proof the file was not opened for writing.
-        let err = disk
-            .write_from_guest(&memory, GuestAddress(0x1000), 512, 0)
-            .unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
-        assert_eq!(std::fs::read(image.path()).unwrap(), vec![0u8; 512]);
-    }
-
-    #[test]
-    fn data_moves_between_file_and_guest_memory() {
-        let image = TempImage::new("rw", 2048);
-        let disk = DiskImage::open(image.path(), false, None).unwrap();
-        let memory = guest_memory();
-        let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7) as u8).collect();
-        memory.write_slice(&pattern, GuestAddress(0x2000)).unwrap();
-        disk.write_from_guest(&memory, GuestAddress(0x2000), 1024, 512)
-            .unwrap();
-        disk.flush().unwrap();
-        let on_disk = std::fs::read(image.path()).unwrap();
-        assert_eq!(&on_disk[512..1536], &pattern[..]);
-        assert_eq!(&on_disk[..512], &[0u8; 512][..]);
-
-        disk.read_to_guest(&memory, GuestAddress(0x8000), 1024, 512)
-            .unwrap();
-        let mut back = vec![0u8; 1024];
-        memory.read_slice(&mut back, GuestAddress(0x8000)).unwrap();
-        assert_eq!(back, pattern);
-    }
-
-    #[test]
-    fn reading_past_the_end_of_a_shrunk_file_fails() {
-        let image = TempImage::new("shrunk", 1024);
-        let disk = DiskImage::open(image.path(), false, None).unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(image.path())
-            .unwrap()
-            .set_len(512)
-            .unwrap();
-        let memory = guest_memory();
-        let err = disk
-            .read_to_guest(&memory, GuestAddress(0x1000), 1024, 0)
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-    }
-
-    #[test]
-    fn accesses_outside_guest_memory_fail_without_io() {
-        let image = TempImage::new("outside", 1024);
-        std::fs::write(image.path(), [0x5a; 1024]).unwrap();
-        let disk = DiskImage::open(image.path(), false, None).unwrap();
-        let memory = guest_memory();
-        let end = crate::virtio::block::test_utils::MEMORY_SIZE;
-        // Straddling the end of guest memory: the part inside is not touched either.
-        let err = disk
-            .read_to_guest(&memory, GuestAddress(end - 512), 1024, 0)
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
-        let mut tail = [0xffu8; 512];
-        memory
-            .read_slice(&mut tail, GuestAddress(end - 512))
-            .unwrap();
-        assert_eq!(tail, [0u8; 512]);
-        memory
-            .write_slice(&[1u8; 512], GuestAddress(end - 512))
-            .unwrap();
-        assert!(disk
-            .write_from_guest(&memory, GuestAddress(end - 512), 1024, 0)
-            .is_err());
-        assert!(disk
-            .write_from_guest(&memory, GuestAddress(end + 4096), 512, 0)
-            .is_err());
-        assert_eq!(std::fs::read(image.path()).unwrap(), vec![0x5a; 1024]);
-    }
-}
+#[path = "disk_tests.rs"]
+mod tests;

@@ -1,21 +1,23 @@
-//! virtio-blk backed by a raw image file.
+//! virtio-blk backed by a raw or qcow2 image file.
 //!
 //! - [`disk`]: opening, locking and checking the image; `pread`/`pwrite` against guest memory.
+//! - [`qcow2`]: the qcow2 format (backing files, allocation, zero and compressed clusters).
 //! - [`request`]: turning a descriptor chain into a request, refusing malformed ones, and
 //!   carrying it out.
 //! - [`worker`]: the per-disk I/O thread and the event loop handler that wakes it.
 //! - [`device`]: the [`VirtioDevice`](super::VirtioDevice) the transport drives.
 //!
-//! Supported requests: read, write, flush (`fdatasync`) and get-id. Discard and write-zeroes
-//! are not offered.
+//! Supported requests: read, write, flush (`fdatasync`) and get-id; discard and write-zeroes
+//! on disks whose format does them in its metadata (qcow2 version 3).
 
 pub mod device;
 pub mod disk;
+pub mod qcow2;
 pub mod request;
 pub mod worker;
 
 pub use device::Block;
-pub use disk::{DiskError, DiskImage, DiskStats, DiskTotals};
+pub use disk::{DiskError, DiskFormat, DiskImage, DiskStats, DiskTotals};
 
 use virtio_bindings::virtio_blk as uapi;
 
@@ -41,6 +43,10 @@ pub mod features {
     pub const RO: u32 = uapi::VIRTIO_BLK_F_RO;
     /// Flush requests are supported (the guest uses a write-back cache).
     pub const FLUSH: u32 = uapi::VIRTIO_BLK_F_FLUSH;
+    /// Discard requests are supported.
+    pub const DISCARD: u32 = uapi::VIRTIO_BLK_F_DISCARD;
+    /// Write-zeroes requests are supported.
+    pub const WRITE_ZEROES: u32 = uapi::VIRTIO_BLK_F_WRITE_ZEROES;
 }
 
 /// Request types (`type` in the request header).
@@ -55,6 +61,10 @@ pub mod request_type {
     pub const FLUSH: u32 = uapi::VIRTIO_BLK_T_FLUSH;
     /// Get the serial number.
     pub const GET_ID: u32 = uapi::VIRTIO_BLK_T_GET_ID;
+    /// Discard sectors.
+    pub const DISCARD: u32 = uapi::VIRTIO_BLK_T_DISCARD;
+    /// Write zeroes.
+    pub const WRITE_ZEROES: u32 = uapi::VIRTIO_BLK_T_WRITE_ZEROES;
 }
 
 /// Status byte values. The UAPI states them as `u32`; each fits the byte the spec gives them.
@@ -71,6 +81,8 @@ pub mod request_status {
 
 #[cfg(test)]
 mod bench;
+#[cfg(test)]
+mod discard_tests;
 #[cfg(test)]
 mod stress_tests;
 

@@ -33,6 +33,10 @@ pub enum RequestType {
     Flush,
     /// Return the serial number.
     GetId,
+    /// Free sectors (on disks that offer it).
+    Discard,
+    /// Make sectors read as zeros (on disks that offer it).
+    WriteZeroes,
     /// Anything else: answered with `VIRTIO_BLK_S_UNSUPP`.
     Unsupported(u32),
 }
@@ -44,6 +48,8 @@ impl RequestType {
             request_type::OUT => Self::Out,
             request_type::FLUSH => Self::Flush,
             request_type::GET_ID => Self::GetId,
+            request_type::DISCARD => Self::Discard,
+            request_type::WRITE_ZEROES => Self::WriteZeroes,
             other => Self::Unsupported(other),
         }
     }
@@ -121,7 +127,18 @@ pub enum RequestError {
     /// A get-id request without room for the answer.
     #[error("get-id request without a buffer for the serial")]
     NoIdBuffer,
+    /// Discard or write-zeroes data that is not one to [`MAX_RANGES`] 16-byte ranges.
+    #[error("{0} bytes of discard/write-zeroes ranges: not 1 to {MAX_RANGES} ranges of 16 bytes")]
+    BadRanges(u64),
 }
+
+/// Most ranges one discard or write-zeroes request may carry (`max_discard_seg`,
+/// `max_write_zeroes_seg`).
+pub const MAX_RANGES: u32 = 1;
+/// Size of `struct virtio_blk_discard_write_zeroes`.
+const RANGE_SIZE: u64 = 16;
+/// The range's `unmap` flag.
+const FLAG_UNMAP: u32 = virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 
 /// Why a chain could not be turned into a [`Request`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -307,10 +324,16 @@ pub fn parse(descriptors: &[Descriptor], memory: &GuestMemoryMmap) -> Result<Req
     let mut sector_bytes = [0u8; 8];
     sector_bytes.copy_from_slice(&header[8..16]);
     let sector = u64::from_le_bytes(sector_bytes);
-    let request_type = RequestType::from_raw(raw_type);
-
     let readable_data_len = total_len(&readable_data);
     let writable_len = total_len(&writable);
+    let request_type = match RequestType::from_raw(raw_type) {
+        // Not the discard or write-zeroes request Kiln supports (where it supports them at
+        // all): answered UNSUPP, as on disks that do not offer them.
+        RequestType::Discard | RequestType::WriteZeroes if writable_len != 0 => {
+            RequestType::Unsupported(raw_type)
+        }
+        other => other,
+    };
     let wrong_direction = || {
         invalid(RequestError::WrongDirection {
             request: request_type,
@@ -324,7 +347,7 @@ pub fn parse(descriptors: &[Descriptor], memory: &GuestMemoryMmap) -> Result<Req
         }
         RequestType::In | RequestType::GetId => writable,
         RequestType::Out if writable_len != 0 => return Err(wrong_direction()),
-        RequestType::Out => readable_data,
+        RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => readable_data,
         RequestType::Flush if readable_data_len != 0 || writable_len != 0 => {
             return Err(wrong_direction())
         }
@@ -365,6 +388,21 @@ impl Request {
                 Ok(())
             }
             RequestType::GetId if self.data_len == 0 => Err(RequestError::NoIdBuffer),
+            // Answered UNSUPP in execute when the disk does not offer them.
+            RequestType::Discard | RequestType::WriteZeroes if !disk.supports_discard() => Ok(()),
+            RequestType::Discard | RequestType::WriteZeroes => {
+                if disk.readonly() {
+                    return Err(RequestError::ReadOnly);
+                }
+                let ranges = self.data_len / RANGE_SIZE;
+                if !self.data_len.is_multiple_of(RANGE_SIZE)
+                    || ranges == 0
+                    || ranges > u64::from(MAX_RANGES)
+                {
+                    return Err(RequestError::BadRanges(self.data_len));
+                }
+                Ok(())
+            }
             RequestType::GetId | RequestType::Flush | RequestType::Unsupported(_) => Ok(()),
         }
     }
@@ -374,20 +412,12 @@ impl Request {
     fn execute(&self, memory: &GuestMemoryMmap, disk: &DiskImage) -> Result<(u8, u64), Failure> {
         match self.request_type {
             RequestType::In => {
-                let mut offset = self.sector * SECTOR_SIZE;
-                for segment in &self.data {
-                    disk.read_to_guest(memory, segment.addr, segment.len as usize, offset)?;
-                    offset += u64::from(segment.len);
-                }
+                disk.read_segments(memory, &self.data, self.sector * SECTOR_SIZE)?;
                 disk.stats().record_read(self.data_len);
                 Ok((request_status::OK, self.data_len))
             }
             RequestType::Out => {
-                let mut offset = self.sector * SECTOR_SIZE;
-                for segment in &self.data {
-                    disk.write_from_guest(memory, segment.addr, segment.len as usize, offset)?;
-                    offset += u64::from(segment.len);
-                }
+                disk.write_segments(memory, &self.data, self.sector * SECTOR_SIZE)?;
                 if disk.write_through() {
                     disk.flush()?;
                 }
@@ -415,8 +445,63 @@ impl Request {
                 }
                 Ok((request_status::OK, written as u64))
             }
+            RequestType::Discard | RequestType::WriteZeroes if !disk.supports_discard() => {
+                Ok((request_status::UNSUPP, 0))
+            }
+            RequestType::Discard | RequestType::WriteZeroes => self.discard_or_zero(memory, disk),
             RequestType::Unsupported(_) => Ok((request_status::UNSUPP, 0)),
         }
+    }
+
+    /// Carries out a checked discard or write-zeroes request (virtio 1.2, 5.2.6.2).
+    fn discard_or_zero(
+        &self,
+        memory: &GuestMemoryMmap,
+        disk: &DiskImage,
+    ) -> Result<(u8, u64), Failure> {
+        let mut bytes = Vec::with_capacity(self.data_len as usize);
+        for segment in &self.data {
+            let start = bytes.len();
+            bytes.resize(start + segment.len as usize, 0);
+            memory
+                .read_slice(&mut bytes[start..], segment.addr)
+                .map_err(|err| Failure::Io(io::Error::other(err)))?;
+        }
+        let mut ranges = Vec::new();
+        for range in bytes.chunks_exact(RANGE_SIZE as usize) {
+            let sector = u64::from_le_bytes(range[..8].try_into().unwrap_or_default());
+            let sectors = u32::from_le_bytes(range[8..12].try_into().unwrap_or_default());
+            let flags = u32::from_le_bytes(range[12..16].try_into().unwrap_or_default());
+            // Unknown flags, and unmap on a discard, are UNSUPP (the spec says so).
+            if flags & !FLAG_UNMAP != 0 || (self.request_type == RequestType::Discard && flags != 0)
+            {
+                return Ok((request_status::UNSUPP, 0));
+            }
+            let inside = sector
+                .checked_add(u64::from(sectors))
+                .is_some_and(|end| end <= disk.sectors());
+            if !inside {
+                return Err(RequestError::BeyondCapacity {
+                    sector,
+                    len: u64::from(sectors) * SECTOR_SIZE,
+                    capacity: disk.sectors(),
+                }
+                .into());
+            }
+            ranges.push((sector, sectors, flags & FLAG_UNMAP != 0));
+        }
+        for (sector, sectors, unmap) in ranges {
+            let (offset, len) = (sector * SECTOR_SIZE, u64::from(sectors) * SECTOR_SIZE);
+            if self.request_type == RequestType::Discard {
+                disk.discard(offset, len)?;
+            } else {
+                disk.write_zeroes(offset, len, unmap)?;
+            }
+        }
+        if disk.write_through() {
+            disk.flush()?;
+        }
+        Ok((request_status::OK, 0))
     }
 }
 
