@@ -2,6 +2,7 @@
 //!
 //! It only turns arguments into a `VmConfig` and the VM's outcome into an exit status.
 
+mod firecracker;
 mod logger;
 mod signals;
 
@@ -10,14 +11,16 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use kiln_vmm::config::{parse_memory_mib, ConfigError, DiskConfig, RngConfig, VsockConfig};
+use kiln_vmm::config::{
+    parse_memory_mib, ConfigError, DiskConfig, HugePages, RngConfig, VsockConfig,
+};
 use kiln_vmm::image::{create_overlay, DiskFormat, OverlayOptions};
 use kiln_vmm::snapshot::RestoreConfig;
 use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
 use signals::StopSignals;
 
 /// Exit status when the guest kernel panicked.
-const EXIT_GUEST_PANIC: u8 = 3;
+pub(crate) const EXIT_GUEST_PANIC: u8 = 3;
 /// Exit status for Kiln's own errors (bad config, KVM problems, vCPU failures).
 const EXIT_KILN_ERROR: u8 = 1;
 
@@ -38,6 +41,14 @@ enum Command {
     /// Exit status: 0 when the guest powers off or reboots, 3 when its kernel panics,
     /// 1 for Kiln errors, 2 for usage errors, 128+N when stopped by signal N.
     Run(RunArgs),
+    /// Firecracker's command line and REST API: `kiln fc --api-sock PATH` (also `kiln
+    /// --api-sock PATH`, or Kiln started as `firecracker`). See `kiln fc --help`.
+    #[command(disable_help_flag = true)]
+    Fc {
+        /// Firecracker's flags.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Restore a snapshot (a state file and its memory file) and run the guest on from there.
     ///
     /// The snapshot's disks are reopened by path and must be unchanged since it was taken;
@@ -130,10 +141,14 @@ struct RunArgs {
     /// A disk image, attached as a virtio-blk disk (repeat for more: vda, vdb, ...).
     /// `format`: raw or qcow2 (detected when not given; a detected qcow2 image must not name
     /// a backing file); `readonly`: the guest cannot write; `root`: boot from it (adds
-    /// root=/dev/vdX); `id=ID`: serial number (at most 20 bytes). Replaces the config file's
-    /// disks.
-    #[arg(long = "disk", value_name = "path=IMG[,format=raw|qcow2][,readonly][,root][,id=ID]", value_parser = parse_disk_arg)]
+    /// root=/dev/vdX); `id=ID`: serial number (at most 20 bytes); `partuuid=UUID`: with
+    /// `root`, boot from that partition (root=PARTUUID=UUID). Replaces the config file's disks.
+    #[arg(long = "disk", value_name = "path=IMG[,format=raw|qcow2][,readonly][,root][,id=ID][,partuuid=UUID]", value_parser = parse_disk_arg)]
     disks: Vec<DiskConfig>,
+    /// Page size behind guest RAM: none (4 KiB pages), transparent (transparent huge pages
+    /// above the first 2 MiB) or 2M (hugetlbfs pages from the host's pool) [default: transparent].
+    #[arg(long, value_parser = parse_huge_pages_arg)]
+    huge_pages: Option<HugePages>,
     /// A vsock device: guest context ID N; host clients connect to the Unix socket PATH and
     /// write `CONNECT <port>\n` (Firecracker's convention); guest connections to host port P
     /// go to `PATH_P`.
@@ -155,6 +170,10 @@ fn parse_log_level(text: &str) -> Result<log::LevelFilter, String> {
 
 fn parse_memory_arg(text: &str) -> Result<u32, String> {
     parse_memory_mib(text).map_err(|err| err.to_string())
+}
+
+fn parse_huge_pages_arg(text: &str) -> Result<HugePages, String> {
+    text.parse().map_err(|err: ConfigError| err.to_string())
 }
 
 fn parse_format_arg(text: &str) -> Result<DiskFormat, String> {
@@ -264,6 +283,9 @@ impl RunArgs {
         if !self.disks.is_empty() {
             config.disks = self.disks;
         }
+        if let Some(huge_pages) = self.huge_pages {
+            config.huge_pages = huge_pages;
+        }
         if self.vsock.is_some() {
             config.vsock = self.vsock;
         }
@@ -335,9 +357,18 @@ fn describe(end: RunEnd) -> String {
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(firecracker_args) = firecracker::firecracker_arguments(&args) {
+        return firecracker::main(firecracker_args, start);
+    }
+    let cli = Cli::parse_from(args);
     logger::init(cli.log_level);
     match cli.command {
+        // Chosen before clap parses; kept here so that `kiln --help` lists it.
+        Command::Fc { args } => firecracker::main(
+            std::iter::once("kiln fc".into()).chain(args).collect(),
+            start,
+        ),
         Command::Run(args) => finish(run(args, start)),
         Command::Restore(args) => finish(restore(args, start)),
         Command::Image(ImageCommand::Create(args)) => image_create(args),
@@ -365,7 +396,9 @@ mod tests {
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).expect("valid arguments").command {
             Command::Run(run) => run,
-            Command::Restore(_) | Command::Image(_) => panic!("not a run command"),
+            Command::Fc { .. } | Command::Restore(_) | Command::Image(_) => {
+                panic!("not a run command")
+            }
         }
     }
 
@@ -555,6 +588,28 @@ mod tests {
         assert_eq!(err.exit_code(), 2);
         assert!(
             err.to_string().contains("unknown option 'cache=none'"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn huge_pages_flag_sets_the_backing() {
+        let config = run_args(&["run", "--kernel", "/k", "--huge-pages", "none"])
+            .into_config()
+            .unwrap();
+        assert_eq!(config.huge_pages, HugePages::None);
+        let config = run_args(&["run", "--kernel", "/k", "--huge-pages", "2M"])
+            .into_config()
+            .unwrap();
+        assert_eq!(config.huge_pages, HugePages::Hugetlbfs2M);
+        let default = run_args(&["run", "--kernel", "/k"]).into_config().unwrap();
+        assert_eq!(default.huge_pages, HugePages::Transparent);
+        let err = parse(&["run", "--kernel", "/k", "--huge-pages", "1G"])
+            .err()
+            .expect("refused");
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains("use None, Transparent or 2M"),
             "{err}"
         );
     }

@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 
 mod channels;
 mod disk;
+mod memory;
 pub use channels::{RngConfig, VsockConfig};
 pub use disk::{disk_name, DiskConfig, MAX_DISKS};
+pub use memory::{HugePages, HUGE_PAGE_MIB, THP_SKIP_BYTES};
 
 /// Smallest guest memory Kiln accepts: below this a Linux guest cannot boot usefully.
 pub const MIN_MEMORY_MIB: u32 = 32;
@@ -81,6 +83,13 @@ pub struct VmConfig {
     /// Disks, in the order the guest sees them (`vda`, `vdb`, ...).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// The page size behind guest RAM.
+    #[serde(default)]
+    pub huge_pages: HugePages,
+    /// Whether [`DEFAULT_KERNEL_CMDLINE`] comes before `cmdline`. The Firecracker API turns it
+    /// off: there the boot arguments replace the defaults.
+    #[serde(default = "yes")]
+    pub default_cmdline: bool,
     /// Track the pages the guest and devices write, so that diff snapshots can save only
     /// those (costs a little speed on guest writes while on).
     #[serde(default)]
@@ -91,6 +100,10 @@ pub struct VmConfig {
     /// The entropy device (on by default).
     #[serde(default)]
     pub rng: RngConfig,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_cpus() -> u8 {
@@ -188,6 +201,14 @@ pub enum ConfigError {
     /// More disks than virtio-mmio slots.
     #[error("{0} disks asked for; Kiln has room for at most {MAX_DISKS}")]
     TooManyDisks(usize),
+    /// A huge page setting did not parse.
+    #[error("invalid huge pages '{0}': use None, Transparent or 2M")]
+    InvalidHugePages(String),
+    /// hugetlbfs pages need memory in whole huge pages.
+    #[error(
+        "guest memory of {0} MiB is not a multiple of the 2 MiB huge page size (huge_pages 2M)"
+    )]
+    MemoryNotHugePageMultiple(u32),
     /// More virtio devices than virtio-mmio slots.
     #[error("{disks} disks plus {others} other virtio devices (vsock, rng) asked for; Kiln has room for at most {MAX_DISKS} virtio devices (turn the rng off with --rng off)")]
     TooManyDevices {
@@ -233,6 +254,8 @@ impl VmConfig {
             memory_mib: DEFAULT_MEMORY_MIB,
             console: ConsoleConfig::default(),
             disks: Vec::new(),
+            huge_pages: HugePages::default(),
+            default_cmdline: true,
             track_dirty_pages: false,
             vsock: None,
             rng: RngConfig::default(),
@@ -265,14 +288,17 @@ impl VmConfig {
     /// entries) after Kiln's defaults and the root disk, and before the user's arguments, which
     /// may end in `-- ARGS FOR INIT`.
     pub fn kernel_cmdline(&self, device_args: &[String]) -> String {
-        let mut args = vec![DEFAULT_KERNEL_CMDLINE.to_string()];
+        let mut args = Vec::new();
+        if self.default_cmdline {
+            args.push(DEFAULT_KERNEL_CMDLINE.to_string());
+        }
         if let Some(index) = self.disks.iter().position(|disk| disk.root) {
-            let mode = if self.disks[index].readonly {
-                "ro"
-            } else {
-                "rw"
-            };
-            args.push(format!("root=/dev/{} {mode}", disk_name(index)));
+            let disk = &self.disks[index];
+            let mode = if disk.readonly { "ro" } else { "rw" };
+            match &disk.partuuid {
+                Some(partuuid) => args.push(format!("root=PARTUUID={partuuid} {mode}")),
+                None => args.push(format!("root=/dev/{} {mode}", disk_name(index))),
+            }
         }
         args.extend(device_args.iter().cloned());
         match self.cmdline.as_deref().map(str::trim) {
@@ -290,6 +316,14 @@ impl VmConfig {
     /// Checks everything that can be checked without KVM. `host_memory_mib` is the host's total
     /// memory (None when unknown: the check is skipped).
     pub fn validate(&self, host_memory_mib: Option<u64>) -> Result<(), ConfigError> {
+        self.validate_boot_source()?;
+        self.validate_machine(host_memory_mib)?;
+        self.validate_disks()?;
+        self.validate_cmdline()
+    }
+
+    /// The kernel (and initrd) exist and are regular files.
+    pub fn validate_boot_source(&self) -> Result<(), ConfigError> {
         if self.kernel.as_os_str().is_empty() {
             return Err(ConfigError::MissingKernel);
         }
@@ -297,6 +331,11 @@ impl VmConfig {
         if let Some(initrd) = &self.initrd {
             check_regular_file("initrd", initrd)?;
         }
+        Ok(())
+    }
+
+    /// vCPU count, memory size and huge pages fit together and fit the host.
+    pub fn validate_machine(&self, host_memory_mib: Option<u64>) -> Result<(), ConfigError> {
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(ConfigError::InvalidCpus(u32::from(self.cpus)));
         }
@@ -312,6 +351,12 @@ impl VmConfig {
                 });
             }
         }
+        self.huge_pages.check_memory(self.memory_mib)
+    }
+
+    /// The virtio devices: disks (files there, at most one root, no image twice, serials that
+    /// fit), the vsock and rng settings, and all of them fit the virtio-mmio slots.
+    pub fn validate_disks(&self) -> Result<(), ConfigError> {
         disk::validate_disks(&self.disks)?;
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
@@ -324,6 +369,11 @@ impl VmConfig {
                 others,
             });
         }
+        Ok(())
+    }
+
+    /// The full command line is ASCII and fits the boot protocol.
+    pub fn validate_cmdline(&self) -> Result<(), ConfigError> {
         let cmdline = self.full_cmdline();
         if !cmdline.is_ascii() || cmdline.contains('\0') {
             return Err(ConfigError::CmdlineInvalid);

@@ -12,6 +12,7 @@ use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
+use kiln_devices::legacy::i8042::I8042Device;
 use kiln_devices::legacy::serial::SerialDevice;
 
 use crate::config::VmConfig;
@@ -36,7 +37,11 @@ pub(crate) struct Controller<'a> {
     pub(crate) vm_fd: &'a VmFd,
     pub(crate) memory: &'a GuestMemory,
     pub(crate) serial: &'a Arc<Mutex<SerialDevice>>,
+    pub(crate) i8042: &'a Arc<Mutex<I8042Device>>,
     pub(crate) config: &'a VmConfig,
+    /// kvmclock as the last pause left it: resume sets it back, so that the guest's clock does
+    /// not jump by the time it was paused.
+    pub(crate) frozen_clock: Option<kvm_bindings::kvm_clock_data>,
     /// The memory files of the last snapshot taken (or restored from): what a diff layers on.
     pub(crate) layers: Vec<MemoryLayer>,
 }
@@ -58,6 +63,7 @@ impl Controller<'_> {
                     self.threads.run_all()?;
                     return Err(err.into());
                 }
+                self.frozen_clock = read_clock(self.vm_fd);
                 *paused = true;
                 self.handle.set_state(VmState::Paused);
                 log::debug!("VM paused");
@@ -65,6 +71,9 @@ impl Controller<'_> {
             }
             Request::Resume if !*paused => Ok(Answer::Done),
             Request::Resume => {
+                if let Some(clock) = self.frozen_clock.take() {
+                    thaw_clock(self.vm_fd, clock);
+                }
                 self.virtio.resume_all();
                 self.threads.run_all()?;
                 *paused = false;
@@ -93,6 +102,33 @@ impl Controller<'_> {
                 kind,
             } => {
                 self.snapshot(&state, &memory, kind)?;
+                Ok(Answer::Done)
+            }
+            Request::GuestClock => Ok(Answer::Clock(match self.frozen_clock {
+                Some(clock) => clock.clock,
+                None => {
+                    self.vm_fd
+                        .get_clock()
+                        .map_err(|err| SnapshotError::Kvm("read kvmclock", err))?
+                        .clock
+                }
+            })),
+            Request::CtrlAltDel => {
+                self.i8042
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .send_ctrl_alt_del()?;
+                Ok(Answer::Done)
+            }
+            Request::ReplaceDisk { index, path } => {
+                // Paused around the swap, so that no request is served half from each image.
+                let was_paused = *paused;
+                self.serve(Request::Pause, paused)?;
+                let replaced = self.virtio.replace_disk(index, &path);
+                if !was_paused {
+                    self.serve(Request::Resume, paused)?;
+                }
+                replaced?;
                 Ok(Answer::Done)
             }
         }
@@ -130,7 +166,11 @@ impl Controller<'_> {
             }
         }
         let vcpus = self.threads.save_all()?;
-        let irqchip = save_vm_state(self.vm_fd)?;
+        let mut irqchip = save_vm_state(self.vm_fd)?;
+        if let Some(frozen) = self.frozen_clock {
+            // The guest's time stopped at the pause; kvmclock itself went on.
+            irqchip.clock = frozen;
+        }
         let serial = self
             .serial
             .lock()
@@ -269,6 +309,28 @@ fn absolute(path: &Path) -> Result<PathBuf, SnapshotError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// kvmclock now (None, logged, if KVM cannot say: the guest's clock then jumps on resume).
+pub(crate) fn read_clock(vm_fd: &VmFd) -> Option<kvm_bindings::kvm_clock_data> {
+    match vm_fd.get_clock() {
+        Ok(clock) => Some(clock),
+        Err(err) => {
+            log::warn!("cannot read kvmclock at pause: {err}; the guest's clock will jump");
+            None
+        }
+    }
+}
+
+/// Sets kvmclock back to `frozen` (no realtime catch-up).
+fn thaw_clock(vm_fd: &VmFd, frozen: kvm_bindings::kvm_clock_data) {
+    let clock = kvm_bindings::kvm_clock_data {
+        clock: frozen.clock,
+        ..Default::default()
+    };
+    if let Err(err) = vm_fd.set_clock(&clock) {
+        log::warn!("cannot set kvmclock back at resume: {err}; the guest's clock jumps");
+    }
 }
 
 /// Reads the in-kernel interrupt controllers, the PIT and kvmclock.

@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use kiln_arch::layout::{VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use kiln_devices::bus::{Bus, BusDevice, BusError};
-use kiln_devices::virtio::block::{Block, DiskError, DiskImage};
+use kiln_devices::virtio::block::{Block, DiskError, DiskImage, DiskStats};
 use kiln_devices::virtio::mmio::{regs, MmioState, MmioTransport, TransportError, VirtioTransport};
 use kiln_devices::virtio::rng::Rng;
 use kiln_devices::virtio::vsock::{MuxerError, Vsock};
@@ -67,6 +67,14 @@ pub enum DeviceError {
     /// A device could not be quiesced.
     #[error("{0}: cannot pause: {1}")]
     Pause(String, PauseError),
+    /// There is no disk with that index.
+    #[error("there is no disk {index} (the VM has {count})")]
+    NoSuchDisk {
+        /// The index asked for, from 0.
+        index: usize,
+        /// How many disks the VM has.
+        count: usize,
+    },
     /// A device's saved state could not be restored.
     #[error("{0}: cannot restore its state: {1}")]
     Restore(String, String),
@@ -228,6 +236,48 @@ impl DeviceManager {
     /// The disks' transports, in order (`vda` first).
     pub fn disks(&self) -> &[BlockHandle] {
         &self.disks
+    }
+
+    /// Puts the image at `path` behind disk `index` (from 0), opened and locked like the one it
+    /// replaces (same read-only mode and serial), and tells the driver the capacity may have
+    /// changed. The VM must be paused, so that no request straddles the two images. The old
+    /// image is closed; the disk's counters go on.
+    pub fn replace_disk(&self, index: usize, path: &std::path::Path) -> Result<(), DeviceError> {
+        let handle = self.disks.get(index).ok_or(DeviceError::NoSuchDisk {
+            index,
+            count: self.disks.len(),
+        })?;
+        let mut transport = lock(handle);
+        let old = transport.device().disk();
+        let serial: Vec<u8> = old.id().iter().copied().take_while(|b| *b != 0).collect();
+        let serial = String::from_utf8(serial).ok();
+        let image = DiskImage::open(path, old.readonly(), serial.as_deref())
+            .map_err(|source| DeviceError::Disk {
+                index: index + 1,
+                source,
+            })?
+            .with_stats(old.stats().clone());
+        let sectors = image.sectors();
+        transport.device_mut().replace_disk(image);
+        if transport.is_active() {
+            transport.interrupt().signal_config_change();
+        }
+        log::info!(
+            "disk {} ({}): now backed by '{}', {sectors} sectors",
+            index + 1,
+            disk_name(index),
+            path.display()
+        );
+        Ok(())
+    }
+
+    /// Each disk's guest name and request counters, in order.
+    pub fn disk_stats(&self) -> Vec<(String, Arc<DiskStats>)> {
+        self.disks
+            .iter()
+            .enumerate()
+            .map(|(index, disk)| (disk_name(index), lock(disk).device().disk().stats().clone()))
+            .collect()
     }
 
     /// Adds the vsock device: its Unix socket is created here, so a taken path is reported

@@ -7,7 +7,7 @@
 //! caller never waits on a VM that will not answer.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use kiln_devices::virtio::mmio::MmioState;
 
 use crate::device_manager::DeviceError;
+use crate::metrics::{Counters, VmMetrics};
 use crate::snapshot::{SnapshotError, SnapshotKind};
 use crate::vcpu::{VcpuError, VcpuState};
 
@@ -55,6 +56,9 @@ pub enum ControlError {
     /// A device failed the request.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// The keyboard did not take the keys.
+    #[error("cannot press keys on the guest's keyboard: {0}")]
+    Keyboard(#[from] kiln_devices::legacy::i8042::KeyboardError),
     /// A snapshot could not be written.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
@@ -67,6 +71,12 @@ pub(crate) enum Request {
     SaveVcpus,
     RestoreVcpus(Vec<VcpuState>),
     DeviceStates,
+    CtrlAltDel,
+    ReplaceDisk {
+        index: usize,
+        path: PathBuf,
+    },
+    GuestClock,
     Snapshot {
         state: PathBuf,
         memory: PathBuf,
@@ -79,6 +89,7 @@ pub(crate) enum Answer {
     Done,
     Vcpus(Vec<VcpuState>),
     Devices(Vec<(String, MmioState)>),
+    Clock(u64),
 }
 
 /// One request and where its answer goes.
@@ -92,6 +103,7 @@ struct Shared {
     requests: Mutex<Option<Sender<Envelope>>>,
     state: Mutex<VmState>,
     state_changed: Condvar,
+    counters: Counters,
 }
 
 /// Controls a VM from other threads. Cheap to clone; every operation on a VM that has ended
@@ -113,8 +125,9 @@ impl std::fmt::Debug for VmHandle {
 pub type StopHandle = VmHandle;
 
 impl VmHandle {
-    /// A handle and the receiving end of its requests (kept by the VM).
-    pub(crate) fn new() -> std::io::Result<(Self, Receiver<Envelope>)> {
+    /// A handle and the receiving end of its requests (kept by the VM); `counters` are the
+    /// VM's, which the handle keeps readable after the VM is gone.
+    pub(crate) fn new(counters: Counters) -> std::io::Result<(Self, Receiver<Envelope>)> {
         let (sender, receiver) = channel();
         let shared = Shared {
             stop: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -122,6 +135,7 @@ impl VmHandle {
             requests: Mutex::new(Some(sender)),
             state: Mutex::new(VmState::NotStarted),
             state_changed: Condvar::new(),
+            counters,
         };
         Ok((
             Self {
@@ -184,6 +198,25 @@ impl VmHandle {
         }
     }
 
+    /// Presses and releases Ctrl-Alt-Del on the guest's i8042 keyboard: a Linux guest with
+    /// the i8042 and AT keyboard drivers and a VT reboots (with Kiln's `reboot=k` the VM then
+    /// ends). Refused when the guest has turned its keyboard off or is not reading it (its key
+    /// buffer is full).
+    pub fn send_ctrl_alt_del(&self) -> Result<(), ControlError> {
+        self.request(Request::CtrlAltDel).map(drop)
+    }
+
+    /// Puts the image at `path` behind disk `index` (0 is `vda`) while the guest runs: the VM
+    /// is paused around the swap (unless it already is), the image is opened and locked like
+    /// the one it replaces, and the driver is told that the capacity may have changed.
+    pub fn replace_disk(&self, index: usize, path: &Path) -> Result<(), ControlError> {
+        self.request(Request::ReplaceDisk {
+            index,
+            path: path.to_path_buf(),
+        })
+        .map(drop)
+    }
+
     /// Writes a snapshot of the paused VM: its state to `state`, its RAM to `memory` (see
     /// [`crate::snapshot`]). The VM stays paused; resume it or stop it afterwards.
     pub fn snapshot(
@@ -210,6 +243,21 @@ impl VmHandle {
             kind,
         })
         .map(drop)
+    }
+
+    /// The guest's clock (kvmclock) in nanoseconds. It stands still while the VM is paused:
+    /// resuming continues from where the pause stopped it, so the guest sees no jump.
+    pub fn guest_clock_ns(&self) -> Result<u64, ControlError> {
+        match self.request(Request::GuestClock)? {
+            Answer::Clock(ns) => Ok(ns),
+            _ => unreachable!("GuestClock is answered with the clock"),
+        }
+    }
+
+    /// The VM's counters: vCPU exits and disk requests since it was built. Works in every
+    /// state, also after the VM has ended (the totals are then final).
+    pub fn metrics(&self) -> VmMetrics {
+        self.shared.counters.snapshot()
     }
 
     fn request(&self, request: Request) -> Result<Answer, ControlError> {

@@ -20,6 +20,7 @@ pub mod host_fd;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod metrics;
 pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
@@ -33,6 +34,7 @@ pub mod image {
     pub use kiln_devices::virtio::block::DiskFormat;
 }
 pub use handle::{ControlError, StopHandle, VmHandle, VmState};
+pub use metrics::VmMetrics;
 pub use vm::{RunningVm, Vm, VmOutcome};
 /// The guest-memory crate Kiln is built on, so embedders use the same version.
 pub use vm_memory;

@@ -2,9 +2,11 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::bitmap::NewBitmap;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use crate::config::HugePages;
 
 /// Guest memory as Kiln uses it everywhere.
 pub type GuestMemory = kiln_arch::GuestMemoryMmap;
@@ -15,6 +17,18 @@ pub enum MemoryError {
     /// The host would not map the memory.
     #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
     Allocate {
+        /// Size asked for.
+        mib: u64,
+        /// The mapping error.
+        reason: String,
+    },
+    /// The host's hugetlbfs pool cannot hold the guest.
+    #[error(
+        "cannot reserve {mib} MiB of 2 MiB huge pages for guest memory ({reason}); the host's \
+         pool (vm.nr_hugepages, HugePages_Free in /proc/meminfo) must have that many free, or use \
+         huge_pages None or Transparent"
+    )]
+    HugetlbReserve {
         /// Size asked for.
         mib: u64,
         /// The mapping error.
@@ -147,6 +161,67 @@ impl Drop for AlignedHole {
     }
 }
 
+/// Maps guest RAM backed as `huge_pages` says: `Transparent` advises transparent huge pages
+/// (see [`advise_huge_pages`]), `None` asks for none even where THP is on for every mapping,
+/// `2M` takes hugetlbfs pages.
+pub fn create_guest_memory_backed(
+    size: u64,
+    huge_pages: HugePages,
+) -> Result<GuestMemory, MemoryError> {
+    match huge_pages {
+        HugePages::None => {
+            let memory = create_guest_memory(size)?;
+            for region in memory.iter() {
+                if let Ok(host_address) = memory.get_host_address(region.start_addr()) {
+                    // SAFETY: the range is exactly one live mapping owned by `memory`.
+                    unsafe {
+                        madvise_or_log(host_address, region.len() as usize, libc::MADV_NOHUGEPAGE)
+                    };
+                }
+            }
+            Ok(memory)
+        }
+        HugePages::Transparent => {
+            let memory = create_guest_memory(size)?;
+            advise_huge_pages(&memory);
+            Ok(memory)
+        }
+        HugePages::Hugetlbfs2M => create_hugetlb_memory(size),
+    }
+}
+
+/// Maps guest RAM on hugetlbfs 2 MiB pages (naturally 2 MiB aligned). Without
+/// `MAP_NORESERVE` the kernel reserves every page now, so a short pool fails here with a
+/// message instead of a `SIGBUS` when the guest first touches a page the pool cannot give.
+pub fn create_hugetlb_memory(size: u64) -> Result<GuestMemory, MemoryError> {
+    let reserve_error = |reason: String| MemoryError::HugetlbReserve {
+        mib: size >> 20,
+        reason,
+    };
+    let regions = kiln_arch::memory::arch_memory_regions(size)
+        .into_iter()
+        .map(|(base, len)| {
+            let mapping = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(
+                    libc::MAP_ANONYMOUS
+                        | libc::MAP_PRIVATE
+                        | libc::MAP_HUGETLB
+                        | libc::MAP_HUGE_2MB,
+                )
+                .with_hugetlbfs(true)
+                .build()
+                .map_err(|err| reserve_error(err.to_string()))?;
+            GuestRegionMmap::new(mapping, base)
+                .ok_or_else(|| reserve_error("the region does not fit the address space".into()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemory::from_regions(regions).map_err(|err| MemoryError::Allocate {
+        mib: size >> 20,
+        reason: err.to_string(),
+    })
+}
+
 /// Asks for transparent huge pages on guest RAM: a guest first-touching its memory then takes
 /// one fault per 2 MiB instead of one per 4 KiB. Advisory: failure only costs speed.
 ///
@@ -229,6 +304,79 @@ pub fn register_guest_memory(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `VmFlags` line of the mapping that contains `address`, from /proc/self/smaps.
+    fn vm_flags_at(address: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((start, end)) = range.split_once('-') {
+                    if let (Ok(start), Ok(end)) = (
+                        usize::from_str_radix(start, 16),
+                        usize::from_str_radix(end, 16),
+                    ) {
+                        inside = (start..end).contains(&address);
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.trim().to_string();
+                }
+            }
+        }
+        panic!("no mapping at {address:#x}");
+    }
+
+    #[test]
+    fn transparent_huge_pages_skip_the_boot_structures() {
+        let memory = create_guest_memory_backed(64 << 20, HugePages::Transparent).unwrap();
+        let host = |guest: u64| memory.get_host_address(GuestAddress(guest)).unwrap() as usize;
+        let flags = |guest| vm_flags_at(host(guest));
+        assert!(!flags(0).split(' ').any(|f| f == "hg"), "{}", flags(0));
+        assert!(!flags(crate::config::THP_SKIP_BYTES - 1)
+            .split(' ')
+            .any(|f| f == "hg"));
+        assert!(flags(crate::config::THP_SKIP_BYTES)
+            .split(' ')
+            .any(|f| f == "hg"));
+        assert!(flags((64 << 20) - 1).split(' ').any(|f| f == "hg"));
+
+        let plain = create_guest_memory_backed(64 << 20, HugePages::None).unwrap();
+        let address = plain.get_host_address(GuestAddress(32 << 20)).unwrap() as usize;
+        let flags = vm_flags_at(address);
+        assert!(!flags.split(' ').any(|f| f == "hg"), "{flags}");
+        // Refused explicitly, so that THP in "always" mode does not give it huge pages either.
+        assert!(flags.split(' ').any(|f| f == "nh"), "{flags}");
+    }
+
+    #[test]
+    fn hugetlb_memory_is_reserved_up_front_or_refused() {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let free_pages: u64 = meminfo
+            .lines()
+            .find_map(|line| line.strip_prefix("HugePages_Free:"))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0);
+        // One page more than the pool has: refused at once, never a SIGBUS on first touch.
+        let too_big = (free_pages + 1) * (2 << 20);
+        let err = create_hugetlb_memory(too_big).unwrap_err();
+        assert!(matches!(err, MemoryError::HugetlbReserve { .. }), "{err}");
+        assert!(err.to_string().contains("vm.nr_hugepages"), "{err}");
+        if free_pages >= 1 {
+            use vm_memory::Bytes;
+            let memory = create_hugetlb_memory(2 << 20).unwrap();
+            memory
+                .write_obj(0x1234_5678u32, GuestAddress(0x1000))
+                .unwrap();
+            assert_eq!(
+                memory.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+                0x1234_5678
+            );
+        }
+    }
 
     #[test]
     fn guest_memory_is_huge_page_aligned_on_the_host() {

@@ -30,7 +30,8 @@ use crate::event_loop::{ConsoleInput, EventLoop, StopWatcher};
 use crate::handle::{Envelope, VmHandle, VmState};
 use crate::kvm::{open_kvm, KvmHost, KVM_DEVICE};
 use crate::loader::{load_cmdline, load_initrd, load_kernel, LoadedKernel};
-use crate::memory::{advise_huge_pages, create_guest_memory, register_guest_memory, GuestMemory};
+use crate::memory::{create_guest_memory_backed, register_guest_memory, GuestMemory};
+use crate::metrics::{Counters, VcpuExitCounters};
 use crate::snapshot::{
     check_cpuid, check_disks, map_memory_layers, read_state_file, MemoryLayer, RestoreConfig,
     SavedIrqchip, SnapshotError, VmSnapshot,
@@ -82,6 +83,8 @@ impl RunningVm {
 /// Devices the VM keeps a handle to after building the buses.
 struct LegacyDevices {
     serial: Arc<Mutex<SerialDevice>>,
+    /// The keyboard controller, for Ctrl-Alt-Del from outside.
+    i8042: Arc<Mutex<I8042Device>>,
 }
 
 /// A built microVM, not yet running.
@@ -178,11 +181,7 @@ impl Vm {
         let vm_fd = create_vm_fd(&kvm)?;
 
         let memory = match snapshot {
-            None => {
-                let memory = create_guest_memory(config.memory_bytes())?;
-                advise_huge_pages(&memory);
-                memory
-            }
+            None => create_guest_memory_backed(config.memory_bytes(), config.huge_pages)?,
             Some((saved, path)) => map_memory_layers(path, &saved.memory, &saved.memory_layers)?,
         };
         register_guest_memory(&vm_fd, &memory, config.track_dirty_pages)?;
@@ -226,15 +225,18 @@ impl Vm {
         vm_fd
             .register_irqfd(&keyboard_irq, layout::I8042_KEYBOARD_IRQ)
             .map_err(|e| Error::KvmIoctl("connect the i8042 keyboard interrupt", e))?;
-        let i8042 = I8042Device::new(exit.clone())
-            .with_keyboard_interrupt(EventFdTrigger::new(keyboard_irq));
-        let (io_bus, mmio_bus) = build_buses(&exit, &serial, i8042, start, &virtio)?;
+        let i8042 = Arc::new(Mutex::new(
+            I8042Device::new(exit.clone())
+                .with_keyboard_interrupt(EventFdTrigger::new(keyboard_irq)),
+        ));
+        let (io_bus, mmio_bus) = build_buses(&exit, &serial, i8042.clone(), start, &virtio)?;
 
         if let Some((saved, _)) = snapshot {
             restore_vm_state(&vm_fd, &saved.irqchip)?;
         }
+        let exits = Arc::new(VcpuExitCounters::default());
         let mut vcpus = create_vcpus(
-            &kvm, &vm_fd, &memory, &config, entry, io_bus, mmio_bus, &exit,
+            &kvm, &vm_fd, &memory, &config, entry, io_bus, mmio_bus, &exit, &exits,
         )?;
         if let Some((saved, _)) = snapshot {
             for (vcpu, state) in vcpus.iter_mut().zip(&saved.vcpus) {
@@ -257,8 +259,12 @@ impl Vm {
                     .reset_transport();
             }
         }
+        let counters = Counters {
+            vcpu: exits,
+            disks: virtio.disk_stats(),
+        };
         let (handle, requests) =
-            VmHandle::new().map_err(|e| Error::Io("create the control eventfds", e))?;
+            VmHandle::new(counters).map_err(|e| Error::Io("create the control eventfds", e))?;
 
         Ok(Self {
             config,
@@ -267,7 +273,7 @@ impl Vm {
             kvm,
             memory,
             exit,
-            devices: LegacyDevices { serial },
+            devices: LegacyDevices { serial, i8042 },
             _serial_irq: serial_irq,
             event_loop,
             virtio,
@@ -382,7 +388,13 @@ impl Vm {
             vm_fd: &self.vm_fd,
             memory: &self.memory,
             serial: &self.devices.serial,
+            i8042: &self.devices.i8042,
             config: &self.config,
+            frozen_clock: if paused {
+                crate::control::read_clock(&self.vm_fd)
+            } else {
+                None
+            },
             layers: std::mem::take(&mut self.memory_layers),
         };
         let mut loop_result = Ok(());
@@ -558,7 +570,7 @@ fn configure_platform(
 fn build_buses(
     exit: &ExitNotifier,
     serial: &Arc<Mutex<SerialDevice>>,
-    i8042: I8042Device,
+    i8042: Arc<Mutex<I8042Device>>,
     start: Instant,
     virtio: &DeviceManager,
 ) -> Result<(Arc<Bus>, Arc<Bus>), Error> {
@@ -568,11 +580,7 @@ fn build_buses(
         .insert(serial.clone(), u64::from(layout::SERIAL_PORT_BASE), 8)
         .map_err(bus_err("serial port"))?;
     io_bus
-        .insert(
-            Arc::new(Mutex::new(i8042)),
-            u64::from(layout::I8042_PORT_BASE),
-            I8042_PORT_LEN,
-        )
+        .insert(i8042, u64::from(layout::I8042_PORT_BASE), I8042_PORT_LEN)
         .map_err(bus_err("i8042"))?;
     io_bus
         .insert(
@@ -615,6 +623,7 @@ fn create_vcpus(
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     exit: &ExitNotifier,
+    exits: &Arc<VcpuExitCounters>,
 ) -> Result<Vec<Vcpu>, Error> {
     let supported_cpuid = kvm
         .kvm
@@ -657,6 +666,7 @@ fn create_vcpus(
             msr_indices: msr_indices.clone(),
             cpuid: cpuid.as_slice().to_vec(),
             warnings: LogLimiter::new(),
+            exits: exits.clone(),
         });
     }
     Ok(vcpus)

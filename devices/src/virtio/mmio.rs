@@ -137,6 +137,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.device
     }
 
+    /// The device model, to change it; the VMM does so only while the VM is paused.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
     /// The queue notification eventfds, in queue order: the VMM registers each as an
     /// ioeventfd on `QueueNotify` with the queue index as datamatch.
     pub fn queue_events(&self) -> &[EventFd] {

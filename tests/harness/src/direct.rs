@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use crate::cpio;
-use crate::guest_test::{GuestTest, HOST_SCRIPT_GRACE};
+use crate::guest_test::{GuestTest, HostPaths, HOST_SCRIPT_GRACE};
 use crate::images::GuestImages;
 use crate::outcome::GuestOutcome;
 use crate::process::{shell_exit_code, wait_with_limit};
@@ -61,8 +61,6 @@ fn run_one(
     )
     .map_err(|e| io_error(&initrd.display().to_string(), e))?;
     let kernel = images.kernel(test.kernel_variant());
-    let mut args = test.kiln_arguments(&kernel.to_string_lossy(), &initrd.to_string_lossy());
-    args.extend(test.vsock_arguments(&vsock.to_string_lossy()));
     let stdout_path = dir.join("stdout");
     let stderr_path = dir.join("stderr");
     let stdout = File::create(&stdout_path).map_err(|e| io_error("stdout file", e))?;
@@ -71,8 +69,40 @@ fn run_one(
         Some(program) => Some(start_host(&program, dir, &stdout_path, vsock, images)?),
         None => None,
     };
-    let mut child = Command::new(kiln)
-        .args(&args)
+    let mut command = match test.host_only_script_text() {
+        Some(script) => {
+            let work = dir.join("work");
+            fs::create_dir_all(&work).map_err(|e| io_error("work directory", e))?;
+            let paths = HostPaths {
+                kiln: &kiln.to_string_lossy(),
+                kernel: &kernel.to_string_lossy(),
+                initrd: &initrd.to_string_lossy(),
+                work: &work.to_string_lossy(),
+                disks: test
+                    .disks()
+                    .iter()
+                    .map(|disk| disk.path().to_string_lossy().into_owned())
+                    .collect(),
+            };
+            let mut command = Command::new("sh");
+            command
+                .arg("-c")
+                .arg(script)
+                .envs(test.host_environment(&paths))
+                .current_dir(&work)
+                // Its own process group: whatever it starts goes when the test ends.
+                .process_group(0);
+            command
+        }
+        None => {
+            let mut command = Command::new(kiln);
+            command
+                .args(test.kiln_arguments(&kernel.to_string_lossy(), &initrd.to_string_lossy()))
+                .args(test.vsock_arguments(&vsock.to_string_lossy()));
+            command
+        }
+    };
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
@@ -80,6 +110,13 @@ fn run_one(
         .map_err(|e| io_error(&format!("cannot start {}", kiln.display()), e))?;
     let ended = wait_with_limit(&mut child, test.time_limit(), None)
         .map_err(|e| io_error("waiting for kiln", e))?;
+    if test.host_only_script_text().is_some() {
+        if let Ok(group) = i32::try_from(child.id()) {
+            // SAFETY: kill(2) of the process group the script led; it only holds what the
+            // script started. ESRCH (nothing left) is fine.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        }
+    }
     let host_exit_code = match &mut host {
         Some(host) => finish_host(host)?,
         None => None,

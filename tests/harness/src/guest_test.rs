@@ -64,9 +64,25 @@ pub struct GuestTest {
     disks: Vec<GuestDisk>,
     backing_files: Vec<PathBuf>,
     extra_args: Vec<String>,
+    host_only_script: Option<String>,
     timeout: Duration,
     vsock_cid: Option<u64>,
     host_script: Option<String>,
+}
+
+/// Where a host-only script's inputs are (see [`GuestTest::host_only_script`]).
+#[derive(Debug, Clone)]
+pub struct HostPaths<'a> {
+    /// The `kiln` binary.
+    pub kiln: &'a str,
+    /// The guest kernel.
+    pub kernel: &'a str,
+    /// The base initramfs plus the test's script.
+    pub initrd: &'a str,
+    /// A directory for the script's files (API socket, console log, config files).
+    pub work: &'a str,
+    /// Each disk as Kiln opens it: its host path (direct) or its device (vhost).
+    pub disks: Vec<String>,
 }
 
 impl GuestTest {
@@ -90,6 +106,7 @@ impl GuestTest {
             disks: Vec::new(),
             backing_files: Vec::new(),
             extra_args: Vec::new(),
+            host_only_script: None,
             timeout: DEFAULT_TIMEOUT,
             vsock_cid: None,
             host_script: None,
@@ -196,6 +213,49 @@ impl GuestTest {
         self
     }
 
+    /// Runs this shell script on the KVM host instead of `kiln run` (unlike
+    /// [`GuestTest::host_script`], which runs beside it): it starts Kiln itself
+    /// (for instance `$KILN --api-sock "$WORK/api.sock"` and `curl --unix-socket`), and its
+    /// stdout, stderr and exit status are the test's outcome. In direct mode that host is this
+    /// machine; in vhost mode it is the virtual KVM host, whose `PATH` then has `kiln` and
+    /// `curl` (copied from this machine with their libraries). The script gets `KILN`,
+    /// `KERNEL`, `INITRD` (with the test's guest script), `WORK` (a directory of its own),
+    /// `DISK_0`, `DISK_1`... (each disk as Kiln opens it: host path or `/dev/vdX`) and, when
+    /// set, `CPUS`, `MEMORY_MIB` and `CMDLINE`. Everything in its process group is killed at
+    /// the time limit.
+    pub fn host_only_script(mut self, script: impl Into<String>) -> Self {
+        self.host_only_script = Some(script.into());
+        self
+    }
+
+    /// The host-only script, if the test has one.
+    pub fn host_only_script_text(&self) -> Option<&str> {
+        self.host_only_script.as_deref()
+    }
+
+    /// The environment of the host-only script.
+    pub fn host_environment(&self, paths: &HostPaths) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("KILN".to_string(), paths.kiln.to_string()),
+            ("KERNEL".to_string(), paths.kernel.to_string()),
+            ("INITRD".to_string(), paths.initrd.to_string()),
+            ("WORK".to_string(), paths.work.to_string()),
+        ];
+        for (index, disk) in paths.disks.iter().enumerate() {
+            env.push((format!("DISK_{index}"), disk.clone()));
+        }
+        if let Some(cpus) = self.cpus {
+            env.push(("CPUS".to_string(), cpus.to_string()));
+        }
+        if let Some(mib) = self.memory_mib {
+            env.push(("MEMORY_MIB".to_string(), mib.to_string()));
+        }
+        if let Some(cmdline) = &self.cmdline {
+            env.push(("CMDLINE".to_string(), cmdline.clone()));
+        }
+        env
+    }
+
     /// Kills the guest (and reports the test as timed out) after this long.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -241,6 +301,21 @@ impl GuestTest {
     /// that cannot be attached, or a `--disk` passed as a raw argument (it would name a host
     /// path that does not exist inside the virtual KVM host).
     pub fn problem(&self) -> Option<String> {
+        if self.host_only_script.is_some() && !self.extra_args.is_empty() {
+            return Some(
+                "the test has a host-only script, which starts kiln itself: kiln_args are not used"
+                    .to_string(),
+            );
+        }
+        if self.host_only_script.is_some()
+            && (self.host_script.is_some() || self.vsock_cid.is_some())
+        {
+            return Some(
+                "the test has a host-only script, which starts kiln itself: a host script beside \
+                 kiln and GuestTest::vsock are not used"
+                    .to_string(),
+            );
+        }
         if self
             .extra_args
             .iter()
@@ -400,6 +475,38 @@ mod tests {
         let text = String::from_utf8_lossy(&archive);
         assert!(text.contains("kiln/test.sh\0"));
         assert!(text.contains("#!/bin/sh\necho hi\n"));
+    }
+
+    #[test]
+    fn host_only_scripts_get_their_inputs_and_refuse_kiln_args() {
+        let test = GuestTest::new("t", "true")
+            .cpus(2)
+            .cmdline("quiet")
+            .host_only_script("$KILN --api-sock \"$WORK/s\"");
+        let env = test.host_environment(&HostPaths {
+            kiln: "/k/kiln",
+            kernel: "/g/vmlinux",
+            initrd: "/t/initrd",
+            work: "/t/work",
+            disks: vec!["/dev/vdb".into()],
+        });
+        let get = |name: &str| env.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        assert_eq!(get("KILN"), Some("/k/kiln"));
+        assert_eq!(get("INITRD"), Some("/t/initrd"));
+        assert_eq!(get("DISK_0"), Some("/dev/vdb"));
+        assert_eq!(get("CPUS"), Some("2"));
+        assert_eq!(get("CMDLINE"), Some("quiet"));
+        assert_eq!(get("MEMORY_MIB"), None);
+        assert_eq!(test.problem(), None);
+        let mixed = test.kiln_args(["--console", "none"]);
+        assert!(mixed.problem().unwrap().contains("host-only script"));
+        let beside = GuestTest::new("t", "true")
+            .host_only_script("$KILN")
+            .host_script("true");
+        assert!(beside
+            .problem()
+            .unwrap()
+            .contains("host script beside kiln"));
     }
 
     #[test]

@@ -34,7 +34,7 @@ mod vhost;
 mod vhost_drives;
 
 pub use disk::{DiskOptions, GuestDisk};
-pub use guest_test::{GuestTest, KernelVariant};
+pub use guest_test::{GuestTest, HostPaths, KernelVariant};
 pub use images::GuestImages;
 pub use outcome::{Check, CheckFailure, GuestOutcome};
 pub use suite::Suite;

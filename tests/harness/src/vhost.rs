@@ -13,6 +13,8 @@
 //! kiln/tests/NN/disks            its disks: `vdX BYTES` lines, checked before kiln starts
 //! kiln/tests/NN/host.sh          its host script, run beside kiln (`vsock.sock` is its socket)
 //! kiln/bin/kiln-vsock            the static vsock helper host scripts use
+//! kiln/tests/NN/host-only.sh     its host-only script, run instead of kiln (`work/` is its own)
+//! kiln/bin/curl                  for host-only scripts (vhost-run adds its shared libraries)
 //! ```
 //!
 //! Disk images ([`GuestTest::disk`]) are attached to the virtual host as raw virtio drives
@@ -26,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::guest_test::{GuestTest, KernelVariant, HOST_SCRIPT_GRACE};
+use crate::guest_test::{GuestTest, HostPaths, KernelVariant, HOST_SCRIPT_GRACE};
 use crate::images::{self, GuestImages};
 use crate::outcome::GuestOutcome;
 use crate::process::{shell_exit_code, wait_with_limit};
@@ -211,6 +213,20 @@ fn write_payload(
     }
     symlink(images.initramfs(), kiln_dir.join("guest/initramfs.cpio.gz"))
         .map_err(io(&images.initramfs()))?;
+    if tests
+        .iter()
+        .any(|test| test.host_only_script_text().is_some())
+    {
+        // Host-only scripts talk to Kiln's API with curl; vhost-run copies its libraries along.
+        let curl = find_on_path("curl").ok_or_else(|| {
+            HarnessError::Setup(
+                "a host-only-script test needs curl on this machine (apt-get install curl); it is \
+                 copied into the virtual KVM host"
+                    .to_string(),
+            )
+        })?;
+        symlink(&curl, kiln_dir.join("bin/curl")).map_err(io(&curl))?;
+    }
     for variant in [KernelVariant::Vmlinux, KernelVariant::BzImage] {
         if tests.iter().any(|test| test.kernel_variant() == variant) {
             let kernel = images.kernel(variant);
@@ -244,16 +260,47 @@ fn write_payload(
             index.to_string(),
             test.time_limit().as_secs().max(1).to_string(),
             guest_dir.clone(),
-            "/kiln/bin/kiln".to_string(),
         ];
         let initrd = format!("{guest_dir}/initrd");
-        command.extend(
-            test.kiln_arguments_with_disks(&kernel, &initrd, |disk, spec| {
-                let drive = drives.get(disk).copied().unwrap_or_default();
-                spec.vhost_spec(&DrivePlan::device(drive))
-            }),
-        );
-        command.extend(test.vsock_arguments(&format!("{guest_dir}/vsock.sock")));
+        match test.host_only_script_text() {
+            Some(script) => {
+                let host_only_script = format!("{guest_dir}/host-only.sh");
+                fs::write(dir.join("host-only.sh"), script).map_err(io(&dir))?;
+                let work = format!("{guest_dir}/work");
+                fs::create_dir_all(dir.join("work")).map_err(io(&dir))?;
+                let paths = HostPaths {
+                    kiln: "/kiln/bin/kiln",
+                    kernel: &kernel,
+                    initrd: &initrd,
+                    work: &work,
+                    disks: drives
+                        .iter()
+                        .map(|&drive| DrivePlan::device(drive))
+                        .collect(),
+                };
+                command.extend([
+                    "env".to_string(),
+                    "PATH=/kiln/bin:/usr/bin:/bin:/usr/sbin:/sbin".to_string(),
+                ]);
+                command.extend(
+                    test.host_environment(&paths)
+                        .into_iter()
+                        .map(|(name, value)| format!("{name}={value}")),
+                );
+                // A session (and process group) of its own: the runner kills all of it.
+                command.extend(["setsid".to_string(), "sh".to_string(), host_only_script]);
+            }
+            None => {
+                command.push("/kiln/bin/kiln".to_string());
+                command.extend(
+                    test.kiln_arguments_with_disks(&kernel, &initrd, |disk, spec| {
+                        let drive = drives.get(disk).copied().unwrap_or_default();
+                        spec.vhost_spec(&DrivePlan::device(drive))
+                    }),
+                );
+                command.extend(test.vsock_arguments(&format!("{guest_dir}/vsock.sock")));
+            }
+        }
         for (drive, path) in plan.links.get(index).into_iter().flatten() {
             run.push_str(&format!(
                 "link_drive {} {}\n",
@@ -266,6 +313,15 @@ fn write_payload(
     }
     write_executable(&kiln_dir.join("runner.sh"), RUNNER)?;
     write_executable(&kiln_dir.join("run"), &run)
+}
+
+/// `name` in one of the directories of `PATH`.
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|candidate| candidate.is_file())
 }
 
 fn write_executable(path: &Path, text: &str) -> Result<(), HarnessError> {

@@ -66,7 +66,8 @@ link_drive() {
 
 # run_test INDEX LIMIT_SECS DIR COMMAND...
 # DIR holds test.cpio (appended to the base initramfs to make DIR/initrd), name and, when the
-# test has disks, disks; host.sh when it has a host script.
+# test has disks, disks; host.sh when it has a host script to run beside COMMAND. COMMAND is
+# kiln, or for a host-only script `env ... setsid sh DIR/host-only.sh`, which starts kiln itself.
 run_test() {
     index=$1
     limit=$2
@@ -92,13 +93,16 @@ run_test() {
         wait "$sleeper"
         if kill -0 "$pid" 2>/dev/null; then
             : >"$dir/timed_out"
-            kill -KILL "$pid"
+            # A host-only script leads a process group (setsid): kill all of it.
+            kill -KILL -"$pid" 2>/dev/null || kill -KILL "$pid"
         fi
     ) 3>&- &
     watcher=$!
     wait "$pid"
     status=$?
     end=$(uptime_ms)
+    # Whatever a host-only script left running goes with it.
+    kill -KILL -"$pid" 2>/dev/null
     kill "$watcher" 2>/dev/null
     wait "$watcher" 2>/dev/null
     # kiln has exited, so its disks are closed (the last close of a block device writes its
@@ -122,5 +126,5 @@ run_test() {
         echo "KILN-TEST $index END"
     } >&3
     # The guest's files are not needed any more; keep the virtual host's memory for the next.
-    rm -rf "$dir/initrd" "$dir/stdout" "$dir/stderr" "$dir/host" "$dir/host-tmp"
+    rm -rf "$dir/initrd" "$dir/stdout" "$dir/stderr" "$dir/host" "$dir/host-tmp" "$dir/work"
 }

@@ -32,6 +32,10 @@ pub struct DiskConfig {
     /// Serial number the guest sees (at most 20 bytes); the file name when not given.
     #[serde(default)]
     pub id: Option<String>,
+    /// For the root disk: boot from the partition with this unique id
+    /// (`root=PARTUUID=...`) instead of the whole disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
 }
 
 impl DiskConfig {
@@ -43,6 +47,7 @@ impl DiskConfig {
             readonly: false,
             root: false,
             id: None,
+            partuuid: None,
         }
     }
 }
@@ -50,7 +55,7 @@ impl DiskConfig {
 impl std::str::FromStr for DiskConfig {
     type Err = ConfigError;
 
-    /// Parses the CLI form: `path=IMG[,format=raw|qcow2][,readonly][,root][,id=ID]` (a bare
+    /// Parses the CLI form: `path=IMG[,format=raw|qcow2][,readonly][,root][,id=ID][,partuuid=UUID]`
     /// first item is the path too).
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let invalid = |reason: String| ConfigError::InvalidDiskSpec {
@@ -83,6 +88,12 @@ impl std::str::FromStr for DiskConfig {
                     }
                     disk.id = Some(value.to_string());
                 }
+                Some(("partuuid", value)) => {
+                    if disk.partuuid.is_some() {
+                        return Err(repeated());
+                    }
+                    disk.partuuid = Some(value.to_string());
+                }
                 None if item == "readonly" => {
                     if disk.readonly {
                         return Err(repeated());
@@ -99,7 +110,8 @@ impl std::str::FromStr for DiskConfig {
                 None if position == 0 && !item.is_empty() => path = Some(PathBuf::from(item)),
                 _ => {
                     return Err(invalid(format!(
-                        "unknown option '{item}'; expected path=IMG, format=raw|qcow2, readonly, root or id=ID"
+                        "unknown option '{item}'; expected path=IMG, format=raw|qcow2, readonly, \
+                         root, id=ID or partuuid=UUID"
                     )))
                 }
             }
@@ -176,6 +188,19 @@ pub(super) fn validate_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
                 )));
             }
         }
+        if let Some(partuuid) = &disk.partuuid {
+            if !disk.root {
+                return Err(bad(format!(
+                    "has partuuid '{partuuid}' but is not the root disk; a partuuid only says \
+                     which partition of the root disk to boot from"
+                )));
+            }
+            if partuuid.is_empty() || !partuuid.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(bad(format!(
+                    "partuuid '{partuuid}' must be printable ASCII without spaces"
+                )));
+            }
+        }
         if disk.root {
             if let Some(first) = root {
                 return Err(bad(format!(
@@ -232,6 +257,7 @@ mod tests {
                 readonly: true,
                 root: true,
                 id: Some("serial-1".into()),
+                partuuid: None,
             })
         );
         assert_eq!(

@@ -169,6 +169,79 @@ fn json_file_errors_name_the_file() {
 }
 
 #[test]
+fn firecracker_style_cmdline_replaces_the_defaults() {
+    let mut config = valid_config();
+    config.default_cmdline = false;
+    config.cmdline = Some("console=ttyS0 reboot=k".into());
+    config.disks = vec![DiskConfig {
+        root: true,
+        readonly: true,
+        ..DiskConfig::new("/root.img")
+    }];
+    assert_eq!(
+        config.kernel_cmdline(&["virtio_mmio.device=4K@0xd0001000:5".into()]),
+        "root=/dev/vda ro virtio_mmio.device=4K@0xd0001000:5 console=ttyS0 reboot=k"
+    );
+}
+
+#[test]
+fn partuuid_names_the_root_partition() {
+    let mut config = valid_config();
+    config.disks = vec![
+        DiskConfig::new("/data.img"),
+        DiskConfig {
+            root: true,
+            partuuid: Some("0eaa91a0-01".into()),
+            ..DiskConfig::new("/root.img")
+        },
+    ];
+    assert!(config
+        .full_cmdline()
+        .contains("root=PARTUUID=0eaa91a0-01 rw"));
+    assert!(!config.full_cmdline().contains("root=/dev/"));
+}
+
+#[test]
+fn partuuid_without_root_or_with_spaces_is_refused() {
+    let image = std::env::temp_dir().join(format!("kiln-cfg-{}-partuuid.img", std::process::id()));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let mut config = valid_config();
+    config.disks = vec![DiskConfig {
+        partuuid: Some("abc".into()),
+        ..DiskConfig::new(&image)
+    }];
+    let err = config.validate(None).unwrap_err().to_string();
+    assert!(err.contains("not the root disk"), "{err}");
+    config.disks[0].root = true;
+    assert_eq!(config.validate(None), Ok(()));
+    config.disks[0].partuuid = Some("a b".into());
+    let err = config.validate(None).unwrap_err().to_string();
+    assert!(err.contains("without spaces"), "{err}");
+    std::fs::remove_file(&image).unwrap();
+}
+
+#[test]
+fn huge_pages_default_to_transparent_and_2m_needs_even_memory() {
+    let config = VmConfig::from_json_str(r#"{"kernel": "/k"}"#).unwrap();
+    assert_eq!(config.huge_pages, HugePages::Transparent);
+    assert!(config.default_cmdline);
+    let mut config = valid_config();
+    config.huge_pages = HugePages::Hugetlbfs2M;
+    config.memory_mib = 129;
+    assert_eq!(
+        config.validate(None),
+        Err(ConfigError::MemoryNotHugePageMultiple(129))
+    );
+    let config = VmConfig::from_json_str(r#"{"kernel": "/k", "huge_pages": "None"}"#).unwrap();
+    assert_eq!(config.huge_pages, HugePages::None);
+    let err = VmConfig::from_json_str(r#"{"kernel": "/k", "huge_pages": "1G"}"#).unwrap_err();
+    assert!(err.contains("unknown variant `1G`"), "{err}");
+}
+
+#[test]
 fn json_config_takes_vsock_and_rng() {
     let config = VmConfig::from_json_str(
         r#"{"kernel": "/k", "vsock": {"cid": 5, "uds": "/tmp/k.sock"},

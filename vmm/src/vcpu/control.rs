@@ -137,6 +137,7 @@ fn vcpu_thread(
             Ok(Flow::Continue) | Ok(Flow::Interrupted) => {}
             Ok(Flow::GuestEnded) => {}
             Err(err) => {
+                vcpu.exits.failure();
                 if vcpu.exit.reason().is_some() {
                     // The VM was already ending; this is only context.
                     log::debug!("after the VM was asked to stop: {err}");

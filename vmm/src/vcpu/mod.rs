@@ -17,6 +17,7 @@ use kiln_devices::exit::{ExitNotifier, StopReason};
 use kiln_devices::log_limit::LogLimiter;
 
 use crate::memory::GuestMemory;
+use crate::metrics::VcpuExitCounters;
 
 pub use control::{VcpuCommand, VcpuThreads};
 pub use kick::install_kick_handler;
@@ -116,6 +117,8 @@ pub struct Vcpu {
     pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     /// Rate limit for the lines a guest can trigger on every exit.
     pub warnings: LogLimiter,
+    /// Exit counters, shared by the VM's vCPUs.
+    pub exits: Arc<VcpuExitCounters>,
 }
 
 /// What one exit means for the run loop.
@@ -145,6 +148,7 @@ impl Vcpu {
         };
         match exit {
             VcpuExit::IoIn(port, data) => {
+                self.exits.io_in();
                 // SAFETY: `run` is this vCPU's kvm_run mapping, live while `self.fd` is; the
                 // exit reason is KVM_EXIT_IO, so the `io` union member is the valid one. Only
                 // that header field is read; `data` lies past the struct.
@@ -160,6 +164,7 @@ impl Vcpu {
                 }
             }
             VcpuExit::IoOut(port, data) => {
+                self.exits.io_out();
                 // SAFETY: as for IoIn above.
                 let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read() };
                 // `rep outs` arrives as one exit: `count` accesses of `size` bytes, in order.
@@ -174,6 +179,7 @@ impl Vcpu {
                 }
             }
             VcpuExit::MmioRead(address, data) => {
+                self.exits.mmio_read();
                 if !self.mmio_bus.read(address, data) {
                     kiln_devices::debug_limited!(
                         self.warnings,
@@ -183,6 +189,7 @@ impl Vcpu {
                 }
             }
             VcpuExit::MmioWrite(address, data) => {
+                self.exits.mmio_write();
                 if !self.mmio_bus.write(address, data) {
                     kiln_devices::debug_limited!(
                         self.warnings,

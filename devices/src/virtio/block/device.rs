@@ -92,6 +92,20 @@ impl Block {
     pub fn is_running(&self) -> bool {
         self.active
     }
+
+    /// Puts `disk` behind the device in place of the current image, which is closed (and
+    /// unlocked) once the I/O thread lets go of it. The configuration space gets the new
+    /// capacity; the caller tells the driver (a configuration change interrupt). Call it only
+    /// while the device is paused, so that no request straddles the two images.
+    pub fn replace_disk(&mut self, disk: DiskImage) {
+        disk.set_write_through(self.disk.write_through());
+        let disk = Arc::new(disk);
+        self.config[..8].copy_from_slice(&disk.sectors().to_le_bytes());
+        self.disk = disk.clone();
+        if self.active {
+            self.thread.replace_disk(disk);
+        }
+    }
 }
 
 impl VirtioDevice for Block {

@@ -358,6 +358,49 @@ fn without_flush_negotiated_every_write_is_made_durable() {
 }
 
 #[test]
+fn a_replaced_image_serves_the_next_requests_and_reports_its_capacity() {
+    let (mut t, mut event_loop, memory, old_image) = live_block("replace-old");
+    let vq = MockSplitQueue::new(&memory, QUEUE);
+    bring_up(&mut t, &vq);
+    memory
+        .write_slice(&[0x11u8; 512], GuestAddress(DATA))
+        .unwrap();
+    queue_write(&memory, &vq, 0, 0);
+    write(&mut t, regs::QUEUE_NOTIFY, 0);
+    serve_until(&mut event_loop, &memory, 1);
+
+    let new_image = TempImage::new("replace-new", 2 * 1024 * 1024);
+    VirtioTransport::pause(&mut t).unwrap();
+    let replacement = DiskImage::open(new_image.path(), false, None).unwrap();
+    let stats = t.device().disk().stats().clone();
+    t.device_mut().replace_disk(replacement.with_stats(stats));
+    VirtioTransport::resume(&mut t);
+    // The old image is closed: its exclusive lock is free again.
+    DiskImage::open(old_image.path(), false, None).expect("the old image is still locked");
+
+    let mut capacity = [0u8; 8];
+    t.read(regs::CONFIG, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), 2 * 1024 * 1024 / 512);
+
+    memory
+        .write_slice(&[0x22u8; 512], GuestAddress(DATA + 0x1000))
+        .unwrap();
+    queue_write(&memory, &vq, 3, 1);
+    write(&mut t, regs::QUEUE_NOTIFY, 0);
+    serve_until(&mut event_loop, &memory, 2);
+    let new_content = std::fs::read(new_image.path()).unwrap();
+    assert_eq!(new_content[512..1024], [0x22u8; 512]);
+    let old_content = std::fs::read(old_image.path()).unwrap();
+    assert_eq!(old_content[..512], [0x11u8; 512]);
+    assert_eq!(
+        old_content[512..1024],
+        [0u8; 512],
+        "written to the old image"
+    );
+    assert_eq!(t.device().disk().stats().snapshot().write_count, 2);
+}
+
+#[test]
 fn a_restored_transport_continues_the_queue_where_the_snapshot_left_it() {
     let (mut t, mut event_loop, memory, image) = live_block("restore");
     let vq = MockSplitQueue::new(&memory, QUEUE);

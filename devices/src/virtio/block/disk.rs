@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, BS};
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
@@ -144,7 +145,58 @@ pub struct DiskImage {
     readonly: bool,
     id: [u8; ID_BYTES],
     write_through: AtomicBool,
-    flushes: AtomicU64,
+    stats: Arc<DiskStats>,
+}
+
+/// Request counters of a disk, shared with whoever reports them (they outlive the image when
+/// it is replaced, see [`DiskImage::with_stats`]).
+#[derive(Debug, Default)]
+pub struct DiskStats {
+    read_count: AtomicU64,
+    read_bytes: AtomicU64,
+    write_count: AtomicU64,
+    write_bytes: AtomicU64,
+    flush_count: AtomicU64,
+}
+
+/// [`DiskStats`] read at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskTotals {
+    /// Read requests completed.
+    pub read_count: u64,
+    /// Bytes read into the guest.
+    pub read_bytes: u64,
+    /// Write requests completed.
+    pub write_count: u64,
+    /// Bytes written from the guest.
+    pub write_bytes: u64,
+    /// `fdatasync`s (guest flushes and write-through writes).
+    pub flush_count: u64,
+}
+
+impl DiskStats {
+    /// A read request of `bytes` completed.
+    pub fn record_read(&self, bytes: u64) {
+        self.read_count.fetch_add(1, Ordering::Relaxed);
+        self.read_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A write request of `bytes` completed.
+    pub fn record_write(&self, bytes: u64) {
+        self.write_count.fetch_add(1, Ordering::Relaxed);
+        self.write_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> DiskTotals {
+        DiskTotals {
+            read_count: self.read_count.load(Ordering::Relaxed),
+            read_bytes: self.read_bytes.load(Ordering::Relaxed),
+            write_count: self.write_count.load(Ordering::Relaxed),
+            write_bytes: self.write_bytes.load(Ordering::Relaxed),
+            flush_count: self.flush_count.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// The serial number Kiln gives a disk without an explicit id: its file name, cut to
@@ -227,7 +279,7 @@ impl DiskImage {
             readonly,
             id: padded,
             write_through: AtomicBool::new(false),
-            flushes: AtomicU64::new(0),
+            stats: Arc::default(),
         })
     }
 
@@ -380,7 +432,7 @@ impl DiskImage {
 
     /// Makes written data durable (`fdatasync`; for qcow2, metadata included).
     pub fn flush(&self) -> io::Result<()> {
-        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.stats.flush_count.fetch_add(1, Ordering::Relaxed);
         match &self.backend {
             Backend::Raw(file) => file.sync_data(),
             Backend::Qcow2(image) => image.flush(),
@@ -399,7 +451,18 @@ impl DiskImage {
 
     /// How many times the image was made durable (guest flushes and write-through writes).
     pub fn flush_count(&self) -> u64 {
-        self.flushes.load(Ordering::Relaxed)
+        self.stats.flush_count.load(Ordering::Relaxed)
+    }
+
+    /// The disk's request counters.
+    pub fn stats(&self) -> &Arc<DiskStats> {
+        &self.stats
+    }
+
+    /// Counts into `stats` from now on (an image that replaces another keeps its counters).
+    pub fn with_stats(mut self, stats: Arc<DiskStats>) -> Self {
+        self.stats = stats;
+        self
     }
 }
 

@@ -17,7 +17,7 @@ pub mod request;
 pub mod worker;
 
 pub use device::Block;
-pub use disk::{DiskError, DiskFormat, DiskImage};
+pub use disk::{DiskError, DiskFormat, DiskImage, DiskStats, DiskTotals};
 
 use virtio_bindings::virtio_blk as uapi;
 

@@ -413,6 +413,7 @@ impl Request {
         match self.request_type {
             RequestType::In => {
                 disk.read_segments(memory, &self.data, self.sector * SECTOR_SIZE)?;
+                disk.stats().record_read(self.data_len);
                 Ok((request_status::OK, self.data_len))
             }
             RequestType::Out => {
@@ -420,6 +421,7 @@ impl Request {
                 if disk.write_through() {
                     disk.flush()?;
                 }
+                disk.stats().record_write(self.data_len);
                 Ok((request_status::OK, 0))
             }
             RequestType::Flush => {

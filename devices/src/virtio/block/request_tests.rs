@@ -4,6 +4,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::virtio::block::test_utils::*;
+use crate::virtio::block::DiskTotals;
 
 const DISK_SIZE: u64 = 64 * 1024;
 
@@ -594,4 +595,28 @@ fn split_segments_cuts_inside_a_segment() {
     assert_eq!((head.len(), tail.len()), (2, 0));
     let (head, tail) = split_segments(&segments, 0);
     assert_eq!((head.len(), tail.len()), (0, 2));
+}
+
+#[test]
+fn completed_requests_are_counted_failed_ones_are_not() {
+    let f = fixture(false);
+    write_header(&f.memory, HEADER, request_type::IN, 0);
+    f.run(&[(HEADER, 16, 0), (DATA, 1024, WRITE), (STATUS, 1, WRITE)]);
+    write_header(&f.memory, HEADER, request_type::OUT, 0);
+    f.run(&[(HEADER, 16, 0), (DATA, 512, 0), (STATUS, 1, WRITE)]);
+    write_header(&f.memory, HEADER, request_type::FLUSH, 0);
+    f.run(&[(HEADER, 16, 0), (STATUS, 1, WRITE)]);
+    // Past the end of the disk: IOERR, not counted.
+    write_header(&f.memory, HEADER, request_type::IN, DISK_SIZE / 512);
+    f.run(&[(HEADER, 16, 0), (DATA, 512, WRITE), (STATUS, 1, WRITE)]);
+    assert_eq!(
+        f.disk.stats().snapshot(),
+        DiskTotals {
+            read_count: 1,
+            read_bytes: 1024,
+            write_count: 1,
+            write_bytes: 512,
+            flush_count: 1,
+        }
+    );
 }

@@ -200,6 +200,8 @@ enum Message {
     Resume,
     /// The device was reset: drop the queue, stay parked; answers once done.
     Deactivate(Sender<()>),
+    /// Serve the queue from this image from now on; answers once the old one is let go.
+    ReplaceDisk(Arc<DiskImage>, Sender<()>),
     /// The device is going away: end the thread.
     Shutdown,
 }
@@ -224,6 +226,7 @@ impl std::fmt::Debug for Message {
             Message::Pause(_) => "Pause",
             Message::Resume => "Resume",
             Message::Deactivate(_) => "Deactivate",
+            Message::ReplaceDisk(..) => "ReplaceDisk",
             Message::Shutdown => "Shutdown",
         })
     }
@@ -269,6 +272,16 @@ impl WorkerThread {
         let (reply, answer) = channel();
         if self.sender.send(Message::Deactivate(reply)).is_ok() {
             // An error means the thread is gone, which also leaves the queue alone.
+            let _ = answer.recv();
+        }
+    }
+
+    /// Makes the thread serve its queue from `disk`; returns once it no longer uses the old
+    /// image (between requests: pause the thread first).
+    pub fn replace_disk(&self, disk: Arc<DiskImage>) {
+        let (reply, answer) = channel();
+        if self.sender.send(Message::ReplaceDisk(disk, reply)).is_ok() {
+            // An error means the thread is gone, which also leaves the old image alone.
             let _ = answer.recv();
         }
     }
@@ -360,6 +373,12 @@ fn run(receiver: Receiver<Message>, kick_pending: &AtomicBool) {
                         worker.process_queue();
                     }
                 }
+            }
+            Message::ReplaceDisk(disk, reply) => {
+                if let Some(worker) = &mut worker {
+                    worker.disk = disk;
+                }
+                let _ = reply.send(());
             }
             Message::Deactivate(reply) => {
                 worker = None;

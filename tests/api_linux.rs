@@ -1,0 +1,339 @@
+//! Kiln's Firecracker API with a Linux guest: host-only scripts
+//! (`GuestTest::host_only_script`, run on the KVM host, the virtual one in vhost mode, instead
+//! of `kiln run`) start `kiln --api-sock`, configure and boot the guest with `curl`, and the
+//! guest reports what it got. Also Firecracker's `--config-file` layout booting the same
+//! guest, a live drive swap, metrics, and pause/resume that leaves the guest's clock alone.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use kiln_test_harness::{CheckFailure, DiskOptions, GuestOutcome, GuestTest, Suite};
+
+/// Shell functions every host-only script starts with.
+const PRELUDE: &str = r#"
+set -u
+SOCK="$WORK/api.sock"
+# api METHOD PATH [BODY]: prints the status; the body lands in $WORK/answer.
+api() {
+    if [ $# -ge 3 ]; then
+        curl -sS --unix-socket "$SOCK" -X "$1" "http://localhost$2" \
+            -H 'Content-Type: application/json' -d "$3" -o "$WORK/answer" -w '%{http_code}'
+    else
+        curl -sS --unix-socket "$SOCK" -X "$1" "http://localhost$2" -o "$WORK/answer" -w '%{http_code}'
+    fi
+}
+# expect STATUS METHOD PATH [BODY]
+expect() {
+    want=$1
+    shift
+    got=$(api "$@")
+    echo "API $1 $2 -> $got $(cat "$WORK/answer" 2>/dev/null)"
+    if [ "$got" != "$want" ]; then
+        echo "API-FAILURE: $1 $2 answered $got, expected $want"
+        kill "$KILN_PID" 2>/dev/null
+        cat "$WORK/kiln.log" >&2
+        exit 1
+    fi
+}
+start_kiln() {
+    "$KILN" --api-sock "$SOCK" "$@" >"$WORK/console" 2>"$WORK/kiln.log" &
+    KILN_PID=$!
+    tries=0
+    while [ ! -S "$SOCK" ]; do
+        tries=$((tries + 1))
+        if [ $tries -gt 1000 ]; then
+            echo "API-FAILURE: the API socket never came up"
+            cat "$WORK/kiln.log" >&2
+            exit 1
+        fi
+        sleep 0.02
+    done
+}
+# wait_console TEXT: until the guest console shows TEXT (or 120 s).
+wait_console() {
+    tries=0
+    until grep -q "$1" "$WORK/console"; do
+        tries=$((tries + 1))
+        if [ $tries -gt 1200 ]; then
+            echo "API-FAILURE: the guest never printed $1"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+finish() {
+    wait "$KILN_PID"
+    status=$?
+    echo "KILN_STATUS=$status"
+    cat "$WORK/console"
+    cat "$WORK/kiln.log" >&2
+    exit $status
+}
+BOOT_ARGS="console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1"
+"#;
+
+/// The guest reports its disks, waits for the host to swap the second one, and reports again.
+const DISKS_GUEST: &str = r#"
+echo "NPROC=$(nproc)"
+echo "VDA=$(head -c 16 /dev/vda)"
+echo "VDB=$(head -c 16 /dev/vdb)"
+echo "SERIAL_A=$(cat /sys/block/vda/serial)"
+echo "SERIAL_B=$(cat /sys/block/vdb/serial)"
+before=$(cat /sys/block/vdb/size)
+echo "SWAP-NOW size=$before"
+i=0
+while [ "$(cat /sys/block/vdb/size)" = "$before" ] && [ $i -lt 900 ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+sync
+echo 3 > /proc/sys/vm/drop_caches
+echo "VDB_SIZE_AFTER=$(cat /sys/block/vdb/size)"
+echo "VDB_AFTER=$(head -c 16 /dev/vdb)"
+"#;
+
+fn image(dir: &Path, name: &str, bytes: u64, head: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, head).expect("write test image");
+    File::options()
+        .write(true)
+        .open(&path)
+        .and_then(|file| file.set_len(bytes))
+        .expect("size test image");
+    path
+}
+
+fn failure(outcome: &GuestOutcome, what: impl Into<String>) -> CheckFailure {
+    CheckFailure::new(outcome, what)
+}
+
+fn main() -> ExitCode {
+    let mut suite = Suite::new("api_linux", env!("CARGO_BIN_EXE_kiln"));
+    let scratch = std::env::temp_dir().join(format!("kiln-api-linux-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("scratch directory");
+    let root = image(&scratch, "api-root.img", 1 << 20, b"kiln-api-vda-ok!");
+    let data = image(&scratch, "api-data.img", 1 << 20, b"kiln-api-vdb-one");
+    let swapped = image(&scratch, "api-data2.img", 2 << 20, b"kiln-api-vdb-two");
+
+    let api_script = format!(
+        "{PRELUDE}\n{}",
+        r#"
+start_kiln
+expect 200 GET /
+expect 204 PUT /boot-source "{\"kernel_image_path\": \"$KERNEL\", \"initrd_path\": \"$INITRD\", \"boot_args\": \"$BOOT_ARGS\"}"
+expect 204 PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": 256}'
+expect 204 PUT /metrics "{\"metrics_path\": \"$WORK/metrics\"}"
+# Added second but marked root: Firecracker puts it first, so it is /dev/vda.
+expect 204 PUT /drives/data "{\"drive_id\": \"data\", \"path_on_host\": \"$DISK_1\", \"is_root_device\": false, \"is_read_only\": false}"
+expect 204 PUT /drives/rootfs "{\"drive_id\": \"rootfs\", \"path_on_host\": \"$DISK_0\", \"is_root_device\": true, \"is_read_only\": true}"
+expect 400 PUT /drives/other "{\"drive_id\": \"other\", \"path_on_host\": \"$DISK_2\", \"is_root_device\": true}"
+expect 200 GET /vm/config
+expect 204 PUT /actions '{"action_type": "InstanceStart"}'
+expect 200 GET /
+expect 400 PUT /actions '{"action_type": "InstanceStart"}'
+wait_console SWAP-NOW
+# The guest has read both disks and waits for the swap: their reads are in this line.
+expect 204 PUT /actions '{"action_type": "FlushMetrics"}'
+echo "METRICS=$(tail -n 1 "$WORK/metrics")"
+expect 204 PATCH /drives/data "{\"drive_id\": \"data\", \"path_on_host\": \"$DISK_2\"}"
+finish
+"#
+    );
+    suite.guest(
+        GuestTest::new(
+            "api_boots_linux_with_drives_and_swaps_one_live",
+            DISKS_GUEST,
+        )
+        .disk(&root, DiskOptions::new().id("api-root"))
+        .disk(&data, DiskOptions::new().id("api-data"))
+        .disk(&swapped, DiskOptions::new().id("api-data2"))
+        .host_only_script(api_script)
+        .timeout(Duration::from_secs(180)),
+        |outcome| {
+            let metrics: serde_json::Value = outcome
+                .console_value("METRICS=")
+                .and_then(|line| serde_json::from_str(line).ok())
+                .unwrap_or_default();
+            let mut check = outcome.check();
+            check
+                .exit_code(0)
+                .console_lacks("API-FAILURE")
+                .console_contains("\"state\":\"Running\"")
+                .console_contains("A root block device already exists!")
+                .console_contains("not supported after starting the microVM")
+                .that(
+                    outcome.console_value("NPROC=") == Some("2"),
+                    "the guest should have the 2 vCPUs of PUT /machine-config",
+                )
+                .that(
+                    outcome.console_value("VDA=") == Some("kiln-api-vda-ok!"),
+                    "the root drive should be /dev/vda",
+                )
+                .that(
+                    outcome.console_value("SERIAL_A=") == Some("rootfs"),
+                    "vda's serial should be its drive_id",
+                )
+                .that(
+                    outcome.console_value("VDB=") == Some("kiln-api-vdb-one"),
+                    "the other drive should be /dev/vdb",
+                )
+                .that(
+                    outcome.console_value("VDB_SIZE_AFTER=") == Some("4096"),
+                    "the guest should see the new image's 4096 sectors after PATCH /drives",
+                )
+                .that(
+                    outcome.console_value("VDB_AFTER=") == Some("kiln-api-vdb-two"),
+                    "after PATCH /drives the guest should read the new image",
+                )
+                .that(
+                    metrics["vcpu"]["exit_mmio_write"].as_u64().unwrap_or(0) > 0,
+                    format!("FlushMetrics should count the guest's MMIO writes: {metrics}"),
+                );
+            check.finish()?;
+            // The first line: every read the guest did before the swap is in it.
+            for key in ["block", "block_rootfs", "block_data"] {
+                if metrics[key]["read_count"].as_u64().unwrap_or(0) == 0 {
+                    return Err(failure(
+                        outcome,
+                        format!("no reads counted in {key}: {metrics}"),
+                    ));
+                }
+            }
+            Ok(())
+        },
+    );
+
+    let config_script = format!(
+        "{PRELUDE}\n{}",
+        r#"
+cat >"$WORK/vm_config.json" <<EOF
+{
+  "boot-source": {
+    "kernel_image_path": "$KERNEL",
+    "initrd_path": "$INITRD",
+    "boot_args": "$BOOT_ARGS"
+  },
+  "drives": [
+    {"drive_id": "data", "path_on_host": "$DISK_1", "is_root_device": false, "is_read_only": false},
+    {"drive_id": "rootfs", "path_on_host": "$DISK_0", "is_root_device": true, "is_read_only": true,
+     "cache_type": "Unsafe", "io_engine": "Sync", "rate_limiter": null, "partuuid": null}
+  ],
+  "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "track_dirty_pages": false},
+  "network-interfaces": [],
+  "vsock": null,
+  "logger": null,
+  "metrics": null,
+  "balloon": null,
+  "mmds-config": null,
+  "entropy": null
+}
+EOF
+"$KILN" --no-api --config-file "$WORK/vm_config.json" >"$WORK/console" 2>"$WORK/kiln.log"
+status=$?
+echo "KILN_STATUS=$status"
+cat "$WORK/console"
+cat "$WORK/kiln.log" >&2
+exit $status
+"#
+    );
+    suite.guest(
+        GuestTest::new(
+            "firecracker_config_file_boots_the_same_guest",
+            "echo \"NPROC=$(nproc)\"\necho \"VDA=$(head -c 16 /dev/vda)\"\n\
+             echo \"VDB=$(head -c 16 /dev/vdb)\"\necho \"CMDLINE=$(cat /proc/cmdline)\"",
+        )
+        .disk(&root, DiskOptions::new().id("api-root"))
+        .disk(&data, DiskOptions::new().id("api-data"))
+        .host_only_script(config_script)
+        .timeout(Duration::from_secs(120)),
+        |outcome| {
+            let cmdline = outcome.console_value("CMDLINE=").unwrap_or_default();
+            outcome
+                .check()
+                .exit_code(0)
+                .that(outcome.console_value("NPROC=") == Some("2"), "2 vCPUs")
+                .that(
+                    outcome.console_value("VDA=") == Some("kiln-api-vda-ok!"),
+                    "the root drive should be /dev/vda",
+                )
+                .that(
+                    outcome.console_value("VDB=") == Some("kiln-api-vdb-one"),
+                    "the data drive should be /dev/vdb",
+                )
+                .that(
+                    cmdline.contains("root=/dev/vda ro") && cmdline.contains("8250.nr_uarts=1"),
+                    format!("the command line should be boot_args plus the root drive: {cmdline}"),
+                )
+                .finish()
+        },
+    );
+
+    let pause_script = format!(
+        "{PRELUDE}\n{}",
+        r#"
+start_kiln
+expect 204 PUT /boot-source "{\"kernel_image_path\": \"$KERNEL\", \"initrd_path\": \"$INITRD\", \"boot_args\": \"$BOOT_ARGS\"}"
+expect 204 PUT /actions '{"action_type": "InstanceStart"}'
+wait_console 'TICK 4 '
+expect 204 PATCH /vm '{"state": "Paused"}'
+expect 200 GET /
+before=$(grep -c '^TICK' "$WORK/console")
+sleep 8
+after=$(grep -c '^TICK' "$WORK/console")
+echo "TICKS_WHILE_PAUSED=$((after - before))"
+expect 204 PATCH /vm '{"state": "Resumed"}'
+finish
+"#
+    );
+    suite.guest(
+        GuestTest::new(
+            "pause_stops_the_guest_and_resume_keeps_its_clock",
+            "i=0\nwhile [ $i -lt 24 ]; do\n  echo \"TICK $i $(cut -d' ' -f1 /proc/uptime)\"\n  \
+             i=$((i + 1))\n  sleep 0.5\ndone\necho TICKS-DONE",
+        )
+        .host_only_script(pause_script)
+        .timeout(Duration::from_secs(150)),
+        |outcome| {
+            outcome
+                .check()
+                .exit_code(0)
+                .console_lacks("API-FAILURE")
+                .console_contains("\"state\":\"Paused\"")
+                .console_contains("TICKS-DONE")
+                .that(
+                    outcome.console_value("TICKS_WHILE_PAUSED=") == Some("0"),
+                    "the guest printed while paused",
+                )
+                .finish()?;
+            // Consecutive uptimes: half a second apart plus emulation overhead, never the 8 s
+            // the VM spent paused.
+            let uptimes: Vec<f64> = outcome
+                .stdout
+                .lines()
+                .filter_map(|line| line.strip_prefix("TICK "))
+                .filter_map(|rest| rest.split_whitespace().nth(1)?.parse().ok())
+                .collect();
+            let largest_gap = uptimes
+                .windows(2)
+                .map(|pair| pair[1] - pair[0])
+                .fold(0.0f64, f64::max);
+            if uptimes.len() < 24 || largest_gap >= 4.0 {
+                return Err(failure(
+                    outcome,
+                    format!(
+                        "the guest's uptime should not jump by the paused time: {} ticks, \
+                         largest gap {largest_gap:.2} s",
+                        uptimes.len()
+                    ),
+                ));
+            }
+            Ok(())
+        },
+    );
+
+    let code = suite.main();
+    let _ = std::fs::remove_dir_all(&scratch);
+    code
+}
