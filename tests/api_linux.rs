@@ -2,7 +2,8 @@
 //! (`GuestTest::host_only_script`, run on the KVM host, the virtual one in vhost mode, instead
 //! of `kiln run`) start `kiln --api-sock`, configure and boot the guest with `curl`, and the
 //! guest reports what it got. Also Firecracker's `--config-file` layout booting the same
-//! guest, a live drive swap, metrics, and pause/resume that leaves the guest's clock alone.
+//! guest, a live drive swap, metrics, pause/resume that leaves the guest's clock alone, and
+//! `SendCtrlAltDel` rebooting the guest (which ends Kiln).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -330,6 +331,42 @@ finish
                 ));
             }
             Ok(())
+        },
+    );
+
+    let cad_script = format!(
+        "{PRELUDE}\n{}",
+        r#"
+start_kiln
+expect 204 PUT /boot-source "{\"kernel_image_path\": \"$KERNEL\", \"initrd_path\": \"$INITRD\", \"boot_args\": \"$BOOT_ARGS\"}"
+expect 204 PUT /actions '{"action_type": "InstanceStart"}'
+wait_console CAD-READY
+expect 204 PUT /actions '{"action_type": "SendCtrlAltDel"}'
+finish
+"#
+    );
+    suite.guest(
+        GuestTest::new(
+            "send_ctrl_alt_del_reboots_the_guest_and_kiln_exits",
+            "echo \"ATKBD=$(ls /sys/bus/serio/drivers/atkbd 2>/dev/null | grep -c serio)\"\n\
+             echo CAD-READY\nsleep 120\necho CAD-IGNORED",
+        )
+        .host_only_script(cad_script)
+        .timeout(Duration::from_secs(150)),
+        |outcome| {
+            outcome
+                .check()
+                .exit_code(0)
+                .console_lacks("API-FAILURE")
+                .console_contains("CAD-READY")
+                .console_lacks("CAD-IGNORED")
+                .console_contains("reboot: Restarting system")
+                .log_contains("the microVM ended: Reset")
+                .that(
+                    outcome.console_value("ATKBD=") == Some("1"),
+                    "the guest's AT keyboard driver should have bound to the i8042 keyboard",
+                )
+                .finish()
         },
     );
 
