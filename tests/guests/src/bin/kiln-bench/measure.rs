@@ -381,7 +381,7 @@ mod tests {
         become_subreaper().expect("prctl");
         // The shell exits at once and leaves its `sleep` child behind: it must become ours.
         let status = Command::new("sh")
-            .args(["-c", "sleep 5 & exit 0"])
+            .args(["-c", "sleep 5.0417 & exit 0"])
             .status()
             .expect("sh");
         assert!(status.success());
@@ -389,8 +389,9 @@ mod tests {
         let found: Vec<_> = children()
             .into_iter()
             .filter(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|comm| comm.trim() == "sleep")
+                // By its unique argument: other tests in this binary start `sleep`s too.
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|cmdline| cmdline.ends_with(b"sleep\x005.0417\x00"))
             })
             .collect();
         assert_eq!(found.len(), 1, "{found:?}");
