@@ -107,7 +107,9 @@ fn qcow2_bench() {
     let mut rows: Vec<(&str, Vec<Figures>)> = vec![("raw", vec![]), ("qcow2 overlay", vec![])];
     for _ in 0..5 {
         let raw = TempImage::new("bench-raw", DISK);
-        rows[0].1.push(measure(&DiskImage::open(raw.path(), false, None).unwrap()));
+        rows[0]
+            .1
+            .push(measure(&DiskImage::open(raw.path(), false, None).unwrap()));
         let base = TempImage::new("bench-base", DISK);
         let overlay = TempImage::new("bench-overlay", 0);
         std::fs::remove_file(overlay.path()).unwrap();
