@@ -248,7 +248,10 @@ fn load_tables(
             Some("has reserved bits set".to_string())
         } else if !entry.is_multiple_of(cluster_size) {
             Some("is not aligned to a cluster".to_string())
-        } else if entry + cluster_size > file_size {
+        } else if entry
+            .checked_add(cluster_size)
+            .is_none_or(|end| end > file_size)
+        {
             Some(format!("is past the end of the file ({file_size} bytes)"))
         } else if let Some(table) = inside(entry) {
             Some(format!("is inside {table}"))

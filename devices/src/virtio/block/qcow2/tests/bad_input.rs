@@ -85,6 +85,11 @@ fn broken_tables_are_refused_by_name() {
             "refcount table entry 1: the refcount block at 0x10000000000 is past the end",
         ),
         (
+            "refcount block at the top of the address space",
+            Box::new(move |p: &Path| poke_u64(p, reftable(p) + 8, !0xffff)),
+            "refcount table entry 1: the refcount block at 0xffffffffffff0000 is past the end",
+        ),
+        (
             "refcount block on an L2 table",
             Box::new(move |p: &Path| {
                 let l2 = peek_u64(p, l1_entry(p)) & !(1 << 63);
