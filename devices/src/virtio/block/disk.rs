@@ -579,6 +579,18 @@ fn lock(file: &File, path: &Path, readonly: bool) -> Result<(), DiskError> {
 
 /// `pread` until `slice` is full; end of file is an error (the image shrank under us).
 fn pread_exact(file: &File, slice: &GuestSlice<'_>, offset: u64) -> io::Result<()> {
+    if pread_until_eof(file, slice, offset)? < slice.len() {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+    }
+    Ok(())
+}
+
+/// `pread` into `slice` until it is full or the file ends; returns the bytes read.
+pub(crate) fn pread_until_eof(
+    file: &File,
+    slice: &GuestSlice<'_>,
+    offset: u64,
+) -> io::Result<usize> {
     // The kernel writes guest memory behind vm-memory's back: record it for diff snapshots.
     slice.bitmap().mark_dirty(0, slice.len());
     let guard = slice.ptr_guard_mut();
@@ -589,8 +601,8 @@ fn pread_exact(file: &File, slice: &GuestSlice<'_>, offset: u64) -> io::Result<(
             .and_then(|o| libc::off_t::try_from(o).ok())
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: the pointer and length describe the part of `slice` not yet filled, which
-        // vm-memory guarantees is mapped guest memory for the slice's lifetime; the kernel
-        // writes into it like a DMA engine would, so no Rust reference to it exists.
+        // vm-memory guarantees is mapped memory for the slice's lifetime; the kernel writes
+        // into it like a DMA engine would, so no Rust reference to it exists.
         let ret = unsafe {
             libc::pread(
                 file.as_raw_fd(),
@@ -600,7 +612,7 @@ fn pread_exact(file: &File, slice: &GuestSlice<'_>, offset: u64) -> io::Result<(
             )
         };
         match ret {
-            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            0 => break,
             n if n > 0 => done += n as usize,
             _ => {
                 let err = io::Error::last_os_error();
@@ -610,7 +622,7 @@ fn pread_exact(file: &File, slice: &GuestSlice<'_>, offset: u64) -> io::Result<(
             }
         }
     }
-    Ok(())
+    Ok(done)
 }
 
 /// `pwrite` all of `slice`.

@@ -3,16 +3,15 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use std::num::NonZeroUsize;
 use std::sync::LazyLock;
 
-use vm_memory::bitmap::{AtomicBitmap, Bitmap, RefSlice};
+use vm_memory::bitmap::{AtomicBitmap, RefSlice};
 use vm_memory::VolatileSlice;
 
-use crate::virtio::block::disk::pwrite_all;
+use crate::virtio::block::disk::{pread_until_eof, pwrite_all};
 
 /// A buffer of guest memory (or one of Kiln's, see [`buffer_slice`]), with the dirty-page
 /// bitmap of the memory it lies in.
@@ -131,7 +130,7 @@ impl<'s, 'a> SliceCursor<'s, 'a> {
             let filled = if at_end {
                 0
             } else {
-                pread_some(file, piece, offset + done)?
+                pread_until_eof(file, piece, offset + done)?
             };
             if filled < piece.len() {
                 at_end = true;
@@ -168,43 +167,7 @@ pub fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
 
 /// Reads `buf.len()` bytes at `offset`, fewer only at the end of the file; returns how many.
 pub fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    pread_some(file, &buffer_slice(buf), offset)
-}
-
-/// `pread` into `slice` until it is full or the file ends; returns the bytes read.
-fn pread_some(file: &File, slice: &Slice<'_>, offset: u64) -> io::Result<usize> {
-    // The kernel writes guest memory behind vm-memory's back: record it for diff snapshots.
-    slice.bitmap().mark_dirty(0, slice.len());
-    let guard = slice.ptr_guard_mut();
-    let mut done = 0usize;
-    while done < slice.len() {
-        let file_offset = offset
-            .checked_add(done as u64)
-            .and_then(|o| libc::off_t::try_from(o).ok())
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: the pointer and length describe the part of `slice` not yet filled, which
-        // vm-memory guarantees is mapped memory for the slice's lifetime; the kernel writes
-        // into it like a DMA engine would, so no Rust reference to it exists.
-        let ret = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                guard.as_ptr().add(done).cast(),
-                slice.len() - done,
-                file_offset,
-            )
-        };
-        match ret {
-            0 => break,
-            n if n > 0 => done += n as usize,
-            _ => {
-                let err = io::Error::last_os_error();
-                if err.kind() != io::ErrorKind::Interrupted {
-                    return Err(err);
-                }
-            }
-        }
-    }
-    Ok(done)
+    pread_until_eof(file, &buffer_slice(buf), offset)
 }
 
 #[cfg(test)]
