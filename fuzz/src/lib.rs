@@ -19,6 +19,7 @@ pub mod vsock;
 
 pub use vsock::{run_vsock_packets, vsock_seeds, VsockStats};
 pub mod qcow2;
+pub mod replay;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
