@@ -427,7 +427,6 @@ impl Vm {
             // The process exits next: the kernel takes the VM and its memory down then,
             // without Kiln waiting for it first. Nothing runs the guest any more (the vCPU
             // threads are joined), and the disks' I/O threads still stop as usual.
-            std::mem::forget(controller);
             std::mem::forget(self.vm_fd);
             std::mem::forget(self.memory);
         }
