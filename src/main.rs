@@ -4,6 +4,7 @@
 
 mod firecracker;
 mod logger;
+mod run_command;
 mod signals;
 
 use std::path::PathBuf;
@@ -27,20 +28,25 @@ const EXIT_KILN_ERROR: u8 = 1;
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Kiln: a KVM microVM monitor")]
 struct Cli {
-    /// Log level for Kiln's own messages on stderr: error, warn, info, debug, trace.
-    #[arg(long, global = true, default_value = "info", env = "KILN_LOG", value_parser = parse_log_level)]
-    log_level: log::LevelFilter,
+    /// Log level for Kiln's own messages on stderr: error, warn, info, debug, trace
+    /// [default: info; warn when running a command].
+    #[arg(long, global = true, env = "KILN_LOG", value_parser = parse_log_level)]
+    log_level: Option<log::LevelFilter>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a Linux guest and run it until it powers off, reboots or panics.
+    /// Boot a Linux guest and run it until it powers off, reboots or panics; or, with
+    /// `-- CMD ARGS...`, run that command in a fresh guest and exit with its status.
     ///
     /// Exit status: 0 when the guest powers off or reboots, 3 when its kernel panics,
     /// 1 for Kiln errors, 2 for usage errors, 128+N when stopped by signal N.
-    Run(RunArgs),
+    /// With a command: the command's own status (126/127 when it cannot be run, 128+N when
+    /// signal N killed it), 122 guest kernel panic, 123 guest ended without reporting,
+    /// 124 --timeout expired, 125 Kiln or usage error, 128+N when Kiln was stopped by signal N.
+    Run(Box<RunArgs>),
     /// Firecracker's command line and REST API: `kiln fc --api-sock PATH` (also `kiln
     /// --api-sock PATH`, or Kiln started as `firecracker`). See `kiln fc --help`.
     #[command(disable_help_flag = true)]
@@ -161,6 +167,8 @@ struct RunArgs {
     /// JSON VM config; flags given on the command line override its fields.
     #[arg(long)]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    command_args: run_command::CommandArgs,
 }
 
 fn parse_log_level(text: &str) -> Result<log::LevelFilter, String> {
@@ -361,17 +369,58 @@ fn main() -> ExitCode {
     if let Some(firecracker_args) = firecracker::firecracker_arguments(&args) {
         return firecracker::main(firecracker_args, start);
     }
-    let cli = Cli::parse_from(args);
-    logger::init(cli.log_level);
+    // `--` means a command: its usage errors get command mode's status, not one a command
+    // could return as well.
+    let command_mode = args.iter().skip(1).any(|arg| arg == "--");
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(err) if command_mode && err.use_stderr() => {
+            let _ = err.print();
+            return ExitCode::from(run_command::EXIT_KILN_ERROR);
+        }
+        Err(err) => err.exit(),
+    };
+    let default_level = if command_mode {
+        log::LevelFilter::Warn
+    } else {
+        log::LevelFilter::Info
+    };
+    logger::init(cli.log_level.unwrap_or(default_level));
     match cli.command {
         // Chosen before clap parses; kept here so that `kiln --help` lists it.
         Command::Fc { args } => firecracker::main(
             std::iter::once("kiln fc".into()).chain(args).collect(),
             start,
         ),
-        Command::Run(args) => finish(run(args, start)),
+        Command::Run(args) if command_mode => run_command_mode(*args, start),
+        Command::Run(args) => match args.command_args.stray_option() {
+            Some(option) => {
+                log::error!("{option} needs a command: kiln run [OPTIONS] -- CMD ARGS...");
+                ExitCode::from(2)
+            }
+            None => finish(run(*args, start)),
+        },
         Command::Restore(args) => finish(restore(args, start)),
         Command::Image(ImageCommand::Create(args)) => image_create(args),
+    }
+}
+
+/// `kiln run [OPTIONS] -- CMD ARGS...`.
+fn run_command_mode(mut args: RunArgs, start: Instant) -> ExitCode {
+    let command_args = std::mem::take(&mut args.command_args);
+    if !command_args.is_command() {
+        log::error!("no command after --: kiln run [OPTIONS] -- CMD ARGS...");
+        return ExitCode::from(run_command::EXIT_KILN_ERROR);
+    }
+    if args.console.is_none() {
+        args.console = Some(ConsoleConfig::None);
+    }
+    match args.into_config() {
+        Ok(config) => run_command::main(config, command_args, start),
+        Err(err) => {
+            log::error!("{err}");
+            ExitCode::from(run_command::EXIT_KILN_ERROR)
+        }
     }
 }
 
@@ -395,7 +444,7 @@ mod tests {
 
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).expect("valid arguments").command {
-            Command::Run(run) => run,
+            Command::Run(run) => *run,
             Command::Fc { .. } | Command::Restore(_) | Command::Image(_) => {
                 panic!("not a run command")
             }
