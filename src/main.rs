@@ -452,6 +452,41 @@ mod tests {
     }
 
     #[test]
+    fn a_command_after_double_dash_takes_its_options() {
+        let args = run_args(&[
+            "run",
+            "--memory",
+            "256M",
+            "--copy",
+            "./src:/src",
+            "--env",
+            "A=1",
+            "--workdir",
+            "/src",
+            "--timeout",
+            "2m",
+            "--",
+            "sh",
+            "-c",
+            "make --keep-going",
+        ]);
+        let command = &args.command_args;
+        assert!(command.is_command());
+        assert_eq!(command.command, ["sh", "-c", "make --keep-going"]);
+        assert_eq!(command.copies[0].guest, "/src");
+        assert_eq!(command.env, ["A=1"]);
+        assert_eq!(command.workdir, Some(PathBuf::from("/src")));
+        assert_eq!(command.timeout, Some(std::time::Duration::from_secs(120)));
+        assert_eq!(args.memory, Some(256));
+        let boot = run_args(&["run", "--kernel", "/k"]);
+        assert!(!boot.command_args.is_command());
+        assert_eq!(boot.command_args.stray_option(), None);
+        let stray = run_args(&["run", "--kernel", "/k", "--env", "A=1"]);
+        assert_eq!(stray.command_args.stray_option(), Some("--env"));
+        assert!(parse(&["run", "--env", "novalue", "--", "true"]).is_err());
+    }
+
+    #[test]
     fn restore_takes_disk_overrides_numbered_from_one() {
         let Command::Restore(args) = parse(&[
             "restore",

@@ -47,10 +47,9 @@ KILN_CACHE_DIR="$WORK/cache" exec "$KILN" run -- true"#,
         ),
         |outcome| outcome.check().exit_code(0).finish(),
     );
-    suite.guest(
-        command_test("false_exits_1", "run -- false"),
-        |outcome| outcome.check().exit_code(1).finish(),
-    );
+    suite.guest(command_test("false_exits_1", "run -- false"), |outcome| {
+        outcome.check().exit_code(1).finish()
+    });
     suite.guest(
         command_test(
             "stdout_and_stderr_are_separate_and_the_status_is_the_commands",

@@ -24,8 +24,12 @@ use kiln_init::{
 /// Where a root disk is mounted before the switch.
 const NEW_ROOT: &str = "/newroot";
 
+/// Kiln's boot timer (Firecracker's address): writing 123 makes Kiln log the boot time.
+const BOOT_TIMER_ADDRESS: libc::off_t = 0xd000_0000;
+
 fn main() {
     mount_pseudo_file_systems();
+    signal_boot_timer();
     let control = match vsock_connect(PORT_CONTROL) {
         Ok(stream) => fs::File::from(stream),
         Err(err) => halt(&format!("cannot connect to the host: {err}")),
@@ -325,6 +329,33 @@ fn vsock_connect(port: u32) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     Ok(socket)
+}
+
+/// Writes 123 to Kiln's boot timer through /dev/mem (`kiln: info: Guest-boot-time = ...`).
+fn signal_boot_timer() {
+    let Ok(mem) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mem")
+    else {
+        return;
+    };
+    // SAFETY: maps one page of the boot timer's MMIO window; checked before use, unmapped after.
+    unsafe {
+        let page = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            mem.as_raw_fd(),
+            BOOT_TIMER_ADDRESS,
+        );
+        if page == libc::MAP_FAILED {
+            return;
+        }
+        std::ptr::write_volatile(page.cast::<u8>(), 123);
+        libc::munmap(page, 4096);
+    }
 }
 
 /// `ip link set lo up`; the kernel then gives it 127.0.0.1 and ::1 by itself.

@@ -231,10 +231,12 @@ fn run(
     let spec = command_spec(&config, &args, forward_stdin)?;
     let initramfs = initramfs::build(&spec, &args.copies)?;
     log::debug!(
-        "initramfs: {} bytes, busybox: {:?}",
+        "initramfs: {} bytes, busybox: {:?}, ready {:.1} ms after start",
         initramfs.length,
-        initramfs.busybox
+        initramfs.busybox,
+        start.elapsed().as_secs_f64() * 1000.0
     );
+    let without_busybox = spec.root.is_none() && initramfs.busybox.is_none();
     config.initrd = Some(initramfs.path());
     let uds = runtime_dir.join("v.sock");
     config.vsock = Some(VsockConfig {
@@ -253,6 +255,10 @@ fn run(
 
     let mut vm = Vm::new(config, start)?;
     drop(initramfs);
+    log::debug!(
+        "VM built {:.1} ms after start",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
     vm.skip_teardown();
     let report: streams::ReportSlot = Arc::new(Mutex::new(None));
     listeners
@@ -273,10 +279,20 @@ fn run(
     let signals = StopSignals::install(vm.handle().stop_fd())
         .map_err(|err| RunError::Io("installing signal handlers", err))?;
     let outcome = vm.run()?;
+    log::debug!(
+        "VM ended {:.1} ms after start",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
     let reported = report
         .lock()
         .unwrap_or_else(|poison| poison.into_inner())
         .take();
+    if without_busybox && reported == Some(Report::Exited(127)) {
+        log::warn!(
+            "this host has no static busybox, so the guest has only kiln-init and the --copy \
+             files: install busybox-static, or --copy the program in"
+        );
+    }
     Ok(match (reported, signals.received()) {
         (Some(report), _) => Ending::Reported(report),
         (None, Some(signal)) => Ending::Signal(signal),
