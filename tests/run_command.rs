@@ -246,6 +246,23 @@ wait $pid"#,
     );
     suite.guest(
         command_test(
+            "tty_runs_the_command_on_a_terminal",
+            r#"printf 'tty; echo "SIZE=$(stty size)"; exit 3\n' | run --tty -- sh"#,
+        ),
+        |outcome| {
+            outcome
+                .check()
+                .exit_code(3)
+                .console_contains("/dev/pts/0")
+                .that(
+                    outcome.console_value("SIZE=") == Some("24 80"),
+                    "the terminal is 24x80 when Kiln has none",
+                )
+                .finish()
+        },
+    );
+    suite.guest(
+        command_test(
             "verbose_shows_the_kernel_log_on_stderr_only",
             "run --verbose -- echo hi",
         ),

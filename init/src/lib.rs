@@ -61,6 +61,9 @@ pub struct CommandSpec {
     pub root: Option<RootDisk>,
     /// Connect stdin to [`PORT_STDIN`] (otherwise it is `/dev/null`).
     pub stdin: bool,
+    /// Run the command on a pseudo-terminal of this size (rows, columns): its stdin, stdout and
+    /// stderr are the terminal, relayed over the stdin and stdout streams.
+    pub tty: Option<(u16, u16)>,
 }
 
 /// Why a spec or a report could not be read.
@@ -110,6 +113,9 @@ impl CommandSpec {
         if self.stdin {
             record("stdin", b"1")?;
         }
+        if let Some((rows, columns)) = self.tty {
+            record("tty", format!("{rows}x{columns}").as_bytes())?;
+        }
         Ok(out)
     }
 
@@ -144,6 +150,16 @@ impl CommandSpec {
                     }
                     b"root-readonly" => root_readonly = value == b"1",
                     b"stdin" => spec.stdin = value == b"1",
+                    b"tty" => {
+                        let size = std::str::from_utf8(value)
+                            .ok()
+                            .and_then(|text| text.split_once('x'))
+                            .and_then(|(rows, columns)| {
+                                Some((rows.parse().ok()?, columns.parse().ok()?))
+                            })
+                            .ok_or_else(|| ProtocolError("bad terminal size".into()))?;
+                        spec.tty = Some(size);
+                    }
                     other => {
                         return Err(ProtocolError(format!(
                             "unknown spec record '{}'",
@@ -260,8 +276,10 @@ mod tests {
                 readonly: true,
             }),
             stdin: true,
+            tty: Some((50, 132)),
         };
         assert_eq!(CommandSpec::decode(&spec.encode().unwrap()), Ok(spec));
+        assert!(CommandSpec::decode(b"arg=sh\0tty=50\0").is_err());
         let plain = CommandSpec {
             argv: vec![os("true")],
             ..CommandSpec::default()

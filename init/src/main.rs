@@ -21,6 +21,8 @@ use kiln_init::{
     PORT_STDOUT, SPEC_PATH,
 };
 
+mod pty;
+
 /// Where a root disk is mounted before the switch.
 const NEW_ROOT: &str = "/newroot";
 
@@ -97,21 +99,57 @@ fn spawn_and_wait(
     command
         .args(&spec.argv[1..])
         .env_clear()
-        .envs(spec.environment())
-        .stdout(Stdio::from(clone(stdout)?))
-        .stderr(Stdio::from(clone(stderr)?))
-        .stdin(match stdin {
-            Some(fd) => Stdio::from(fd),
-            None => Stdio::null(),
-        });
-    // SAFETY: setsid(2) is async-signal-safe; the command leads its own session, as under a shell.
-    unsafe {
-        command.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        })
+        .envs(spec.environment());
+    let mut terminal = None;
+    let mut stdin = stdin;
+    match spec.tty {
+        Some((rows, columns)) => {
+            let pty = pty::Pty::open(rows, columns)
+                .map_err(|err| format!("cannot open a pseudo-terminal: {err}"))?;
+            pty.attach(&mut command);
+            terminal = Some(pty);
+        }
+        None => {
+            command
+                .stdout(Stdio::from(clone(stdout)?))
+                .stderr(Stdio::from(clone(stderr)?))
+                .stdin(match stdin.take() {
+                    Some(fd) => Stdio::from(fd),
+                    None => Stdio::null(),
+                });
+            // SAFETY: setsid(2) is async-signal-safe; the command leads its own session, as
+            // under a shell.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::setsid();
+                    Ok(())
+                })
+            };
+        }
+    }
+    let spawned = command.spawn();
+    // The relays start after the fork, so the command never inherits their descriptors' users.
+    let output_done = match (terminal, &spawned) {
+        (Some(pty), Ok(_)) => Some(
+            pty.relay(stdin, stdout)
+                .map_err(|err| format!("cannot relay the terminal: {err}"))?,
+        ),
+        _ => None,
     };
-    let child = match command.spawn() {
+    let report = wait_for(spawned, program, stderr)?;
+    if let Some(done) = &output_done {
+        pty::wait_for_output(done);
+    }
+    Ok(report)
+}
+
+/// Reaps every process until the spawned command ends (or reports why it did not start).
+fn wait_for(
+    spawned: io::Result<std::process::Child>,
+    program: &std::ffi::OsStr,
+    stderr: &OwnedFd,
+) -> Result<Report, String> {
+    let child = match spawned {
         Ok(child) => child,
         Err(err) => {
             let (status, why) = match err.kind() {
@@ -170,6 +208,8 @@ fn mount_pseudo_file_systems() {
     }
     let _ = fs::create_dir_all("/dev/shm");
     let _ = mount("tmpfs", "/dev/shm", "tmpfs", 0);
+    let _ = fs::create_dir_all("/dev/pts");
+    let _ = mount("devpts", "/dev/pts", "devpts", 0);
     let _ = symlink("/proc/self/fd", "/dev/fd");
 }
 

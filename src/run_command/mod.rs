@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use kiln_init::{CommandSpec, Report, RootDisk, GUEST_CID};
 use kiln_vmm::config::{disk_name, VsockConfig};
+use kiln_vmm::terminal::RawTerminal;
 use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
 
 pub use initramfs::CopySpec;
@@ -55,6 +56,10 @@ pub struct CommandArgs {
     /// With a command: show the guest kernel's log on stderr.
     #[arg(long)]
     pub verbose: bool,
+    /// With a command: run it on a pseudo-terminal even when Kiln's stdin or stdout is not a
+    /// terminal (with both on a terminal it gets one anyway).
+    #[arg(long)]
+    pub tty: bool,
     /// The command to run in the guest, after `--`: `kiln run -- uname -a`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -78,6 +83,8 @@ impl CommandArgs {
             Some("--timeout")
         } else if self.verbose {
             Some("--verbose")
+        } else if self.tty {
+            Some("--tty")
         } else {
             None
         }
@@ -227,8 +234,20 @@ fn run(
     if config.kernel.as_os_str().is_empty() {
         config.kernel = default_kernel()?;
     }
-    let forward_stdin = stdin_is_forwardable();
-    let spec = command_spec(&config, &args, forward_stdin)?;
+    let terminal = if args.tty || (is_terminal(0) && is_terminal(1)) {
+        Some(terminal_size())
+    } else {
+        None
+    };
+    let forward_stdin = terminal.is_some() || stdin_is_forwardable();
+    let mut spec = command_spec(&config, &args, forward_stdin)?;
+    if terminal.is_some() {
+        let term = std::env::var_os("TERM").unwrap_or_else(|| "xterm".into());
+        let mut entry = OsString::from("TERM=");
+        entry.push(term);
+        spec.env.insert(0, entry);
+        spec.tty = terminal;
+    }
     let initramfs = initramfs::build(&spec, &args.copies)?;
     log::debug!(
         "initramfs: {} bytes, busybox: {:?}, ready {:.1} ms after start",
@@ -278,7 +297,17 @@ fn run(
     }
     let signals = StopSignals::install(vm.handle().stop_fd())
         .map_err(|err| RunError::Io("installing signal handlers", err))?;
+    // An interactive session: every key, Ctrl-C included, goes to the command's terminal.
+    let raw_terminal = if terminal.is_some() && is_terminal(0) {
+        RawTerminal::enable(0).unwrap_or_else(|err| {
+            log::warn!("cannot switch the terminal to raw mode: {err}");
+            None
+        })
+    } else {
+        None
+    };
     let outcome = vm.run()?;
+    drop(raw_terminal);
     log::debug!(
         "VM ended {:.1} ms after start",
         start.elapsed().as_secs_f64() * 1000.0
@@ -344,14 +373,32 @@ fn command_spec(
         workdir: args.workdir.clone().map(PathBuf::into_os_string),
         root,
         stdin: forward_stdin,
+        tty: None,
     })
+}
+
+fn is_terminal(fd: i32) -> bool {
+    // SAFETY: isatty(3) on a descriptor number; no memory is passed.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+/// The size of Kiln's terminal (rows, columns), or 24×80.
+fn terminal_size() -> (u16, u16) {
+    for fd in [1, 0, 2] {
+        // SAFETY: winsize is plain data; TIOCGWINSZ fills the live buffer or fails.
+        let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut size) } == 0 && size.ws_row > 0 {
+            return (size.ws_row, size.ws_col);
+        }
+    }
+    (24, 80)
 }
 
 /// Kiln's stdin goes to the command when it is a pipe, a file or a socket; a terminal (or
 /// nothing) leaves the command's stdin at `/dev/null`.
 fn stdin_is_forwardable() -> bool {
-    // SAFETY: isatty(3) on a descriptor number; no memory is passed.
-    if unsafe { libc::isatty(0) } == 1 {
+    if is_terminal(0) {
         return false;
     }
     // SAFETY: fstat(2) into a zeroed stat buffer owned by this frame.
