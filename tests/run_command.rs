@@ -124,8 +124,8 @@ exit $status"#,
     );
     suite.guest(
         command_test(
-            "ten_mib_of_random_output_arrive_complete_and_in_order",
-            r#"run --memory 256M -- sh -c 'head -c 10485760 /dev/urandom > /tmp/r; sha256sum < /tmp/r >&2; cat /tmp/r' 2>"$WORK/err" | sha256sum > "$WORK/sum"
+            "ten_mib_of_random_output_arrive_complete_and_in_order_through_a_stalled_reader",
+            r#"run --memory 256M -- sh -c 'head -c 10485760 /dev/urandom > /tmp/r; sha256sum < /tmp/r >&2; cat /tmp/r' 2>"$WORK/err" | (sleep 3; sha256sum) > "$WORK/sum"
 status=$?
 echo "HOST_SUM=$(cut -d' ' -f1 "$WORK/sum")"
 echo "GUEST_SUM=$(cut -d' ' -f1 "$WORK/err")"
