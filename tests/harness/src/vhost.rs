@@ -34,6 +34,7 @@ use crate::outcome::GuestOutcome;
 use crate::process::{shell_exit_code, wait_with_limit};
 use crate::results::{self, VhostReport};
 use crate::vhost_drives::DrivePlan;
+use crate::vhost_stall::{cpu_states, PristineImages};
 use crate::HarnessError;
 
 /// The runner's shell functions.
@@ -53,28 +54,35 @@ const STALLED_STATUS: i32 = 125;
 ///
 /// When the virtual host itself stalls (QEMU TCG has been seen to wedge with both CPUs halted and
 /// no interrupt arriving; vhost-run stops it and shows the CPUs' state), the tests that had not
-/// started yet run in a second boot, and so does the one that was running if it has no writable
-/// disk (a second run on images the first one half wrote would prove nothing). Every test run
-/// that way says so in its outcome, and the suite prints it.
+/// started yet run in a second boot, and so does the one that was running if its writable disks
+/// can be put back as they were (a second run on images the first one half wrote would prove
+/// nothing). Every test run that way says so in its outcome, and the suite prints it.
 pub fn run(
     tests: &[GuestTest],
     kiln: &Path,
     images: &GuestImages,
     workdir: &Path,
 ) -> Result<Vec<GuestOutcome>, HarnessError> {
+    let pristine = PristineImages::save(tests, &workdir.join("pristine"));
     let first = run_once(tests, kiln, images, workdir)?;
     let Some(stall) = first.stall else {
+        pristine.discard();
         return Ok(first.outcomes);
     };
     let mut outcomes = first.outcomes;
     let unreported = first.unreported;
     let Some(&running) = unreported.first() else {
+        pristine.discard();
         return Ok(outcomes);
     };
+    // The test that was running may have half written its images: it runs again only on the
+    // images as they were before the first boot.
     let running_writes = tests[running]
         .disks()
         .iter()
-        .any(|disk| !disk.options().is_readonly());
+        .any(|disk| !disk.options().is_readonly())
+        && !pristine.restore(&tests[running]);
+    pristine.discard();
     let rerun: Vec<usize> = unreported
         .iter()
         .copied()
@@ -91,7 +99,8 @@ pub fn run(
     );
     if running_writes {
         outcomes[running].problem = Some(format!(
-            "{note}; not run again because its writable disks may hold the first run's writes"
+            "{note}; not run again: its writable disks may hold the first run's writes and there \
+             is no copy of them from before"
         ));
     }
     if rerun.is_empty() {
@@ -217,21 +226,6 @@ fn run_once(
         stall: stalled.then_some(cpus),
         unreported,
     })
-}
-
-/// The instruction pointer, flags, privilege level and halt state of each virtual-host CPU, from
-/// the QEMU monitor dump vhost-run writes when it stops a virtual host that did not finish.
-fn cpu_states(run_log: &Path) -> String {
-    let Ok(text) = fs::read_to_string(run_log) else {
-        return String::new();
-    };
-    text.lines()
-        .map(str::trim)
-        .filter(|line| line.starts_with("RIP=") || line.starts_with("EIP="))
-        .enumerate()
-        .map(|(cpu, line)| format!("CPU{cpu} {line}"))
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 /// The last `count` non-empty lines of a text file, if it has any.
