@@ -142,6 +142,7 @@ fn run_one(
             String::new()
         },
         host_exit_code,
+        notes: Vec::new(),
     })
 }
 

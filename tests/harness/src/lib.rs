@@ -32,6 +32,7 @@ pub mod results;
 pub mod suite;
 mod vhost;
 mod vhost_drives;
+mod vhost_stall;
 
 pub use disk::{DiskOptions, GuestDisk};
 pub use guest_test::{GuestTest, HostPaths, KernelVariant};

@@ -34,6 +34,9 @@ pub struct GuestOutcome {
     /// The host script's exit status (128+N after signal N); `None` without a host script, or
     /// when it was killed after Kiln exited.
     pub host_exit_code: Option<i32>,
+    /// What the harness wants the reader to know about how this outcome came about (e.g. the
+    /// test ran in a second virtual-host boot because the first one stalled).
+    pub notes: Vec<String>,
 }
 
 impl GuestOutcome {

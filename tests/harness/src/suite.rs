@@ -110,6 +110,9 @@ impl Suite {
                     for ((_, check), outcome) in selected.iter().zip(&outcomes) {
                         let result = check(outcome).map_err(|failure| failure.to_string());
                         tally.record(&outcome.name, outcome.elapsed.as_secs_f64(), result);
+                        for note in &outcome.notes {
+                            println!("    note: {note}");
+                        }
                     }
                 }
                 Err(error) => {

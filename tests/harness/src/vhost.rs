@@ -34,6 +34,7 @@ use crate::outcome::GuestOutcome;
 use crate::process::{shell_exit_code, wait_with_limit};
 use crate::results::{self, VhostReport};
 use crate::vhost_drives::DrivePlan;
+use crate::vhost_stall::{cpu_states, PristineImages};
 use crate::HarnessError;
 
 /// The runner's shell functions.
@@ -46,13 +47,96 @@ const PER_TEST_ALLOWANCE: Duration = Duration::from_secs(20);
 /// How much longer than vhost-run's own timeout the harness waits before killing it.
 const OUTER_MARGIN: Duration = Duration::from_secs(60);
 
+/// vhost-run's exit status when the virtual host stalled (its heartbeat stopped).
+const STALLED_STATUS: i32 = 125;
+
 /// Runs the tests in one virtual-host boot; `workdir` receives the payload and the logs.
+///
+/// When the virtual host itself stalls (QEMU TCG has been seen to wedge with both CPUs halted and
+/// no interrupt arriving; vhost-run stops it and shows the CPUs' state), the tests that had not
+/// started yet run in a second boot, and so does the one that was running if its writable disks
+/// can be put back as they were (a second run on images the first one half wrote would prove
+/// nothing). Every test run that way says so in its outcome, and the suite prints it.
 pub fn run(
     tests: &[GuestTest],
     kiln: &Path,
     images: &GuestImages,
     workdir: &Path,
 ) -> Result<Vec<GuestOutcome>, HarnessError> {
+    let pristine = PristineImages::save(tests, &workdir.join("pristine"));
+    let first = run_once(tests, kiln, images, workdir)?;
+    let Some(stall) = first.stall else {
+        pristine.discard();
+        return Ok(first.outcomes);
+    };
+    let mut outcomes = first.outcomes;
+    let unreported = first.unreported;
+    let Some(&running) = unreported.first() else {
+        pristine.discard();
+        return Ok(outcomes);
+    };
+    // The test that was running may have half written its images: it runs again only on the
+    // images as they were before the first boot.
+    let running_writes = tests[running]
+        .disks()
+        .iter()
+        .any(|disk| !disk.options().is_readonly())
+        && !pristine.restore(&tests[running]);
+    pristine.discard();
+    let rerun: Vec<usize> = unreported
+        .iter()
+        .copied()
+        .filter(|&index| index != running || !running_writes)
+        .collect();
+    let note = format!(
+        "the virtual KVM host stalled during test {} (its heartbeat stopped{})",
+        tests[running].name(),
+        if stall.is_empty() {
+            String::new()
+        } else {
+            format!("; its CPUs then: {stall}")
+        }
+    );
+    if running_writes {
+        outcomes[running].problem = Some(format!(
+            "{note}; not run again: its writable disks may hold the first run's writes and there \
+             is no copy of them from before"
+        ));
+    }
+    if rerun.is_empty() {
+        return Ok(outcomes);
+    }
+    println!(
+        "kiln-test-harness: {note}; running the {} test(s) that did not report in a new boot",
+        rerun.len()
+    );
+    let again: Vec<GuestTest> = rerun.iter().map(|&index| tests[index].clone()).collect();
+    let second_dir = workdir.join("second-boot");
+    fs::create_dir_all(&second_dir).map_err(|e| setup(&second_dir, e))?;
+    let second = run_once(&again, kiln, images, &second_dir)?;
+    for (outcome, index) in second.outcomes.into_iter().zip(rerun) {
+        let mut outcome = outcome;
+        outcome.notes.push(format!("run in a second boot: {note}"));
+        outcomes[index] = outcome;
+    }
+    Ok(outcomes)
+}
+
+/// One boot's outcomes, and whether the virtual host stalled.
+struct Attempt {
+    outcomes: Vec<GuestOutcome>,
+    /// When it stalled: the state of its CPUs then (empty when QEMU did not say).
+    stall: Option<String>,
+    /// Tests that were to run but reported nothing, in order.
+    unreported: Vec<usize>,
+}
+
+fn run_once(
+    tests: &[GuestTest],
+    kiln: &Path,
+    images: &GuestImages,
+    workdir: &Path,
+) -> Result<Attempt, HarnessError> {
     let plan = DrivePlan::new(tests);
     let console = workdir.join("vhost-console.log");
     let run_log = workdir.join("vhost-run.log");
@@ -60,7 +144,11 @@ pub fn run(
     if plan.tests.iter().all(Result::is_err) {
         // Nothing to run: no need to boot the virtual host to say so.
         let report = VhostReport::default();
-        return Ok(outcomes(tests, &plan, &report, "", &logs));
+        return Ok(Attempt {
+            outcomes: outcomes(tests, &plan, &report, "", &logs),
+            stall: None,
+            unreported: Vec::new(),
+        });
     }
     // Build it before the timed run, so that a first download does not count against it.
     images::vhost_image()?;
@@ -107,6 +195,7 @@ pub fn run(
         Some(status) if status.success() => "the virtual host powered off".to_string(),
         Some(status) => match shell_exit_code(status) {
             Some(124) => format!("the virtual host was killed after {}s", limit.as_secs()),
+            Some(STALLED_STATUS) => "the virtual host stalled (its heartbeat stopped)".to_string(),
             Some(code) => format!("vhost-run exited with status {code}"),
             None => format!("vhost-run ended with {status}"),
         },
@@ -116,12 +205,27 @@ pub fn run(
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .unwrap_or_default();
     let report = results::parse(&text);
+    let stalled = ended.status.and_then(shell_exit_code) == Some(STALLED_STATUS);
+    let cpus = cpu_states(&run_log);
     let ending = match last_lines(&run_log, 5) {
         // vhost-run's own messages say why it could not start (e.g. QEMU not installable).
         Some(messages) if report.up.is_none() => format!("{ending}; vhost-run said:\n{messages}"),
+        _ if !cpus.is_empty() => format!("{ending}; its CPUs then: {cpus}"),
         _ => ending,
     };
-    Ok(outcomes(tests, &plan, &report, &ending, &logs))
+    let unreported = (0..tests.len())
+        .filter(|index| {
+            matches!(plan.tests.get(*index), Some(Ok(_)))
+                && !report.tests.contains_key(index)
+                && !report.problems.contains_key(index)
+                && !report.broken.contains_key(index)
+        })
+        .collect();
+    Ok(Attempt {
+        outcomes: outcomes(tests, &plan, &report, &ending, &logs),
+        stall: stalled.then_some(cpus),
+        unreported,
+    })
 }
 
 /// The last `count` non-empty lines of a text file, if it has any.
