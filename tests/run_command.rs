@@ -230,6 +230,30 @@ printf 'from stdin' | run --copy "$WORK/data:/opt/data" --env GREETING=hello \
     );
     suite.guest(
         command_test(
+            "a_reader_that_goes_away_ends_a_flooding_command",
+            r#"(run -- yes; echo "KILN=$?" > "$WORK/status") | head -n 2
+cat "$WORK/status""#,
+        ),
+        |outcome| {
+            outcome
+                .check()
+                .exit_code(0)
+                .that(
+                    outcome.stdout.starts_with("y\ny\n"),
+                    "the reader got its two lines",
+                )
+                .that(
+                    // The guest's vsock (Linux 6.1) fails the write with EPIPE without raising
+                    // SIGPIPE, so busybox yes exits 1; 141 would be SIGPIPE. Either way the
+                    // command saw its reader go, and Kiln did not hang.
+                    matches!(outcome.console_value("KILN="), Some("1" | "141")),
+                    "kiln exits with yes's status after the broken pipe",
+                )
+                .finish()
+        },
+    );
+    suite.guest(
+        command_test(
             "sigint_to_kiln_stops_the_guest_with_130",
             r#""$KILN" run --kernel "$KERNEL" -- sh -c 'echo ready; sleep 600' > "$WORK/out" &
 pid=$!
