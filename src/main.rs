@@ -126,7 +126,8 @@ struct CreateArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Guest kernel: an ELF vmlinux or a bzImage.
+    /// Guest kernel: an ELF vmlinux or a bzImage [with a command, default: the newest one
+    /// resources/build-kernel left in Kiln's cache].
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// Initramfs to load.
