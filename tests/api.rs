@@ -161,6 +161,11 @@ impl Drop for Kiln {
         for path in [&self.stdout, &self.stderr] {
             let _ = std::fs::remove_file(path);
         }
+        // A killed Kiln cannot remove its socket file (the tests that check that Kiln removes
+        // it themselves look before this).
+        if !self.socket.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.socket);
+        }
     }
 }
 
