@@ -211,7 +211,13 @@ fn run_once(
         // vhost-run's own messages say why it could not start (e.g. QEMU not installable).
         Some(messages) if report.up.is_none() => format!("{ending}; vhost-run said:\n{messages}"),
         _ if !cpus.is_empty() => format!("{ending}; its CPUs then: {cpus}"),
-        _ => ending,
+        // A virtual host that ended early: its console's last lines say what it was doing.
+        _ => match last_lines(&console, 8) {
+            Some(lines) if report.done.is_none() => {
+                format!("{ending}; the end of its console:\n{lines}")
+            }
+            _ => ending,
+        },
     };
     let unreported = (0..tests.len())
         .filter(|index| {
