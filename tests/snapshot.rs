@@ -134,6 +134,45 @@ fn a_restored_guest_continues_from_the_same_count() {
 }
 
 #[test]
+fn unread_keys_stay_in_the_restored_keyboard() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = Scratch::new("keyboard");
+    let (state, memory_file) = (dir.path("vm.state"), dir.path("vm.mem"));
+    let vm = Vm::new(
+        count_config(forever(), ConsoleConfig::None, Vec::new()),
+        Instant::now(),
+    )
+    .unwrap_or_else(|err| panic!("cannot build the VM (is /dev/kvm usable?): {err}"));
+    let memory = vm.guest_memory();
+    let running = vm.start().expect("start");
+    let handle = running.handle();
+    wait_for_count(&memory, 1, &running);
+    // The count guest never reads its keyboard: a press or two fill its 16-byte buffer.
+    let presses = (0..4)
+        .take_while(|_| handle.send_ctrl_alt_del().is_ok())
+        .count();
+    assert!(presses >= 1, "no Ctrl-Alt-Del fitted a fresh keyboard");
+    handle.pause().expect("pause");
+    handle.snapshot(&state, &memory_file).expect("snapshot");
+    handle.stop();
+    running.wait().expect("run");
+
+    // A fresh controller would take the keys; the restored one still holds the unread ones.
+    let restored = restore(&state, &memory_file, true).expect("restore");
+    let running = restored.start().expect("start the restored VM");
+    let err = running
+        .handle()
+        .send_ctrl_alt_del()
+        .expect_err("the restored keyboard lost its unread keys");
+    assert!(
+        err.to_string().contains("not reading its keyboard"),
+        "{err}"
+    );
+    running.handle().stop();
+    assert_eq!(running.wait().expect("run"), VmOutcome::Stopped);
+}
+
+#[test]
 fn one_snapshot_restored_twice_gives_two_independent_guests() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = Scratch::new("clones");

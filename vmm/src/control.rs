@@ -176,6 +176,11 @@ impl Controller<'_> {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .snapshot();
+        let i8042 = self
+            .i8042
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .snapshot();
         let virtio: Vec<_> = self
             .virtio
             .states()
@@ -235,6 +240,7 @@ impl Controller<'_> {
             vcpus,
             irqchip,
             serial,
+            i8042,
             virtio,
         };
         write_state_file(state_path, &snapshot)?;
