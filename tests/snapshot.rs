@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use kiln_test_guests::{parse_counts, GuestKind, Params, COUNT_ADDR, FAULT_MARKER};
 use kiln_vmm::config::DiskConfig;
+use kiln_vmm::image::{create_overlay, DiskFormat, OverlayOptions};
 use kiln_vmm::memory::GuestMemory;
-use kiln_vmm::snapshot::{RestoreConfig, SnapshotError};
+use kiln_vmm::snapshot::{DiskOverride, RestoreConfig, SnapshotError};
 use kiln_vmm::vm_memory::{Bytes, GuestAddress};
 use kiln_vmm::{ConsoleConfig, ControlError, RunningVm, Vm, VmConfig, VmOutcome};
 
@@ -358,14 +359,40 @@ fn broken_snapshots_are_refused_by_name_and_start_nothing() {
     std::fs::write(&copy, vec![0u8; 1 << 20]).expect("copy");
     let mut with_copy = RestoreConfig::new(&other_state, &other_memory);
     with_copy.console = ConsoleConfig::None;
-    with_copy.disk_overrides = vec![(0, copy.clone())];
+    with_copy.disk_overrides = vec![DiskOverride::new(0, &copy)];
     let vm = Vm::restore(&with_copy, Instant::now()).expect("restore with a disk copy");
     drop(vm);
     std::fs::write(&copy, vec![0u8; 2 << 20]).expect("resize the copy");
     let err = Vm::restore(&with_copy, Instant::now())
         .expect_err("other size")
         .to_string();
-    assert!(err.contains("its size is"), "{err}");
+    assert!(
+        err.contains("the guest would see 2097152 bytes, the snapshot's disk had 1048576"),
+        "{err}"
+    );
+    // A clone's qcow2 overlay over the (unchanged) disk: accepted when named as qcow2; taken
+    // for a detected image, its backing file is refused.
+    let base = dir.path("base.img");
+    std::fs::write(&base, vec![0u8; 1 << 20]).expect("base image");
+    let overlay = dir.path("clone.qcow2");
+    create_overlay(
+        &overlay,
+        &OverlayOptions {
+            backing: Some(base),
+            backing_format: Some(DiskFormat::Raw),
+            size: None,
+            cluster_bits: None,
+        },
+    )
+    .expect("create the overlay");
+    with_copy.disk_overrides = vec![DiskOverride::new(0, &overlay)];
+    let err = Vm::restore(&with_copy, Instant::now())
+        .expect_err("a detected overlay")
+        .to_string();
+    assert!(err.contains("disk 1") && err.contains("backing"), "{err}");
+    with_copy.disk_overrides[0].format = Some(DiskFormat::Qcow2);
+    let vm = Vm::restore(&with_copy, Instant::now()).expect("restore with an overlay");
+    drop(vm);
     // The original files are untouched by all this.
     assert!(std::fs::read(&state).expect("state file") == original);
 }

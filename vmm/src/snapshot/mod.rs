@@ -34,7 +34,7 @@ use crate::vcpu::VcpuState;
 
 pub use files::{read_state_file, write_state_file};
 pub use memory::{map_memory_file, map_memory_layers, write_diff_memory_file, write_memory_file};
-pub use restore::{check_cpuid, check_disks, RestoreConfig};
+pub use restore::{check_cpuid, check_disks, DiskOverride, RestoreConfig};
 
 /// "KILNSNAP": the first bytes of every state file.
 pub const STATE_MAGIC: [u8; 8] = *b"KILNSNAP";
@@ -113,8 +113,10 @@ pub enum SnapshotError {
 pub struct SavedDisk {
     /// How it was configured.
     pub config: DiskConfig,
-    /// Its size in bytes.
+    /// Its size in bytes (of the file or block device).
     pub size: u64,
+    /// What the guest sees: the disk's capacity in bytes (a qcow2 image's virtual size).
+    pub capacity: u64,
     /// Its modification time (ns since the epoch): a disk written since is refused.
     pub modified_ns: u128,
 }

@@ -69,6 +69,7 @@ fn snapshot() -> VmSnapshot {
         disks: vec![SavedDisk {
             config: DiskConfig::new("/disk.img"),
             size: 512,
+            capacity: 512,
             modified_ns: 3,
         }],
         memory: vec![SavedRegion {
