@@ -75,7 +75,7 @@ wait_file() {
         sleep 0.1
     done
 }
-# boot [ARGS]: boot source, then InstanceStart after whatever the caller configured.
+# boot_source: the test's kernel and initrd, with a serial console.
 boot_source() {
     expect 204 PUT /boot-source "{\"kernel_image_path\": \"$KERNEL\", \"initrd_path\": \"$INITRD\", \"boot_args\": \"console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1\"}"
 }
