@@ -16,7 +16,7 @@ use kiln_vmm::config::{
     parse_memory_mib, ConfigError, DiskConfig, HugePages, RngConfig, VsockConfig,
 };
 use kiln_vmm::image::{create_overlay, DiskFormat, OverlayOptions};
-use kiln_vmm::snapshot::RestoreConfig;
+use kiln_vmm::snapshot::{DiskOverride, RestoreConfig};
 use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
 use signals::StopSignals;
 
@@ -77,13 +77,15 @@ struct RestoreArgs {
     /// Serial console: stdio, none, or file=PATH [default: stdio].
     #[arg(long, default_value = "stdio")]
     console: ConsoleConfig,
-    /// Use IMAGE for the snapshot's disk N (from 1) instead of its own path.
-    #[arg(long = "disk", value_name = "N=IMAGE", value_parser = parse_disk_override)]
-    disks: Vec<(usize, PathBuf)>,
+    /// Use IMAGE for the snapshot's disk N (from 1) instead of its own path, e.g. a clone's
+    /// copy, or its overlay from `kiln image create` with format=qcow2 [default format: the
+    /// snapshot disk's].
+    #[arg(long = "disk", value_name = "N=IMAGE[,format=raw|qcow2]", value_parser = parse_disk_override)]
+    disks: Vec<DiskOverride>,
 }
 
-fn parse_disk_override(text: &str) -> Result<(usize, PathBuf), String> {
-    let (index, path) = text
+fn parse_disk_override(text: &str) -> Result<DiskOverride, String> {
+    let (index, rest) = text
         .split_once('=')
         .ok_or_else(|| format!("'{text}' is not N=IMAGE"))?;
     let index: usize = index
@@ -91,10 +93,18 @@ fn parse_disk_override(text: &str) -> Result<(usize, PathBuf), String> {
         .ok()
         .filter(|index| *index >= 1)
         .ok_or_else(|| format!("'{index}' is not a disk number (1, 2, ...)"))?;
+    let (path, format) = match rest.rsplit_once(",format=") {
+        Some((path, format)) => (path, Some(parse_format_arg(format)?)),
+        None => (rest, None),
+    };
     if path.is_empty() {
         return Err(format!("'{text}' names no image"));
     }
-    Ok((index - 1, PathBuf::from(path)))
+    Ok(DiskOverride {
+        index: index - 1,
+        path: PathBuf::from(path),
+        format,
+    })
 }
 
 #[derive(Subcommand)]
@@ -503,9 +513,24 @@ mod tests {
         else {
             panic!("not a restore command");
         };
-        assert_eq!(args.disks, vec![(1, PathBuf::from("/copy.img"))]);
+        assert_eq!(args.disks, vec![DiskOverride::new(1, "/copy.img")]);
         assert_eq!(args.console, ConsoleConfig::Stdio);
-        for bad in ["0=/x", "x=/y", "1=", "/no-number"] {
+        assert_eq!(
+            parse_disk_override("1=/a,b.qcow2,format=qcow2"),
+            Ok(DiskOverride {
+                index: 0,
+                path: PathBuf::from("/a,b.qcow2"),
+                format: Some(DiskFormat::Qcow2),
+            })
+        );
+        for bad in [
+            "0=/x",
+            "x=/y",
+            "1=",
+            "/no-number",
+            "1=/x,format=vmdk",
+            "1=,format=raw",
+        ] {
             assert!(
                 parse(&[
                     "restore",

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use kiln_test_guests::{parse_counts, GuestKind, Params, COUNT_ADDR, FAULT_MARKER};
 use kiln_vmm::config::DiskConfig;
+use kiln_vmm::image::{create_overlay, DiskFormat, OverlayOptions};
 use kiln_vmm::memory::GuestMemory;
-use kiln_vmm::snapshot::{RestoreConfig, SnapshotError};
+use kiln_vmm::snapshot::{DiskOverride, RestoreConfig, SnapshotError};
 use kiln_vmm::vm_memory::{Bytes, GuestAddress};
 use kiln_vmm::{ConsoleConfig, ControlError, RunningVm, Vm, VmConfig, VmOutcome};
 
@@ -129,6 +130,45 @@ fn a_restored_guest_continues_from_the_same_count() {
     running.handle().resume().expect("resume");
     let later = wait_for_count(&memory, at + 1_000_000, &running);
     assert!(later > at);
+    running.handle().stop();
+    assert_eq!(running.wait().expect("run"), VmOutcome::Stopped);
+}
+
+#[test]
+fn unread_keys_stay_in_the_restored_keyboard() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = Scratch::new("keyboard");
+    let (state, memory_file) = (dir.path("vm.state"), dir.path("vm.mem"));
+    let vm = Vm::new(
+        count_config(forever(), ConsoleConfig::None, Vec::new()),
+        Instant::now(),
+    )
+    .unwrap_or_else(|err| panic!("cannot build the VM (is /dev/kvm usable?): {err}"));
+    let memory = vm.guest_memory();
+    let running = vm.start().expect("start");
+    let handle = running.handle();
+    wait_for_count(&memory, 1, &running);
+    // The count guest never reads its keyboard: a press or two fill its 16-byte buffer.
+    let presses = (0..4)
+        .take_while(|_| handle.send_ctrl_alt_del().is_ok())
+        .count();
+    assert!(presses >= 1, "no Ctrl-Alt-Del fitted a fresh keyboard");
+    handle.pause().expect("pause");
+    handle.snapshot(&state, &memory_file).expect("snapshot");
+    handle.stop();
+    running.wait().expect("run");
+
+    // A fresh controller would take the keys; the restored one still holds the unread ones.
+    let restored = restore(&state, &memory_file, true).expect("restore");
+    let running = restored.start().expect("start the restored VM");
+    let err = running
+        .handle()
+        .send_ctrl_alt_del()
+        .expect_err("the restored keyboard lost its unread keys");
+    assert!(
+        err.to_string().contains("not reading its keyboard"),
+        "{err}"
+    );
     running.handle().stop();
     assert_eq!(running.wait().expect("run"), VmOutcome::Stopped);
 }
@@ -319,14 +359,40 @@ fn broken_snapshots_are_refused_by_name_and_start_nothing() {
     std::fs::write(&copy, vec![0u8; 1 << 20]).expect("copy");
     let mut with_copy = RestoreConfig::new(&other_state, &other_memory);
     with_copy.console = ConsoleConfig::None;
-    with_copy.disk_overrides = vec![(0, copy.clone())];
+    with_copy.disk_overrides = vec![DiskOverride::new(0, &copy)];
     let vm = Vm::restore(&with_copy, Instant::now()).expect("restore with a disk copy");
     drop(vm);
     std::fs::write(&copy, vec![0u8; 2 << 20]).expect("resize the copy");
     let err = Vm::restore(&with_copy, Instant::now())
         .expect_err("other size")
         .to_string();
-    assert!(err.contains("its size is"), "{err}");
+    assert!(
+        err.contains("the guest would see 2097152 bytes, the snapshot's disk had 1048576"),
+        "{err}"
+    );
+    // A clone's qcow2 overlay over the (unchanged) disk: accepted when named as qcow2; taken
+    // for a detected image, its backing file is refused.
+    let base = dir.path("base.img");
+    std::fs::write(&base, vec![0u8; 1 << 20]).expect("base image");
+    let overlay = dir.path("clone.qcow2");
+    create_overlay(
+        &overlay,
+        &OverlayOptions {
+            backing: Some(base),
+            backing_format: Some(DiskFormat::Raw),
+            size: None,
+            cluster_bits: None,
+        },
+    )
+    .expect("create the overlay");
+    with_copy.disk_overrides = vec![DiskOverride::new(0, &overlay)];
+    let err = Vm::restore(&with_copy, Instant::now())
+        .expect_err("a detected overlay")
+        .to_string();
+    assert!(err.contains("disk 1") && err.contains("backing"), "{err}");
+    with_copy.disk_overrides[0].format = Some(DiskFormat::Qcow2);
+    let vm = Vm::restore(&with_copy, Instant::now()).expect("restore with an overlay");
+    drop(vm);
     // The original files are untouched by all this.
     assert!(std::fs::read(&state).expect("state file") == original);
 }

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kiln_vmm::snapshot::{read_state_file, RestoreConfig, SnapshotKind};
-use kiln_vmm::{RunningVm, Vm, VmHandle, VmState};
+use kiln_vmm::snapshot::{read_state_file, RestoreConfig, SnapshotError, SnapshotKind};
+use kiln_vmm::{ControlError, RunningVm, Vm, VmHandle, VmState};
 use serde::Serialize;
 
 use crate::http::Response;
@@ -149,8 +149,13 @@ impl Controller {
                 };
                 self.running()?
                     .snapshot_of_kind(kind, &params.snapshot_path, &params.mem_file_path)
-                    .map_err(|err| {
-                        ApiError::bad_request(format!("Create snapshot error: {err}"))
+                    .map_err(|err| match err {
+                        // Firecracker's words, which its clients match on.
+                        ControlError::Snapshot(SnapshotError::NotPaused) => ApiError::bad_request(
+                            "Create snapshot error: Cannot save the microVM state: Operation not \
+                             allowed: save/restore unavailable while running",
+                        ),
+                        err => ApiError::bad_request(format!("Create snapshot error: {err}")),
                     })?;
                 Ok(Response::no_content())
             }
@@ -173,10 +178,11 @@ impl Controller {
                 "Network config error: Kiln has no virtio-net device yet, so network interfaces \
                  cannot be attached",
             )),
-            Action::PutVsock(_) => Err(ApiError::bad_request(
-                "Vsock config error: Kiln's API does not attach a virtio-vsock device yet (kiln \
-                 run --vsock does)",
-            )),
+            Action::PutVsock(vsock) => {
+                self.resources.put_vsock(vsock)?;
+                self.boot_path = true;
+                Ok(Response::no_content())
+            }
             Action::Action(ActionType::InstanceStart) => self.start(),
             Action::Action(ActionType::SendCtrlAltDel) => {
                 self.running()?
@@ -264,7 +270,9 @@ impl Controller {
         }
         if params.vsock_override.as_ref().is_some_and(|o| !o.is_null()) {
             return Err(refuse(
-                "vsock_override is not supported by Kiln: its API does not attach a vsock device yet".into(),
+                "vsock_override is not supported by Kiln: the restored vsock device listens on \
+                 the snapshot's uds_path again"
+                    .into(),
             ));
         }
         if params.clock_realtime == Some(true) {
@@ -306,6 +314,11 @@ impl Controller {
                 socket: None,
             })
             .collect();
+        self.resources.vsock = config.vsock.as_ref().map(|vsock| Vsock {
+            guest_cid: u32::try_from(vsock.cid).unwrap_or(u32::MAX),
+            uds_path: vsock.uds.to_string_lossy().into_owned(),
+            vsock_id: None,
+        });
         self.vm = Some(running.handle());
         log::info!(
             "microVM '{}' restored from '{}'",

@@ -355,7 +355,7 @@ pub struct SnapshotLoadParams {
     /// New TAP devices for network interfaces (Kiln has none).
     #[serde(default)]
     pub network_overrides: Option<Vec<serde_json::Value>>,
-    /// A new vsock socket (Kiln has no vsock yet).
+    /// A new vsock socket (not supported: the snapshot's is used).
     #[serde(default)]
     pub vsock_override: Option<serde_json::Value>,
     /// Advance kvmclock by the wall-clock time since the snapshot (not in Kiln).
@@ -402,7 +402,7 @@ pub struct FullVmConfiguration {
     /// Never configured in Kiln yet.
     #[serde(rename = "network-interfaces")]
     pub network_interfaces: Vec<NetworkInterface>,
-    /// Never configured in Kiln yet.
+    /// `PUT /vsock`.
     pub vsock: Option<Vsock>,
     /// Never configured in Kiln.
     pub entropy: Option<EntropyDevice>,

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use kiln_vmm::config::{host_memory_mib, DiskConfig, HugePages};
+use kiln_vmm::config::{host_memory_mib, DiskConfig, HugePages, VsockConfig};
 use kiln_vmm::{ConsoleConfig, VmConfig};
 
 use crate::model::*;
@@ -31,6 +31,8 @@ pub struct Resources {
     pub logger: Option<Logger>,
     /// `PUT /metrics`.
     pub metrics: Option<Metrics>,
+    /// `PUT /vsock`.
+    pub vsock: Option<Vsock>,
     /// Where the guest console goes (the process's stdio for `kiln fc`).
     pub console: ConsoleConfig,
 }
@@ -51,6 +53,7 @@ impl Resources {
             drives: Vec::new(),
             logger: None,
             metrics: None,
+            vsock: None,
             console,
         }
     }
@@ -71,6 +74,7 @@ impl Resources {
         config.track_dirty_pages = self.machine.track_dirty_pages;
         config.console = self.console.clone();
         config.disks = self.drives.iter().map(disk_config).collect();
+        config.vsock = self.vsock.as_ref().map(vsock_config);
         // Firecracker attaches an entropy device only on `PUT /entropy`, which Kiln's API does
         // not take yet: no rng, unlike `kiln run`.
         config.rng.enabled = false;
@@ -184,6 +188,16 @@ impl Resources {
         Ok(())
     }
 
+    /// Sets the vsock device (Firecracker's one per VM; a second PUT replaces it) if its CID
+    /// and socket path are usable.
+    pub fn put_vsock(&mut self, vsock: Vsock) -> Result<(), ApiError> {
+        vsock_config(&vsock)
+            .validate()
+            .map_err(|err| ApiError::bad_request(format!("Vsock config error: {err}")))?;
+        self.vsock = Some(vsock);
+        Ok(())
+    }
+
     /// The position of drive `id` among the guest's disks.
     pub fn drive_index(&self, id: &str) -> Option<usize> {
         self.drives.iter().position(|d| d.drive_id == id)
@@ -201,9 +215,17 @@ impl Resources {
             metrics: self.metrics.clone(),
             mmds_config: None,
             network_interfaces: Vec::new(),
-            vsock: None,
+            vsock: self.vsock.clone(),
             entropy: None,
         }
+    }
+}
+
+/// Firecracker's vsock device as Kiln's.
+fn vsock_config(vsock: &Vsock) -> VsockConfig {
+    VsockConfig {
+        cid: u64::from(vsock.guest_cid),
+        uds: PathBuf::from(&vsock.uds_path),
     }
 }
 

@@ -176,13 +176,30 @@ impl Controller<'_> {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .snapshot();
+        let i8042 = self
+            .i8042
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .snapshot();
         let virtio: Vec<_> = self
             .virtio
             .states()
             .into_iter()
             .map(|(_, state)| state)
             .collect();
-        let disks = saved_disks(self.config)?;
+        let capacities: Vec<u64> = self
+            .virtio
+            .disks()
+            .iter()
+            .map(|disk| {
+                disk.lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .device()
+                    .disk()
+                    .size()
+            })
+            .collect();
+        let disks = saved_disks(self.config, &capacities)?;
         let snapshot_id = random_id();
         let regions = self
             .memory
@@ -235,6 +252,7 @@ impl Controller<'_> {
             vcpus,
             irqchip,
             serial,
+            i8042,
             virtio,
         };
         write_state_file(state_path, &snapshot)?;
@@ -281,12 +299,14 @@ impl Controller<'_> {
 }
 
 /// Each disk's config, size and modification time.
-fn saved_disks(config: &VmConfig) -> Result<Vec<SavedDisk>, SnapshotError> {
+/// Each disk as it is now; `capacities` are what the guest sees of each (in order).
+fn saved_disks(config: &VmConfig, capacities: &[u64]) -> Result<Vec<SavedDisk>, SnapshotError> {
     config
         .disks
         .iter()
+        .zip(capacities)
         .enumerate()
-        .map(|(index, config)| {
+        .map(|(index, (config, &capacity))| {
             let (size, modified_ns) =
                 disk_identity(&config.path).map_err(|err| SnapshotError::Disk {
                     index: index + 1,
@@ -296,6 +316,7 @@ fn saved_disks(config: &VmConfig) -> Result<Vec<SavedDisk>, SnapshotError> {
             Ok(SavedDisk {
                 config: config.clone(),
                 size,
+                capacity,
                 modified_ns,
             })
         })

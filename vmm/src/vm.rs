@@ -225,9 +225,13 @@ impl Vm {
         vm_fd
             .register_irqfd(&keyboard_irq, layout::I8042_KEYBOARD_IRQ)
             .map_err(|e| Error::KvmIoctl("connect the i8042 keyboard interrupt", e))?;
+        let i8042 = match snapshot {
+            None => I8042Device::new(exit.clone()),
+            Some((saved, _)) => I8042Device::restore(&saved.i8042, exit.clone())
+                .map_err(|err| SnapshotError::Device("i8042".into(), err.to_string()))?,
+        };
         let i8042 = Arc::new(Mutex::new(
-            I8042Device::new(exit.clone())
-                .with_keyboard_interrupt(EventFdTrigger::new(keyboard_irq)),
+            i8042.with_keyboard_interrupt(EventFdTrigger::new(keyboard_irq)),
         ));
         let (io_bus, mmio_bus) = build_buses(&exit, &serial, i8042.clone(), start, &virtio)?;
 

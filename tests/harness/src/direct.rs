@@ -89,6 +89,7 @@ fn run_one(
                 .arg("-c")
                 .arg(script)
                 .envs(test.host_environment(&paths))
+                .env("PATH", helper_search_path(images)?)
                 .current_dir(&work)
                 // Its own process group: whatever it starts goes when the test ends.
                 .process_group(0);
@@ -163,15 +164,7 @@ fn start_host(
     let errors = output
         .try_clone()
         .map_err(|e| io_error("host output file", e))?;
-    let helper_dir = images
-        .vsock_helper()
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut search: Vec<PathBuf> = vec![helper_dir];
-    search.extend(std::env::split_paths(&path));
-    let search = std::env::join_paths(search).map_err(|e| format!("PATH: {e}"))?;
+    let search = helper_search_path(images)?;
     Command::new("sh")
         .arg(&script)
         .current_dir(dir)
@@ -185,6 +178,19 @@ fn start_host(
         .process_group(0)
         .spawn()
         .map_err(|e| io_error("cannot start the host script", e))
+}
+
+/// `PATH` with the `kiln-vsock` helper's directory first, for host scripts.
+fn helper_search_path(images: &GuestImages) -> Result<std::ffi::OsString, String> {
+    let helper_dir = images
+        .vsock_helper()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut search: Vec<PathBuf> = vec![helper_dir];
+    search.extend(std::env::split_paths(&path));
+    std::env::join_paths(search).map_err(|e| format!("PATH: {e}"))
 }
 
 /// Waits for the host script at most [`HOST_SCRIPT_GRACE`], then kills its process group

@@ -218,7 +218,7 @@ impl GuestTest {
     /// (for instance `$KILN --api-sock "$WORK/api.sock"` and `curl --unix-socket`), and its
     /// stdout, stderr and exit status are the test's outcome. In direct mode that host is this
     /// machine; in vhost mode it is the virtual KVM host, whose `PATH` then has `kiln` and
-    /// `curl` (copied from this machine with their libraries). The script gets `KILN`,
+    /// `curl` (copied from this machine with their libraries); `kiln-vsock` is on `PATH` in both modes. The script gets `KILN`,
     /// `KERNEL`, `INITRD` (with the test's guest script), `WORK` (a directory of its own),
     /// `DISK_0`, `DISK_1`... (each disk as Kiln opens it: host path or `/dev/vdX`) and, when
     /// set, `CPUS`, `MEMORY_MIB` and `CMDLINE`. Everything in its process group is killed at

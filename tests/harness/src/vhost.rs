@@ -317,7 +317,10 @@ fn write_payload(
         .map_err(|error| HarnessError::Setup(format!("kiln binary {}: {error}", kiln.display())))?;
     // vhost-run archives the payload with `cpio -L`: symlinks are copied as their targets.
     symlink(&kiln, kiln_dir.join("bin/kiln")).map_err(io(&kiln))?;
-    if tests.iter().any(|test| test.host_program().is_some()) {
+    if tests
+        .iter()
+        .any(|test| test.host_program().is_some() || test.host_only_script_text().is_some())
+    {
         let helper = images.vsock_helper();
         symlink(&helper, kiln_dir.join("bin/kiln-vsock")).map_err(io(&helper))?;
     }

@@ -2,7 +2,7 @@
 //!
 //! - The **state file** holds everything the guest can observe apart from its RAM: each vCPU
 //!   ([`VcpuState`]), the in-kernel irqchip (both PICs, the IOAPIC), the PIT, kvmclock, the
-//!   serial port, and every virtio transport with its queues' positions; plus the VM's config
+//!   serial port, the i8042 controller and keyboard, and every virtio transport with its queues' positions; plus the VM's config
 //!   and the disks' size and modification time. Layout: an 8-byte magic, a format version
 //!   (u32 LE), the payload length (u64 LE), the payload (JSON, self-describing), and a CRC-32
 //!   of everything before it. Any change of magic, version, length or checksum is refused by
@@ -25,6 +25,7 @@ use std::path::PathBuf;
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
 use serde::{Deserialize, Serialize};
 
+use kiln_devices::legacy::i8042::I8042Snapshot;
 use kiln_devices::legacy::serial::SerialSnapshot;
 use kiln_devices::virtio::mmio::MmioState;
 
@@ -33,12 +34,12 @@ use crate::vcpu::VcpuState;
 
 pub use files::{read_state_file, write_state_file};
 pub use memory::{map_memory_file, map_memory_layers, write_diff_memory_file, write_memory_file};
-pub use restore::{check_cpuid, check_disks, RestoreConfig};
+pub use restore::{check_cpuid, check_disks, DiskOverride, RestoreConfig};
 
 /// "KILNSNAP": the first bytes of every state file.
 pub const STATE_MAGIC: [u8; 8] = *b"KILNSNAP";
-/// The state file format this Kiln writes and reads.
-pub const STATE_VERSION: u32 = 1;
+/// The state file format this Kiln writes and reads (2: the i8042's state added).
+pub const STATE_VERSION: u32 = 2;
 
 /// Why a snapshot could not be written or used. Every message names the file or part.
 #[derive(Debug, thiserror::Error)]
@@ -112,8 +113,10 @@ pub enum SnapshotError {
 pub struct SavedDisk {
     /// How it was configured.
     pub config: DiskConfig,
-    /// Its size in bytes.
+    /// Its size in bytes (of the file or block device).
     pub size: u64,
+    /// What the guest sees: the disk's capacity in bytes (a qcow2 image's virtual size).
+    pub capacity: u64,
     /// Its modification time (ns since the epoch): a disk written since is refused.
     pub modified_ns: u128,
 }
@@ -190,6 +193,8 @@ pub struct VmSnapshot {
     pub irqchip: SavedIrqchip,
     /// COM1.
     pub serial: SerialSnapshot,
+    /// The i8042 controller and its keyboard.
+    pub i8042: I8042Snapshot,
     /// Each virtio transport, in slot order.
     pub virtio: Vec<MmioState>,
 }

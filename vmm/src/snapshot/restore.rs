@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
+use kiln_devices::virtio::block::{DiskFormat, DiskImage};
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 use super::{SavedDisk, SnapshotError};
@@ -17,14 +18,37 @@ pub struct RestoreConfig {
     pub memory: PathBuf,
     /// Where the guest's console goes in this process.
     pub console: ConsoleConfig,
-    /// Disk images to use instead of the snapshot's (index from 0 → image). The caller vouches
-    /// that such an image holds what the snapshot's did (a copy for a clone): only its size is
-    /// checked.
-    pub disk_overrides: Vec<(usize, PathBuf)>,
+    /// Disk images to use instead of the snapshot's. The caller vouches that such an image
+    /// holds what the snapshot's did (a copy or an overlay for a clone): only the capacity the
+    /// guest sees is checked.
+    pub disk_overrides: Vec<DiskOverride>,
     /// Run the guest at once (false: restored paused, resumed through the handle).
     pub resume: bool,
     /// Track dirty pages (for diff snapshots of the restored VM); None: as the snapshot's VM.
     pub track_dirty_pages: Option<bool>,
+}
+
+/// An image used instead of one of the snapshot's disks, e.g. a clone's own copy or overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskOverride {
+    /// Which of the snapshot's disks, from 0.
+    pub index: usize,
+    /// The image.
+    pub path: PathBuf,
+    /// Its format; None: the snapshot's disk's (detected if that was not given either, and
+    /// then a qcow2 image with a backing file is refused: give `Some(Qcow2)` for an overlay).
+    pub format: Option<DiskFormat>,
+}
+
+impl DiskOverride {
+    /// `path` for disk `index` (from 0), in the snapshot's disk's format.
+    pub fn new(index: usize, path: impl Into<PathBuf>) -> Self {
+        Self {
+            index,
+            path: path.into(),
+            format: None,
+        }
+    }
 }
 
 impl RestoreConfig {
@@ -125,15 +149,15 @@ pub fn check_cpuid(saved: &[kvm_cpuid_entry2], host: &CpuId) -> Result<(), Snaps
 }
 
 /// The disks to open for a restore, after checking each is there and unchanged (or explicitly
-/// replaced and of the same size).
+/// replaced by an image of the same capacity).
 pub fn check_disks(
     saved: &[SavedDisk],
-    overrides: &[(usize, PathBuf)],
+    overrides: &[DiskOverride],
 ) -> Result<Vec<DiskConfig>, SnapshotError> {
-    if let Some((index, path)) = overrides.iter().find(|(index, _)| *index >= saved.len()) {
+    if let Some(extra) = overrides.iter().find(|o| o.index >= saved.len()) {
         return Err(SnapshotError::Disk {
-            index: index + 1,
-            path: path.clone(),
+            index: extra.index + 1,
+            path: extra.path.clone(),
             reason: format!("the snapshot has only {} disks", saved.len()),
         });
     }
@@ -141,41 +165,60 @@ pub fn check_disks(
         .iter()
         .enumerate()
         .map(|(index, disk)| {
-            let replacement = overrides
-                .iter()
-                .rev()
-                .find(|(at, _)| *at == index)
-                .map(|(_, path)| path);
-            let path = replacement.unwrap_or(&disk.config.path);
+            let replacement = overrides.iter().rev().find(|o| o.index == index);
+            let mut config = disk.config.clone();
+            let Some(replacement) = replacement else {
+                check_unchanged(index, disk)?;
+                return Ok(config);
+            };
+            config.path = replacement.path.clone();
+            config.format = replacement.format.or(disk.config.format);
             let problem = |reason: String| SnapshotError::Disk {
                 index: index + 1,
-                path: path.clone(),
+                path: config.path.clone(),
                 reason,
             };
-            let (size, modified) = disk_identity(path).map_err(|err| {
-                problem(format!(
-                    "cannot use it: {err} (it was there when the snapshot was taken)"
-                ))
-            })?;
-            if size != disk.size {
+            // Opened as it will be for the guest (read-only here: only its capacity is read).
+            let capacity = DiskImage::open_as(&config.path, true, None, config.format)
+                .map_err(|err| problem(format!("cannot use it: {err}")))?
+                .size();
+            if capacity != disk.capacity {
                 return Err(problem(format!(
-                    "its size is {size} bytes, the snapshot's disk had {}",
-                    disk.size
+                    "the guest would see {capacity} bytes, the snapshot's disk had {}",
+                    disk.capacity
                 )));
             }
-            if replacement.is_none() && modified != disk.modified_ns {
-                return Err(problem(
-                    "it was modified after the snapshot was taken, so it no longer matches \
-                     the guest's memory; restore with a copy taken at snapshot time (a disk \
-                     override)"
-                        .into(),
-                ));
-            }
-            let mut config = disk.config.clone();
-            config.path = path.clone();
             Ok(config)
         })
         .collect()
+}
+
+/// Checks that disk `index` of a snapshot is still there, the same size and unmodified.
+fn check_unchanged(index: usize, disk: &SavedDisk) -> Result<(), SnapshotError> {
+    let problem = |reason: String| SnapshotError::Disk {
+        index: index + 1,
+        path: disk.config.path.clone(),
+        reason,
+    };
+    let (size, modified) = disk_identity(&disk.config.path).map_err(|err| {
+        problem(format!(
+            "cannot use it: {err} (it was there when the snapshot was taken)"
+        ))
+    })?;
+    if size != disk.size {
+        return Err(problem(format!(
+            "its size is {size} bytes, the snapshot's disk had {}",
+            disk.size
+        )));
+    }
+    if modified != disk.modified_ns {
+        return Err(problem(
+            "it was modified after the snapshot was taken, so it no longer matches the \
+             guest's memory; restore with a copy taken at snapshot time (a disk override)"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Size and modification time (ns since the epoch) of a disk image; block devices report

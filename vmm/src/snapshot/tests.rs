@@ -3,6 +3,9 @@ use std::os::unix::fs::MetadataExt;
 use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, CpuId};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use kiln_devices::exit::ExitNotifier;
+use kiln_devices::legacy::i8042::I8042Device;
+
 use super::files::decode_state;
 use super::*;
 use crate::memory::create_guest_memory;
@@ -66,6 +69,7 @@ fn snapshot() -> VmSnapshot {
         disks: vec![SavedDisk {
             config: DiskConfig::new("/disk.img"),
             size: 512,
+            capacity: 512,
             modified_ns: 3,
         }],
         memory: vec![SavedRegion {
@@ -90,6 +94,7 @@ fn snapshot() -> VmSnapshot {
             fifo: b"in".to_vec(),
             pending_input: b"put".to_vec(),
         },
+        i8042: I8042Device::new(ExitNotifier::new().unwrap()).snapshot(),
         virtio: Vec::new(),
     }
 }
@@ -110,6 +115,7 @@ fn the_state_file_round_trips() {
     assert_eq!(back.vcpus[0].msrs[0].data, 42);
     assert_eq!(back.vcpus[0].cpuid[0].ecx, 0x8000_0001);
     assert_eq!(back.serial, snapshot().serial);
+    assert_eq!(back.i8042, snapshot().i8042);
     // Nothing is left under a temporary name.
     let names: Vec<_> = std::fs::read_dir(&dir.0)
         .unwrap()
@@ -135,8 +141,11 @@ fn every_corruption_is_detected() {
     check(b"KILNSNA", "not a Kiln snapshot");
     check(b"KILNSNAP", "corrupt");
     let mut version = good.clone();
-    version[8..12].copy_from_slice(&2u32.to_le_bytes());
-    check(&version, "version 2");
+    // An older format (version 1 had no i8042 state) and a newer one.
+    for other in [1u32, STATE_VERSION + 1] {
+        version[8..12].copy_from_slice(&other.to_le_bytes());
+        check(&version, &format!("version {other} snapshot"));
+    }
     check(&good[..good.len() - 1], "corrupt");
     let mut longer = good.clone();
     longer.push(0);

@@ -126,15 +126,15 @@ pub enum KeyboardError {
 #[derive(Debug)]
 pub struct Keyboard {
     /// Bytes for the controller, oldest first.
-    output: VecDeque<u8>,
+    pub(super) output: VecDeque<u8>,
     /// A command that waits for its parameter byte.
-    awaiting_parameter: Option<u8>,
+    pub(super) awaiting_parameter: Option<u8>,
     /// Sending keys (on at power-on, off after 0xF5, on after 0xF4 or a reset).
-    scanning: bool,
+    pub(super) scanning: bool,
     /// LED state from the last 0xED (kept for the guest, not shown anywhere).
-    leds: u8,
+    pub(super) leds: u8,
     /// The last byte sent, for the 0xFE resend command.
-    last_sent: u8,
+    pub(super) last_sent: u8,
 }
 
 impl Default for Keyboard {

@@ -19,6 +19,7 @@
 //! Input is processed at once, so the input buffer is never full (status bit 1 reads 0).
 
 pub mod keyboard;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 
@@ -34,6 +35,7 @@ use crate::log_limit::{debug_limited, LogLimiter};
 use keyboard::{Key, KeyAction, Keyboard, KEY_DELETE, KEY_LEFT_ALT, KEY_LEFT_CTRL};
 
 pub use keyboard::KeyboardError;
+pub use snapshot::{I8042RestoreError, I8042Snapshot};
 
 /// Number of ports decoded, `I8042_PORT_BASE..=I8042_PORT_BASE + 4`.
 pub const I8042_PORT_LEN: u64 = 5;
@@ -132,8 +134,12 @@ const INPUT_PORT_UNLOCKED: u8 = 0x80;
 const INITIAL_CONFIG: u8 =
     config::KEYBOARD_INTERRUPT | config::SYSTEM | config::AUX_DISABLED | config::TRANSLATE;
 
+/// Controller answers kept when the guest does not read them: it asks one question at a time,
+/// so a few are all that can pile up.
+const MAX_ANSWERS: usize = 4;
+
 /// Where a byte in the output buffer came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Source {
     /// An answer to a controller command.
     Controller,
@@ -280,9 +286,6 @@ impl I8042Device {
 
     /// Queues an answer of the controller itself.
     fn answer(&mut self, byte: u8, source: Source) {
-        // The guest asks one question at a time; a few answers are all that can pile up
-        // when it never reads them.
-        const MAX_ANSWERS: usize = 4;
         if self.controller_output.len() < MAX_ANSWERS {
             self.controller_output.push_back((byte, source));
         }
