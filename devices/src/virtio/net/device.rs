@@ -98,8 +98,8 @@ impl Net {
     }
 
     /// Sets the link state a snapshot saved: a link that was down stays down for the guest
-    /// even though the backend was opened again, until the guest resets the device.
-    pub fn restore_link(&self, up: bool) {
+    /// even though the backend was opened again.
+    fn restore_link(&self, up: bool) {
         if !up {
             self.status.fetch_and(!LINK_UP, Ordering::AcqRel);
         }
@@ -179,6 +179,36 @@ impl VirtioDevice for Net {
             self.name,
             data.len()
         );
+    }
+
+    fn saved_state(&self) -> Vec<u8> {
+        // The configuration space: MAC and link status.
+        self.config_bytes().to_vec()
+    }
+
+    fn restore_state(&mut self, saved: &[u8]) -> Result<(), String> {
+        if saved.is_empty() {
+            return Ok(());
+        }
+        if saved.len() != CONFIG_SIZE {
+            return Err(format!(
+                "{}: the snapshot's NIC state has {} bytes, not {CONFIG_SIZE}",
+                self.name,
+                saved.len()
+            ));
+        }
+        if saved[..6] != self.mac.0 {
+            return Err(format!(
+                "{}: the snapshot's NIC had MAC {}, this one has {}",
+                self.name,
+                MacAddress(saved[..6].try_into().unwrap_or_default()),
+                self.mac
+            ));
+        }
+        // The backend was opened anew; a link the guest saw down stays down for it until it
+        // resets the device.
+        self.restore_link(u16::from_le_bytes([saved[6], saved[7]]) & LINK_UP != 0);
+        Ok(())
     }
 
     fn check_features(&mut self, accepted: u64) -> Result<(), FeaturesError> {

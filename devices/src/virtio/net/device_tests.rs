@@ -586,3 +586,32 @@ fn config_writes_are_ignored() {
     guest.device.read_config(0, &mut config);
     assert_eq!(config, MAC.0);
 }
+
+#[test]
+fn the_saved_state_carries_mac_and_link_and_restores_on_a_new_device() {
+    let mut guest = Guest::plain();
+    let saved_up = guest.device.saved_state();
+    assert_eq!(&saved_up[..6], &MAC.0);
+    guest.backend.lock().unwrap().gone = true;
+    guest.send(&frame(64, 1));
+    let saved_down = guest.device.saved_state();
+
+    let mut fresh = Guest::plain();
+    fresh.device.restore_state(&saved_up).unwrap();
+    assert!(fresh.device.link_up());
+    fresh.device.restore_state(&saved_down).unwrap();
+    assert!(
+        !fresh.device.link_up(),
+        "a link the guest saw down stays down"
+    );
+    assert!(
+        fresh.device.restore_state(&[]).is_ok(),
+        "older snapshots have none"
+    );
+
+    let mut other_mac = saved_up.clone();
+    other_mac[5] ^= 1;
+    let err = fresh.device.restore_state(&other_mac).unwrap_err();
+    assert!(err.contains("had MAC"), "{err}");
+    assert!(fresh.device.restore_state(&saved_up[..4]).is_err());
+}
