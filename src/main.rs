@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use kiln_vmm::config::{
-    parse_memory_mib, ConfigError, DiskConfig, HugePages, RngConfig, VsockConfig,
+    parse_memory_mib, ConfigError, DiskConfig, HugePages, NetConfig, RngConfig, VsockConfig,
 };
 use kiln_vmm::image::{create_overlay, DiskFormat, OverlayOptions};
 use kiln_vmm::snapshot::{DiskOverride, RestoreConfig};
@@ -175,6 +175,14 @@ struct RunArgs {
     /// limit how fast the guest drains the host's random pool (K and M suffixes allowed).
     #[arg(long, value_name = "on|off|rate=BYTES/s", num_args = 0..=1, default_missing_value = "on", value_parser = parse_rng_arg)]
     rng: Option<RngConfig>,
+    /// A NIC (virtio-net; repeat for more: eth0, eth1, ...). `tap=NAME`: the TAP interface
+    /// NAME (host-only or bridged networking; created if Kiln has CAP_NET_ADMIN);
+    /// `tap-fd=N`: an open TAP descriptor Kiln inherited; `user`: NAT without privileges
+    /// through passt, with `hostfwd=tcp:[ADDR]:HOSTPORT-:GUESTPORT` forwarding a host port to
+    /// the guest (repeatable). `mac=MAC` sets the address [default: a stable one derived from
+    /// the config]. Replaces the config file's NICs.
+    #[arg(long = "net", value_name = "tap=NAME|tap-fd=N|user[,hostfwd=...][,mac=MAC]", value_parser = parse_net_arg)]
+    nets: Vec<NetConfig>,
     /// JSON VM config; flags given on the command line override its fields.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -268,6 +276,13 @@ fn parse_vsock_arg(text: &str) -> Result<VsockConfig, String> {
     })
 }
 
+fn parse_net_arg(text: &str) -> Result<NetConfig, String> {
+    text.parse().map_err(|err| match err {
+        ConfigError::InvalidNetSpec { reason, .. } => reason,
+        other => other.to_string(),
+    })
+}
+
 fn parse_rng_arg(text: &str) -> Result<RngConfig, String> {
     text.parse().map_err(|err| match err {
         ConfigError::InvalidRngSpec { reason, .. } => reason,
@@ -310,6 +325,9 @@ impl RunArgs {
         }
         if let Some(rng) = self.rng {
             config.rng = rng;
+        }
+        if !self.nets.is_empty() {
+            config.nets = self.nets;
         }
         Ok(config)
     }

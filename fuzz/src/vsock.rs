@@ -41,7 +41,7 @@ const RX_DATA: u32 = 4096;
 const CID: u64 = 3;
 
 /// One driver-side split queue.
-struct DriverQueue {
+pub(crate) struct DriverQueue {
     base: u64,
     avail: u16,
     used_seen: u16,
@@ -52,7 +52,7 @@ struct DriverQueue {
 }
 
 impl DriverQueue {
-    fn new(base: u64) -> Self {
+    pub(crate) fn new(base: u64) -> Self {
         Self {
             base,
             avail: 0,
@@ -70,7 +70,7 @@ impl DriverQueue {
         self.base + 0x200
     }
 
-    fn queue(&self, memory: &GuestMemoryMmap, event_idx: bool) -> Queue {
+    pub(crate) fn queue(&self, memory: &GuestMemoryMmap, event_idx: bool) -> Queue {
         let mut queue = Queue::new(QUEUE_SIZE).expect("queue size");
         queue.set_size(QUEUE_SIZE);
         queue.set_event_idx(event_idx);
@@ -87,7 +87,7 @@ impl DriverQueue {
     }
 
     /// Posts a chain unless the driver has no free descriptors for it.
-    fn add(&mut self, memory: &GuestMemoryMmap, buffers: &[(u64, u32, u16)]) {
+    pub(crate) fn add(&mut self, memory: &GuestMemoryMmap, buffers: &[(u64, u32, u16)]) {
         if buffers.is_empty() || buffers.len() > self.free.len() {
             return;
         }
@@ -114,7 +114,7 @@ impl DriverQueue {
     }
 
     /// Checks the used entries the device added since the last call.
-    fn check_used(&mut self, memory: &GuestMemoryMmap, tx: bool) -> usize {
+    pub(crate) fn check_used(&mut self, memory: &GuestMemoryMmap, tx: bool) -> usize {
         let used: u16 = memory.read_obj(GuestAddress(self.used_addr() + 2)).unwrap();
         let mut count = 0;
         while self.used_seen != used {
@@ -139,16 +139,16 @@ impl DriverQueue {
     }
 }
 
-struct Bytes2<'a>(&'a [u8]);
+pub(crate) struct Bytes2<'a>(pub(crate) &'a [u8]);
 
 impl Bytes2<'_> {
-    fn byte(&mut self) -> Option<u8> {
+    pub(crate) fn byte(&mut self) -> Option<u8> {
         let (&first, rest) = self.0.split_first()?;
         self.0 = rest;
         Some(first)
     }
 
-    fn take(&mut self, n: usize) -> &[u8] {
+    pub(crate) fn take(&mut self, n: usize) -> &[u8] {
         let n = n.min(self.0.len());
         let (head, rest) = self.0.split_at(n);
         self.0 = rest;

@@ -11,9 +11,11 @@ use serde::{Deserialize, Serialize};
 mod channels;
 mod disk;
 mod memory;
+mod net;
 pub use channels::{RngConfig, VsockConfig};
 pub use disk::{disk_name, DiskConfig, MAX_DISKS};
 pub use memory::{HugePages, HUGE_PAGE_MIB, THP_SKIP_BYTES};
+pub use net::{default_mac, HostForward, NetConfig};
 
 /// Smallest guest memory Kiln accepts: below this a Linux guest cannot boot usefully.
 pub const MIN_MEMORY_MIB: u32 = 32;
@@ -100,6 +102,9 @@ pub struct VmConfig {
     /// The entropy device (on by default).
     #[serde(default)]
     pub rng: RngConfig,
+    /// NICs, in the order the guest sees them (`eth0`, `eth1`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
 }
 
 fn yes() -> bool {
@@ -210,11 +215,11 @@ pub enum ConfigError {
     )]
     MemoryNotHugePageMultiple(u32),
     /// More virtio devices than virtio-mmio slots.
-    #[error("{disks} disks plus {others} other virtio devices (vsock, rng) asked for; Kiln has room for at most {MAX_DISKS} virtio devices (turn the rng off with --rng off)")]
+    #[error("{disks} disks plus {others} other virtio devices (vsock, rng, NICs) asked for; Kiln has room for at most {MAX_DISKS} virtio devices (turn the rng off with --rng off)")]
     TooManyDevices {
         /// Disks asked for.
         disks: usize,
-        /// vsock and rng devices.
+        /// vsock, rng and net devices.
         others: usize,
     },
     /// A `--vsock` argument did not parse.
@@ -230,6 +235,22 @@ pub enum ConfigError {
     BadVsock {
         /// Its Unix socket path.
         path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A `--net` argument did not parse.
+    #[error("invalid --net '{spec}': {reason}")]
+    InvalidNetSpec {
+        /// The argument.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A NIC was refused.
+    #[error("NIC {index}: {problem}")]
+    BadNet {
+        /// Its position among the NICs, from 0 (the guest's `eth<index>`).
+        index: usize,
         /// What is wrong.
         problem: String,
     },
@@ -259,6 +280,7 @@ impl VmConfig {
             track_dirty_pages: false,
             vsock: None,
             rng: RngConfig::default(),
+            nets: Vec::new(),
         }
     }
 
@@ -362,7 +384,9 @@ impl VmConfig {
             vsock.validate()?;
         }
         self.rng.validate()?;
-        let others = usize::from(self.vsock.is_some()) + usize::from(self.rng.enabled);
+        net::validate_nets(&self.nets, &self.net_macs())?;
+        let others =
+            usize::from(self.vsock.is_some()) + usize::from(self.rng.enabled) + self.nets.len();
         if self.disks.len() + others > MAX_DISKS {
             return Err(ConfigError::TooManyDevices {
                 disks: self.disks.len(),
@@ -370,6 +394,28 @@ impl VmConfig {
             });
         }
         Ok(())
+    }
+
+    /// Each NIC's MAC address: the configured one, or a stable one derived from the config.
+    pub fn net_macs(&self) -> Vec<kiln_devices::virtio::net::MacAddress> {
+        let kernel = self.kernel.as_os_str().as_encoded_bytes();
+        let mut identity: Vec<&[u8]> = vec![kernel];
+        identity.extend(
+            self.disks
+                .iter()
+                .map(|disk| disk.path.as_os_str().as_encoded_bytes()),
+        );
+        if let Some(vsock) = &self.vsock {
+            identity.push(vsock.uds.as_os_str().as_encoded_bytes());
+        }
+        self.nets
+            .iter()
+            .enumerate()
+            .map(|(index, net)| {
+                net.mac
+                    .unwrap_or_else(|| default_mac(&identity, index, net))
+            })
+            .collect()
     }
 
     /// The full command line is ASCII and fits the boot protocol.

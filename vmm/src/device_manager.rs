@@ -18,11 +18,14 @@ use kiln_arch::layout::{VIRTIO_IRQ_FIRST, VIRTIO_IRQ_LAST, VIRTIO_MMIO_SIZE, VIR
 use kiln_devices::bus::{Bus, BusDevice, BusError};
 use kiln_devices::virtio::block::{Block, DiskError, DiskImage, DiskStats};
 use kiln_devices::virtio::mmio::{regs, MmioState, MmioTransport, TransportError, VirtioTransport};
+use kiln_devices::virtio::net::passt::{self, PasstOptions};
+use kiln_devices::virtio::net::tap::Tap;
+use kiln_devices::virtio::net::{Backend, MacAddress, Net};
 use kiln_devices::virtio::rng::Rng;
 use kiln_devices::virtio::vsock::{MuxerError, Vsock};
 use kiln_devices::virtio::{EventLoopHandle, PauseError, VirtioDevice};
 
-use crate::config::{disk_name, DiskConfig, RngConfig, VsockConfig};
+use crate::config::{disk_name, DiskConfig, NetConfig, RngConfig, VsockConfig};
 use crate::memory::GuestMemory;
 
 /// Number of virtio-mmio slots: one per IRQ line set aside for virtio.
@@ -81,6 +84,9 @@ pub enum DeviceError {
     /// The vsock device's Unix socket could not be set up.
     #[error("vsock: {0}")]
     Vsock(MuxerError),
+    /// A NIC's backend could not be opened or started.
+    #[error("{0}: {1}")]
+    Net(String, String),
     /// A host resource of a device could not be created.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
@@ -90,6 +96,8 @@ pub enum DeviceError {
 pub type BlockHandle = Arc<Mutex<MmioTransport<Block>>>;
 /// The vsock device's transport.
 pub type VsockHandle = Arc<Mutex<MmioTransport<Vsock>>>;
+/// A NIC's transport.
+pub type NetHandle = Arc<Mutex<MmioTransport<Net>>>;
 /// The entropy device's transport.
 pub type RngHandle = Arc<Mutex<MmioTransport<Rng>>>;
 
@@ -148,6 +156,7 @@ pub struct DeviceManager {
     disks: Vec<BlockHandle>,
     vsock: Option<VsockHandle>,
     rng: Option<RngHandle>,
+    nets: Vec<NetHandle>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -176,6 +185,7 @@ impl DeviceManager {
             disks: Vec::new(),
             vsock: None,
             rng: None,
+            nets: Vec::new(),
         }
     }
 
@@ -326,6 +336,39 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Adds the NICs (the guest's `eth0`, `eth1`, ...): TAP interfaces are opened and passt
+    /// children started here, so that a missing interface or program is reported before the
+    /// guest starts.
+    pub fn add_nets(
+        &mut self,
+        kvm: &dyn IrqAndIoEvents,
+        memory: &GuestMemory,
+        event_loop: &EventLoopHandle,
+        nets: &[NetConfig],
+        macs: &[MacAddress],
+    ) -> Result<(), DeviceError> {
+        for (index, (net, mac)) in nets.iter().zip(macs).enumerate() {
+            let what = format!("net{index} ({}, {mac})", net.backend_name());
+            let backend = open_backend(net).map_err(|err| DeviceError::Net(what.clone(), err))?;
+            let device = Net::new(
+                format!("net{index} ({})", net.backend_name()),
+                *mac,
+                backend,
+            )
+            .map_err(|err| DeviceError::Io(what.clone(), err))?;
+            let (transport, base, irq) =
+                self.add_virtio_device(kvm, memory, event_loop, device, what.clone())?;
+            self.nets.push(transport);
+            log::debug!("{what}: virtio-mmio at {base:#x}, IRQ {irq}");
+        }
+        Ok(())
+    }
+
+    /// The NICs' transports, in order.
+    pub fn nets(&self) -> &[NetHandle] {
+        &self.nets
+    }
+
     /// The vsock device's transport, if the VM has one.
     pub fn vsock(&self) -> Option<&VsockHandle> {
         self.vsock.as_ref()
@@ -469,6 +512,25 @@ impl DeviceManager {
         }
         Ok(())
     }
+}
+
+/// Opens a TAP interface or starts passt for a NIC.
+fn open_backend(net: &NetConfig) -> Result<Box<dyn Backend>, String> {
+    if let Some(name) = &net.tap {
+        return Ok(Box::new(Tap::open(name).map_err(|e| e.to_string())?));
+    }
+    if let Some(fd) = net.tap_fd {
+        // SAFETY: the user handed Kiln this descriptor for the NIC (`tap-fd=N`); nothing else
+        // in Kiln knows its number. `from_fd` checks it is an open TAP before owning it.
+        return Ok(Box::new(
+            unsafe { Tap::from_fd(fd) }.map_err(|e| e.to_string())?,
+        ));
+    }
+    let options = PasstOptions {
+        forwards: net.hostfwd.iter().map(|forward| forward.0).collect(),
+        ..PasstOptions::default()
+    };
+    Ok(Box::new(passt::spawn(&options).map_err(|e| e.to_string())?))
 }
 
 /// Locks a device, also after a panic on another thread (the transport's state stays valid:

@@ -194,6 +194,13 @@ impl Vm {
             virtio.add_vsock(&vm_fd, &memory, &loop_handle, vsock)?;
         }
         virtio.add_rng(&vm_fd, &memory, &loop_handle, &config.rng)?;
+        virtio.add_nets(
+            &vm_fd,
+            &memory,
+            &loop_handle,
+            &config.nets,
+            &config.net_macs(),
+        )?;
 
         let entry = match snapshot {
             None => load_guest(&memory, &config, &virtio)?,

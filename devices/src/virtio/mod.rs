@@ -14,6 +14,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 mod spec_values_tests;
@@ -273,6 +274,17 @@ pub trait VirtioDevice: Send {
     /// Restarts queue processing after [`pause`](Self::pause), serving whatever was notified
     /// in between.
     fn resume(&mut self) {}
+    /// State of its own the guest can observe and a snapshot must carry (a NIC's MAC and link
+    /// state), beyond the transport's; empty for most devices.
+    fn saved_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Takes back what [`saved_state`](Self::saved_state) gave, on a device just created from
+    /// the same config; an error names what does not fit.
+    fn restore_state(&mut self, saved: &[u8]) -> Result<(), String> {
+        let _ = saved;
+        Ok(())
+    }
 }
 
 /// The driver accepted a set of features the device cannot honour.

@@ -49,6 +49,9 @@ pub enum RestoreError {
     /// A queue the driver had set up lies outside this VM's memory.
     #[error("queue {0} of the snapshot is not inside guest memory")]
     QueueOutsideMemory(usize),
+    /// The device's own saved state does not fit it.
+    #[error("{0}")]
+    DeviceState(String),
     /// The device could not be activated again.
     #[error("the device could not be started again")]
     Activation,
@@ -127,6 +130,10 @@ pub struct MmioState {
     /// Each queue's position, as the device handed it back when it was paused; empty while
     /// running or inactive.
     pub queues: Vec<QueuePosition>,
+    /// What the device keeps of its own beyond the transport (see
+    /// [`VirtioDevice::saved_state`]); empty for most devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device: Vec<u8>,
 }
 
 impl<D: VirtioDevice> VirtioTransport for MmioTransport<D> {
@@ -183,6 +190,7 @@ impl<D: VirtioDevice> VirtioTransport for MmioTransport<D> {
             config_generation: self.interrupt.config_generation(),
             queue_registers: self.queues.iter().map(QueueRegisterState::from).collect(),
             queues: self.paused_queues.clone(),
+            device: self.device.saved_state(),
         }
     }
 
@@ -221,6 +229,9 @@ impl<D: VirtioDevice> VirtioTransport for MmioTransport<D> {
                 return Err(RestoreError::QueueOutsideMemory(index));
             }
         }
+        self.device
+            .restore_state(&state.device)
+            .map_err(RestoreError::DeviceState)?;
         self.status = state.status & !status::NEEDS_RESET;
         self.driver_features = state.driver_features;
         self.device_features_sel = state.device_features_sel;
