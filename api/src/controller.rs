@@ -170,14 +170,16 @@ impl Controller {
                 Ok(Response::no_content())
             }
             Action::PutMetrics(metrics) => self.put_metrics(metrics),
-            Action::PutEntropy(_) => Err(ApiError::bad_request(
-                "Entropy config error: Kiln's API does not attach an entropy device yet (kiln run --rng \
-                 does)",
-            )),
-            Action::PutNetworkInterface(_) => Err(ApiError::bad_request(
-                "Network config error: Kiln has no virtio-net device yet, so network interfaces \
-                 cannot be attached",
-            )),
+            Action::PutEntropy(entropy) => {
+                self.resources.put_entropy(entropy)?;
+                self.boot_path = true;
+                Ok(Response::no_content())
+            }
+            Action::PutNetworkInterface(interface) => {
+                self.resources.put_network_interface(interface)?;
+                self.boot_path = true;
+                Ok(Response::no_content())
+            }
             Action::PutVsock(vsock) => {
                 self.resources.put_vsock(vsock)?;
                 self.boot_path = true;

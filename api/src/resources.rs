@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 
-use kiln_vmm::config::{host_memory_mib, DiskConfig, HugePages, VsockConfig};
+use kiln_vmm::config::{
+    host_memory_mib, DiskConfig, HugePages, MacAddress, NetConfig, VsockConfig,
+};
 use kiln_vmm::{ConsoleConfig, VmConfig};
 
 use crate::model::*;
@@ -33,6 +35,11 @@ pub struct Resources {
     pub metrics: Option<Metrics>,
     /// `PUT /vsock`.
     pub vsock: Option<Vsock>,
+    /// `PUT /network-interfaces/{id}`, in the order they were first put (the guest's eth0,
+    /// eth1...).
+    pub network_interfaces: Vec<NetworkInterface>,
+    /// `PUT /entropy`.
+    pub entropy: Option<EntropyDevice>,
     /// Where the guest console goes (the process's stdio for `kiln fc`).
     pub console: ConsoleConfig,
 }
@@ -54,6 +61,8 @@ impl Resources {
             logger: None,
             metrics: None,
             vsock: None,
+            network_interfaces: Vec::new(),
+            entropy: None,
             console,
         }
     }
@@ -75,9 +84,13 @@ impl Resources {
         config.console = self.console.clone();
         config.disks = self.drives.iter().map(disk_config).collect();
         config.vsock = self.vsock.as_ref().map(vsock_config);
-        // Firecracker attaches an entropy device only on `PUT /entropy`, which Kiln's API does
-        // not take yet: no rng, unlike `kiln run`.
-        config.rng.enabled = false;
+        config.nets = self.network_interfaces.iter().map(net_config).collect();
+        // Firecracker attaches an entropy device only on `PUT /entropy` (unlike `kiln run`).
+        config.rng.enabled = self.entropy.is_some();
+        config.rng.rate_bytes_per_sec = self
+            .entropy
+            .as_ref()
+            .and_then(|entropy| entropy_rate(entropy).ok().flatten());
         config
     }
 
@@ -198,6 +211,76 @@ impl Resources {
         Ok(())
     }
 
+    /// Adds a network interface on a TAP device, or replaces the one with the same id.
+    pub fn put_network_interface(&mut self, interface: NetworkInterface) -> Result<(), ApiError> {
+        let refuse =
+            |message: String| ApiError::bad_request(format!("Network config error: {message}"));
+        for (field, limiter) in [
+            ("rx_rate_limiter", &interface.rx_rate_limiter),
+            ("tx_rate_limiter", &interface.tx_rate_limiter),
+        ] {
+            if limiter.as_ref().is_some_and(|r| !r.is_null()) {
+                return Err(refuse(format!(
+                    "{field} is not supported by Kiln: network interfaces are not rate limited"
+                )));
+            }
+        }
+        if interface.mtu.is_some() {
+            return Err(refuse(
+                "mtu is not supported by Kiln: its virtio-net device does not offer an MTU".into(),
+            ));
+        }
+        let mac = guest_mac(&interface).map_err(refuse)?;
+        let others = self
+            .network_interfaces
+            .iter()
+            .filter(|other| other.iface_id != interface.iface_id);
+        for other in others {
+            if other.host_dev_name == interface.host_dev_name {
+                return Err(refuse(format!(
+                    "The host device name {} is already in use.",
+                    interface.host_dev_name
+                )));
+            }
+            if mac.is_some() && guest_mac(other).ok().flatten() == mac {
+                return Err(refuse(format!(
+                    "The guest MAC address {} is already in use.",
+                    interface.guest_mac.clone().unwrap_or_default()
+                )));
+            }
+        }
+        let mut candidate = self.clone();
+        match candidate
+            .network_interfaces
+            .iter()
+            .position(|other| other.iface_id == interface.iface_id)
+        {
+            Some(index) => candidate.network_interfaces[index] = interface,
+            None => candidate.network_interfaces.push(interface),
+        }
+        candidate
+            .vm_config()
+            .validate_disks()
+            .map_err(|err| refuse(err.to_string()))?;
+        *self = candidate;
+        Ok(())
+    }
+
+    /// Attaches the entropy device (a second PUT replaces its settings).
+    pub fn put_entropy(&mut self, entropy: EntropyDevice) -> Result<(), ApiError> {
+        let refuse =
+            |message: String| ApiError::bad_request(format!("Entropy device error: {message}"));
+        entropy_rate(&entropy).map_err(refuse)?;
+        let mut candidate = self.clone();
+        candidate.entropy = Some(entropy);
+        candidate
+            .vm_config()
+            .validate_disks()
+            .map_err(|err| refuse(err.to_string()))?;
+        *self = candidate;
+        Ok(())
+    }
+
     /// The position of drive `id` among the guest's disks.
     pub fn drive_index(&self, id: &str) -> Option<usize> {
         self.drives.iter().position(|d| d.drive_id == id)
@@ -214,10 +297,69 @@ impl Resources {
             machine_config: self.machine.clone(),
             metrics: self.metrics.clone(),
             mmds_config: None,
-            network_interfaces: Vec::new(),
+            network_interfaces: self.network_interfaces.clone(),
             vsock: self.vsock.clone(),
-            entropy: None,
+            entropy: self.entropy.clone(),
         }
+    }
+}
+
+/// A Firecracker network interface as a Kiln NIC on the named TAP device (opened, or created
+/// when Kiln may, at `InstanceStart`).
+fn net_config(interface: &NetworkInterface) -> NetConfig {
+    NetConfig {
+        tap: Some(interface.host_dev_name.clone()),
+        mac: guest_mac(interface).ok().flatten(),
+        ..NetConfig::default()
+    }
+}
+
+/// The interface's `guest_mac`, parsed and checked (unicast, not all zeros).
+fn guest_mac(interface: &NetworkInterface) -> Result<Option<MacAddress>, String> {
+    interface
+        .guest_mac
+        .clone()
+        .map(|text| MacAddress::try_from(text).map_err(|err| format!("guest_mac: {err}")))
+        .transpose()
+}
+
+/// Firecracker's entropy rate limiter as Kiln's byte rate: its `bandwidth` bucket (`size` bytes
+/// every `refill_time` ms) is a rate; Kiln has no operations limit and no one-time burst.
+fn entropy_rate(entropy: &EntropyDevice) -> Result<Option<u64>, String> {
+    let Some(limiter) = entropy.rate_limiter.as_ref().filter(|r| !r.is_null()) else {
+        return Ok(None);
+    };
+    let unsupported =
+        |what: &str| format!("rate_limiter {what} is not supported by Kiln (only bandwidth)");
+    let object = limiter
+        .as_object()
+        .ok_or_else(|| "rate_limiter must be an object".to_string())?;
+    if let Some(key) = object
+        .keys()
+        .find(|key| !matches!(key.as_str(), "bandwidth" | "ops"))
+    {
+        return Err(format!("rate_limiter has an unknown field {key}"));
+    }
+    if object.get("ops").is_some_and(|ops| !ops.is_null()) {
+        return Err(unsupported("ops"));
+    }
+    let Some(bandwidth) = object.get("bandwidth").filter(|b| !b.is_null()) else {
+        return Ok(None);
+    };
+    let number = |key: &str| bandwidth.get(key).and_then(serde_json::Value::as_u64);
+    if bandwidth
+        .get("one_time_burst")
+        .is_some_and(|b| !b.is_null())
+    {
+        return Err(unsupported("bandwidth.one_time_burst"));
+    }
+    match (number("size"), number("refill_time")) {
+        (Some(size), Some(refill_ms)) if size > 0 && refill_ms > 0 => {
+            Ok(Some((size.saturating_mul(1000) / refill_ms).max(1)))
+        }
+        _ => Err(
+            "rate_limiter bandwidth needs size and refill_time as positive integers".to_string(),
+        ),
     }
 }
 

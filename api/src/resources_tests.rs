@@ -293,3 +293,122 @@ fn partuuid_boots_from_the_partition_and_long_ids_keep_the_default_serial() {
     assert!(config.disks[0].readonly);
     std::fs::remove_file(&a).unwrap();
 }
+
+fn interface(id: &str, tap: &str, mac: Option<&str>) -> NetworkInterface {
+    NetworkInterface {
+        iface_id: id.into(),
+        host_dev_name: tap.into(),
+        guest_mac: mac.map(String::from),
+        mtu: None,
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
+    }
+}
+
+fn net_error(resources: &mut Resources, interface: NetworkInterface) -> String {
+    let before = resources.clone();
+    let err = resources
+        .put_network_interface(interface)
+        .expect_err("refused");
+    assert_eq!(
+        *resources, before,
+        "a refused interface changed the resources"
+    );
+    err.message
+}
+
+#[test]
+fn network_interfaces_keep_their_order_and_are_replaced_by_id() {
+    let mut resources = resources();
+    let eth0 = interface("eth0", "tap0", Some("06:00:00:00:00:01"));
+    resources.put_network_interface(eth0).unwrap();
+    resources
+        .put_network_interface(interface("eth1", "tap1", None))
+        .unwrap();
+    // The same id again replaces it in place (a new TAP and MAC).
+    resources
+        .put_network_interface(interface("eth0", "tap2", Some("06:00:00:00:00:02")))
+        .unwrap();
+    let nets = resources.vm_config().nets;
+    let taps: Vec<_> = nets.iter().map(|n| n.tap.clone().unwrap()).collect();
+    assert_eq!(taps, ["tap2", "tap1"]);
+    assert_eq!(
+        nets[0].mac.map(String::from).as_deref(),
+        Some("06:00:00:00:00:02")
+    );
+    assert_eq!(nets[1].mac, None, "Kiln derives a stable MAC for eth1");
+}
+
+#[test]
+fn bad_network_interfaces_are_refused_with_the_reason() {
+    let mut resources = resources();
+    resources
+        .put_network_interface(interface("eth0", "tap0", Some("06:00:00:00:00:01")))
+        .unwrap();
+    assert_eq!(
+        net_error(
+            &mut resources,
+            interface("eth1", "tap1", Some("06:00:00:00:00:01"))
+        ),
+        "Network config error: The guest MAC address 06:00:00:00:00:01 is already in use."
+    );
+    assert_eq!(
+        net_error(&mut resources, interface("eth1", "tap0", None)),
+        "Network config error: The host device name tap0 is already in use."
+    );
+    let multicast = net_error(
+        &mut resources,
+        interface("eth1", "tap1", Some("01:00:5e:00:00:01")),
+    );
+    assert!(multicast.contains("guest_mac"), "{multicast}");
+    let malformed = net_error(&mut resources, interface("eth1", "tap1", Some("06:00:00")));
+    assert!(malformed.contains("guest_mac"), "{malformed}");
+    let mut limited = interface("eth1", "tap1", None);
+    limited.tx_rate_limiter = Some(serde_json::json!({"bandwidth": {"size": 1, "refill_time": 1}}));
+    assert!(net_error(&mut resources, limited).contains("tx_rate_limiter is not supported"));
+    let mut mtu = interface("eth1", "tap1", None);
+    mtu.mtu = Some(9000);
+    assert!(net_error(&mut resources, mtu).contains("mtu is not supported"));
+}
+
+#[test]
+fn entropy_attaches_the_rng_with_its_bandwidth_as_a_rate() {
+    let mut resources = resources();
+    assert!(
+        !resources.vm_config().rng.enabled,
+        "no entropy device before PUT /entropy"
+    );
+    resources
+        .put_entropy(EntropyDevice { rate_limiter: None })
+        .unwrap();
+    let rng = resources.vm_config().rng;
+    assert!(rng.enabled);
+    assert_eq!(rng.rate_bytes_per_sec, None);
+    let limited = serde_json::json!({"bandwidth": {"size": 1000, "refill_time": 100}});
+    resources
+        .put_entropy(EntropyDevice {
+            rate_limiter: Some(limited),
+        })
+        .unwrap();
+    assert_eq!(resources.vm_config().rng.rate_bytes_per_sec, Some(10_000));
+    for refused in [
+        serde_json::json!({"ops": {"size": 1, "refill_time": 1}}),
+        serde_json::json!({"bandwidth": {"size": 1, "refill_time": 1, "one_time_burst": 5}}),
+        serde_json::json!({"bandwidth": {"size": 0, "refill_time": 1}}),
+        serde_json::json!({"bandwidth": {"size": 10}}),
+        serde_json::json!({"weird": 1}),
+    ] {
+        let before = resources.clone();
+        let err = resources
+            .put_entropy(EntropyDevice {
+                rate_limiter: Some(refused.clone()),
+            })
+            .expect_err("refused");
+        assert!(
+            err.message.starts_with("Entropy device error: "),
+            "{refused}: {}",
+            err.message
+        );
+        assert_eq!(resources, before);
+    }
+}

@@ -14,6 +14,7 @@ mod memory;
 mod net;
 pub use channels::{RngConfig, VsockConfig};
 pub use disk::{disk_name, DiskConfig, MAX_DISKS};
+pub use kiln_devices::virtio::net::MacAddress;
 pub use memory::{HugePages, HUGE_PAGE_MIB, THP_SKIP_BYTES};
 pub use net::{default_mac, HostForward, NetConfig};
 
