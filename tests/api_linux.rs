@@ -3,7 +3,8 @@
 //! of `kiln run`) start `kiln --api-sock`, configure and boot the guest with `curl`, and the
 //! guest reports what it got. Also Firecracker's `--config-file` layout booting the same
 //! guest, a live drive swap, metrics, pause/resume that leaves the guest's clock alone, and
-//! `SendCtrlAltDel` rebooting the guest (which ends Kiln).
+//! `SendCtrlAltDel` rebooting the guest (which ends Kiln), and a NIC on a TAP plus the entropy
+//! device attached over the API.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -365,6 +366,61 @@ finish
                 .that(
                     outcome.console_value("ATKBD=") == Some("1"),
                     "the guest's AT keyboard driver should have bound to the i8042 keyboard",
+                )
+                .finish()
+        },
+    );
+
+    let net_script = format!(
+        "{PRELUDE}\n{}",
+        r#"
+start_kiln
+expect 204 PUT /boot-source "{\"kernel_image_path\": \"$KERNEL\", \"initrd_path\": \"$INITRD\", \"boot_args\": \"$BOOT_ARGS\"}"
+expect 204 PUT /network-interfaces/eth0 '{"iface_id": "eth0", "host_dev_name": "kfc0", "guest_mac": "06:00:0a:07:00:02"}'
+expect 400 PUT /network-interfaces/eth1 '{"iface_id": "eth1", "host_dev_name": "kfc0"}'
+expect 204 PUT /entropy '{}'
+expect 204 PUT /actions '{"action_type": "InstanceStart"}'
+# Kiln (root here) created the TAP when it built the VM: give the host its end of the link.
+tries=0
+until ip link show kfc0 >/dev/null 2>&1; do
+    tries=$((tries + 1))
+    if [ $tries -gt 600 ]; then
+        echo "API-FAILURE: no TAP kfc0 after InstanceStart"
+        kill "$KILN_PID"
+        finish
+    fi
+    sleep 0.1
+done
+ip addr add 10.7.0.1/24 dev kfc0 && ip link set kfc0 up
+finish
+"#
+    );
+    suite.guest(
+        GuestTest::new(
+            "network_interface_and_entropy_over_the_api",
+            "echo \"MAC=$(cat /sys/class/net/eth0/address)\"\n\
+             echo \"RNG=$(cat /sys/class/misc/hw_random/rng_current)\"\n\
+             ip link set eth0 up && ip addr add 10.7.0.2/24 dev eth0\n\
+             i=0\n\
+             until ping -c 1 -W 1 10.7.0.1 >/dev/null 2>&1 || [ $i -ge 60 ]; do i=$((i + 1)); done\n\
+             ping -c 3 -W 2 10.7.0.1 >/dev/null && echo PING-OK",
+        )
+        .host_only_script(net_script)
+        .timeout(Duration::from_secs(150)),
+        |outcome| {
+            outcome
+                .check()
+                .exit_code(0)
+                .console_lacks("API-FAILURE")
+                .console_contains("The host device name kfc0 is already in use.")
+                .console_contains("PING-OK")
+                .that(
+                    outcome.console_value("MAC=") == Some("06:00:0a:07:00:02"),
+                    "the guest's eth0 should have the guest_mac of PUT /network-interfaces",
+                )
+                .that(
+                    outcome.console_value("RNG=") == Some("virtio_rng.0"),
+                    "PUT /entropy should give the guest a virtio-rng",
                 )
                 .finish()
         },
