@@ -91,6 +91,9 @@ snapshot_and_kill() {
 LOAD_BODY="{\"snapshot_path\": \"$WORK/vm.state\", \"mem_backend\": {\"backend_type\": \"File\", \"backend_path\": \"$WORK/vm.mem\"}, \"resume_vm\": true}"
 "#;
 
+/// What Linux logs when it finds a virtio-mmio device twice (command line and ACPI DSDT).
+const PROBE_FAILED: &str = "can't request region";
+
 /// Lines the guest's loop writes (one every 0.2 s of guest time).
 const LOOP_LINES: u32 = 40;
 
@@ -215,6 +218,10 @@ cat "$WORK/kiln.before.log" "$WORK/kiln.log" >&2
                     "the first Kiln should have printed LOOP 1 to 8 before the snapshot",
                 )
                 .that(
+                    !before.contains(PROBE_FAILED) && !before.contains("failed with error"),
+                    "the guest found its disk twice at boot (a virtio-mmio probe failed)",
+                )
+                .that(
                     !loop_numbers(after).is_empty() && after.contains("UNMOUNTED"),
                     "the restored guest should go on counting and unmount its disk",
                 )
@@ -314,6 +321,10 @@ cat "$WORK/kiln.before.log" "$WORK/kiln.log" >&2
                 .that(
                     !before.contains("CONN-DONE"),
                     "no connection should have ended before the snapshot",
+                )
+                .that(
+                    !before.contains(PROBE_FAILED) && !before.contains("failed with error"),
+                    "the guest found its vsock device twice at boot (a virtio-mmio probe failed)",
                 )
                 .that(
                     outcome.console_value("NEW_STATUS=") == Some("0")
