@@ -97,12 +97,15 @@ const PROBE_FAILED: &str = "can't request region";
 /// Lines the guest's loop writes (one every 0.2 s of guest time).
 const LOOP_LINES: u32 = 40;
 
-/// Every `LOOP n` number on a console, in order.
+/// Every `LOOP n` number on a console, in order (a kernel message can follow on the same line).
 fn loop_numbers(console: &str) -> Vec<u32> {
     console
         .lines()
-        .filter_map(|line| line.trim_end_matches('\r').strip_prefix("LOOP "))
-        .filter_map(|number| number.trim().parse().ok())
+        .filter_map(|line| line.strip_prefix("LOOP "))
+        .filter_map(|rest| {
+            let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            rest[..digits].parse().ok()
+        })
         .collect()
 }
 
