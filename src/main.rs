@@ -82,6 +82,10 @@ struct RestoreArgs {
     /// snapshot disk's].
     #[arg(long = "disk", value_name = "N=IMAGE[,format=raw|qcow2]", value_parser = parse_disk_override)]
     disks: Vec<DiskOverride>,
+    /// The Unix socket the snapshot's vsock device listens on instead of its own (each clone
+    /// of a vsock guest needs its own).
+    #[arg(long = "vsock-uds", value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
 }
 
 fn parse_disk_override(text: &str) -> Result<DiskOverride, String> {
@@ -360,6 +364,7 @@ fn restore(args: RestoreArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error>
     let mut restore = RestoreConfig::new(args.state, args.memory_file);
     restore.console = args.console;
     restore.disk_overrides = args.disks;
+    restore.vsock_uds = args.vsock_uds;
     let vm = Vm::restore(&restore, start)?;
     log::info!(
         "restored in {:.1} ms",
@@ -525,6 +530,8 @@ mod tests {
             "m",
             "--disk",
             "2=/copy.img",
+            "--vsock-uds",
+            "/run/clone.sock",
         ])
         .expect("valid arguments")
         .command
@@ -532,6 +539,7 @@ mod tests {
             panic!("not a restore command");
         };
         assert_eq!(args.disks, vec![DiskOverride::new(1, "/copy.img")]);
+        assert_eq!(args.vsock_uds, Some(PathBuf::from("/run/clone.sock")));
         assert_eq!(args.console, ConsoleConfig::Stdio);
         assert_eq!(
             parse_disk_override("1=/a,b.qcow2,format=qcow2"),

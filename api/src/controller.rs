@@ -270,12 +270,12 @@ impl Controller {
                 "network_overrides is not supported by Kiln: it has no network devices yet".into(),
             ));
         }
-        if params.vsock_override.as_ref().is_some_and(|o| !o.is_null()) {
-            return Err(refuse(
-                "vsock_override is not supported by Kiln: the restored vsock device listens on \
-                 the snapshot's uds_path again"
-                    .into(),
-            ));
+        if params
+            .vsock_override
+            .as_ref()
+            .is_some_and(|o| o.uds_path.trim().is_empty())
+        {
+            return Err(refuse("vsock_override: uds_path is empty".into()));
         }
         if params.clock_realtime == Some(true) {
             return Err(refuse(
@@ -290,6 +290,10 @@ impl Controller {
         restore.console = self.resources.console.clone();
         restore.resume = params.resume_vm;
         restore.track_dirty_pages = params.track_dirty_pages.or(params.enable_diff_snapshots);
+        restore.vsock_uds = params
+            .vsock_override
+            .as_ref()
+            .map(|o| std::path::PathBuf::from(&o.uds_path));
         let vm = Vm::restore(&restore, Instant::now()).map_err(|err| refuse(err.to_string()))?;
         let running = vm.start().map_err(|err| refuse(err.to_string()))?;
         // What GET /vm/config shows from now on: the snapshot's machine and disks.
@@ -318,7 +322,12 @@ impl Controller {
             .collect();
         self.resources.vsock = config.vsock.as_ref().map(|vsock| Vsock {
             guest_cid: u32::try_from(vsock.cid).unwrap_or(u32::MAX),
-            uds_path: vsock.uds.to_string_lossy().into_owned(),
+            uds_path: restore
+                .vsock_uds
+                .as_deref()
+                .unwrap_or(&vsock.uds)
+                .to_string_lossy()
+                .into_owned(),
             vsock_id: None,
         });
         self.vm = Some(running.handle());

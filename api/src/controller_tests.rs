@@ -552,3 +552,6 @@ fn put_vsock_attaches_a_vsock_device_and_checks_it_first() {
         .expect("the VM config has the vsock device");
     assert_eq!((vsock.cid, vsock.uds), (7, uds));
 }
+
+#[path = "controller_vsock_override_tests.rs"]
+mod vsock_override;

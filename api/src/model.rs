@@ -331,6 +331,14 @@ pub struct MemoryBackend {
     pub backend_path: String,
 }
 
+/// `vsock_override` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The Unix socket the restored vsock device listens on instead of the snapshot's.
+    pub uds_path: String,
+}
+
 /// `PUT /snapshot/load`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -355,9 +363,9 @@ pub struct SnapshotLoadParams {
     /// New TAP devices for network interfaces (Kiln has none).
     #[serde(default)]
     pub network_overrides: Option<Vec<serde_json::Value>>,
-    /// A new vsock socket (not supported: the snapshot's is used).
+    /// A new Unix socket for the vsock device (clones each need their own).
     #[serde(default)]
-    pub vsock_override: Option<serde_json::Value>,
+    pub vsock_override: Option<VsockOverride>,
     /// Advance kvmclock by the wall-clock time since the snapshot (not in Kiln).
     #[serde(default)]
     pub clock_realtime: Option<bool>,

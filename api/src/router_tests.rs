@@ -373,6 +373,30 @@ fn snapshot_requests_parse() {
     assert!(
         fault(Method::Put, "/snapshot/load", Some("{}")).contains("missing field `snapshot_path`")
     );
+    match parse(
+        Method::Put,
+        "/snapshot/load",
+        Some(r#"{"snapshot_path": "/s", "mem_file_path": "/m", "vsock_override": {"uds_path": "/c.sock"}}"#),
+    )
+    .unwrap()
+    {
+        Action::LoadSnapshot(load) => {
+            assert_eq!(load.vsock_override.unwrap().uds_path, "/c.sock");
+        }
+        other => panic!("{other:?}"),
+    }
+    let message = fault(
+        Method::Put,
+        "/snapshot/load",
+        Some(r#"{"snapshot_path": "/s", "vsock_override": {"uds_path": "/c", "cid": 4}}"#),
+    );
+    assert!(message.contains("unknown field `cid`"), "{message}");
+    let message = fault(
+        Method::Put,
+        "/snapshot/load",
+        Some(r#"{"snapshot_path": "/s", "vsock_override": {}}"#),
+    );
+    assert!(message.contains("missing field `uds_path`"), "{message}");
     assert!(fault(Method::Put, "/snapshot/other", Some("{}")).contains("Invalid request"));
 }
 

@@ -307,6 +307,27 @@ impl VmConfig {
         self.kernel_cmdline(&[])
     }
 
+    /// Whether the kernel is told to ignore ACPI (`acpi=off` among the kernel's arguments, i.e.
+    /// before a `--`). Virtio devices are then announced on the command line instead of in the
+    /// DSDT: the guest must find each device exactly once (a second announcement of the same
+    /// window fails to probe with `-EBUSY`).
+    pub fn acpi_off(&self) -> bool {
+        let kernel_args = self
+            .cmdline
+            .as_deref()
+            .unwrap_or_default()
+            .split_whitespace()
+            .take_while(|arg| *arg != "--");
+        let mut off = false;
+        for arg in kernel_args {
+            // The last `acpi=` wins, as in the kernel.
+            if let Some(value) = arg.strip_prefix("acpi=") {
+                off = value == "off";
+            }
+        }
+        off
+    }
+
     /// The kernel command line with `device_args` (the device manager's `virtio_mmio.device=`
     /// entries) after Kiln's defaults and the root disk, and before the user's arguments, which
     /// may end in `-- ARGS FOR INIT`.

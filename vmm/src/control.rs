@@ -27,6 +27,7 @@ use crate::snapshot::{
 
 /// The page size of dirty tracking (KVM's and vm-memory's).
 const PAGE: usize = 4096;
+use crate::pvclock::guest_kvmclock_at;
 use crate::vcpu::VcpuThreads;
 
 /// What the VMM thread needs to answer requests.
@@ -42,11 +43,68 @@ pub(crate) struct Controller<'a> {
     /// kvmclock as the last pause left it: resume sets it back, so that the guest's clock does
     /// not jump by the time it was paused.
     pub(crate) frozen_clock: Option<kvm_bindings::kvm_clock_data>,
+    /// Each vCPU's guest TSC, read together with `frozen_clock` (only when it was read): resume
+    /// and snapshots put it back with kvmclock, so that the two clocks the guest compares
+    /// (its clocksource watchdog) stay consistent across the pause.
+    pub(crate) frozen_tscs: Option<Vec<u64>>,
     /// The memory files of the last snapshot taken (or restored from): what a diff layers on.
     pub(crate) layers: Vec<MemoryLayer>,
 }
 
 impl Controller<'_> {
+    /// Reads each vCPU's TSC (the vCPUs are parked) and kvmclock as the guest sees it at that
+    /// TSC (see [`crate::pvclock`]): the guest time a resume or a snapshot continues from.
+    pub(crate) fn freeze_time(&mut self) {
+        self.frozen_clock = read_clock(self.vm_fd);
+        self.frozen_tscs = None;
+        let Some(clock) = self.frozen_clock.as_mut() else {
+            return;
+        };
+        match self.threads.read_tscs() {
+            Ok(readings) => {
+                // kvmclock as the guest reads it at vCPU 0's TSC: the same instant for both.
+                if let Some(ns) = readings.first().and_then(|first| {
+                    guest_kvmclock_at(self.memory, first.system_time_msr, first.tsc)
+                }) {
+                    log::debug!(
+                        "guest time frozen: TSC {:?}, kvmclock {ns} (KVM_GET_CLOCK {})",
+                        readings.first().map(|r| r.tsc),
+                        clock.clock
+                    );
+                    clock.clock = ns;
+                }
+                self.frozen_tscs = Some(readings.iter().map(|reading| reading.tsc).collect());
+            }
+            Err(err) => log::warn!(
+                "cannot read the vCPUs' TSC at pause: {err}; the guest's TSC and kvmclock \
+                 will disagree after the pause"
+            ),
+        }
+    }
+
+    /// Sets the TSCs and then kvmclock back to what [`freeze_time`](Self::freeze_time) read,
+    /// back to back: both continue from the pause, so the guest sees neither jump nor the
+    /// two disagree (a TSC left running while kvmclock stood still makes Linux's watchdog
+    /// mark the TSC unstable).
+    fn thaw_time(&mut self) {
+        let mut tsc_written = None;
+        if let Some(tscs) = self.frozen_tscs.take() {
+            match self.threads.write_tscs(&tscs) {
+                Ok(written) => tsc_written = written,
+                Err(err) => log::warn!("cannot set the vCPUs' TSC back at resume: {err}"),
+            }
+        }
+        if let Some(mut clock) = self.frozen_clock.take() {
+            // The TSC has been running since its write: kvmclock starts as far along.
+            if let Some(written) = tsc_written {
+                clock.clock = clock
+                    .clock
+                    .wrapping_add(written.elapsed().as_nanos() as u64);
+            }
+            thaw_clock(self.vm_fd, clock);
+        }
+    }
+
     /// Carries out one request.
     pub(crate) fn serve(
         &mut self,
@@ -63,7 +121,7 @@ impl Controller<'_> {
                     self.threads.run_all()?;
                     return Err(err.into());
                 }
-                self.frozen_clock = read_clock(self.vm_fd);
+                self.freeze_time();
                 *paused = true;
                 self.handle.set_state(VmState::Paused);
                 log::debug!("VM paused");
@@ -71,9 +129,7 @@ impl Controller<'_> {
             }
             Request::Resume if !*paused => Ok(Answer::Done),
             Request::Resume => {
-                if let Some(clock) = self.frozen_clock.take() {
-                    thaw_clock(self.vm_fd, clock);
-                }
+                self.thaw_time();
                 self.virtio.resume_all();
                 self.threads.run_all()?;
                 *paused = false;
@@ -165,11 +221,17 @@ impl Controller<'_> {
                 .into());
             }
         }
-        let vcpus = self.threads.save_all()?;
+        let mut vcpus = self.threads.save_all()?;
         let mut irqchip = save_vm_state(self.vm_fd)?;
         if let Some(frozen) = self.frozen_clock {
-            // The guest's time stopped at the pause; kvmclock itself went on.
+            // The guest's time stopped at the pause; kvmclock and the TSC themselves went on.
+            // Both are saved as the pause read them, so that they restore consistent.
             irqchip.clock = frozen;
+            if let Some(tscs) = &self.frozen_tscs {
+                for (vcpu, &tsc) in vcpus.iter_mut().zip(tscs) {
+                    vcpu.set_tsc(tsc);
+                }
+            }
         }
         let serial = self
             .serial

@@ -21,6 +21,7 @@ pub mod kvm;
 pub mod loader;
 pub mod memory;
 pub mod metrics;
+mod pvclock;
 pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;

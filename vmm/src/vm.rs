@@ -143,6 +143,19 @@ impl Vm {
         if let Some(track) = restore.track_dirty_pages {
             config.track_dirty_pages = track;
         }
+        if let Some(uds) = &restore.vsock_uds {
+            let Some(vsock) = config.vsock.as_mut() else {
+                return Err(SnapshotError::Device(
+                    "vsock".into(),
+                    format!(
+                        "a socket path ('{}') was given for a vsock device the snapshot does not have",
+                        uds.display()
+                    ),
+                )
+                .into());
+            };
+            vsock.uds.clone_from(uds);
+        }
         if snapshot.vcpus.len() != usize::from(config.cpus) {
             return Err(SnapshotError::Corrupt {
                 path: restore.state.clone(),
@@ -250,14 +263,22 @@ impl Vm {
             &kvm, &vm_fd, &memory, &config, entry, io_bus, mmio_bus, &exit, &exits,
         )?;
         if let Some((saved, _)) = snapshot {
-            for (vcpu, state) in vcpus.iter_mut().zip(&saved.vcpus) {
-                state.restore(&vcpu.fd, &vcpu.cpuid).map_err(|source| {
-                    Error::Vcpu(crate::vcpu::VcpuError::State {
-                        id: vcpu.id,
-                        source,
-                    })
-                })?;
+            for (index, (vcpu, state)) in vcpus.iter_mut().zip(&saved.vcpus).enumerate() {
+                let tsc_written = state
+                    .restore_timed(&vcpu.fd, &vcpu.cpuid)
+                    .map_err(|source| {
+                        Error::Vcpu(crate::vcpu::VcpuError::State {
+                            id: vcpu.id,
+                            source,
+                        })
+                    })?;
                 vcpu.cpuid.clone_from(&state.cpuid);
+                if index == 0 {
+                    log::debug!("TSC restored to {:?}", state.tsc());
+                    // From the first TSC write on (KVM gives the other vCPUs, written within a
+                    // second with matching values, the same TSC offset).
+                    restore_clock(&vm_fd, &saved.irqchip, tsc_written)?;
+                }
             }
             virtio.restore_states(&saved.virtio)?;
             if let Some(vsock) = virtio.vsock() {
@@ -401,13 +422,13 @@ impl Vm {
             serial: &self.devices.serial,
             i8042: &self.devices.i8042,
             config: &self.config,
-            frozen_clock: if paused {
-                crate::control::read_clock(&self.vm_fd)
-            } else {
-                None
-            },
+            frozen_clock: None,
+            frozen_tscs: None,
             layers: std::mem::take(&mut self.memory_layers),
         };
+        if paused {
+            controller.freeze_time();
+        }
         let mut loop_result = Ok(());
         while loop_result.is_ok() {
             if watcher.lock().unwrap_or_else(|p| p.into_inner()).stopping() {
@@ -504,7 +525,14 @@ fn load_guest(
         Some(path) => Some(load_initrd(memory, path, kernel.end)?),
         None => None,
     };
-    let cmdline = config.kernel_cmdline(&virtio.cmdline_args());
+    // One announcement per device: the DSDT when the guest reads ACPI, the command line when
+    // it does not (with both, the copy found second fails with "can't request region").
+    let device_args = if config.acpi_off() {
+        virtio.cmdline_args()
+    } else {
+        Vec::new()
+    };
+    let cmdline = config.kernel_cmdline(&device_args);
     let cmdline_size = load_cmdline(memory, &cmdline)?;
     log::debug!("kernel command line: {cmdline}");
     configure_platform(
@@ -531,7 +559,7 @@ fn host_cpuid(kvm: &KvmHost, cpus: u8) -> Result<kvm_bindings::CpuId, Error> {
     Ok(cpuid)
 }
 
-/// Puts the interrupt controllers, the PIT and kvmclock back as a snapshot saved them.
+/// Puts the interrupt controllers and the PIT back as a snapshot saved them.
 fn restore_vm_state(vm_fd: &VmFd, saved: &SavedIrqchip) -> Result<(), Error> {
     let kvm = |what| move |err| Error::from(SnapshotError::Kvm(what, err));
     for chip in [&saved.pic_master, &saved.pic_slave, &saved.ioapic] {
@@ -540,13 +568,30 @@ fn restore_vm_state(vm_fd: &VmFd, saved: &SavedIrqchip) -> Result<(), Error> {
             .map_err(kvm("restore the interrupt controllers"))?;
     }
     vm_fd.set_pit2(&saved.pit).map_err(kvm("restore the PIT"))?;
-    // The guest's clock continues from the snapshot's time (no flags: no realtime catch-up).
+    Ok(())
+}
+
+/// Puts kvmclock back as the snapshot saved it (no flags: no realtime catch-up), plus the time
+/// since the guest TSC was written at `tsc_written`: the TSC runs on from its write, so both
+/// clocks continue from the same instant of guest time (Linux's clocksource watchdog compares
+/// them and marks the TSC unstable when they disagree by more than about half a millisecond).
+fn restore_clock(
+    vm_fd: &VmFd,
+    saved: &SavedIrqchip,
+    tsc_written: std::time::Instant,
+) -> Result<(), Error> {
+    let since_tsc = tsc_written.elapsed().as_nanos() as u64;
+    log::debug!(
+        "kvmclock restored to {} + {since_tsc} ns since the TSC write",
+        saved.clock.clock
+    );
     let clock = kvm_bindings::kvm_clock_data {
-        clock: saved.clock.clock,
+        clock: saved.clock.clock.wrapping_add(since_tsc),
         ..Default::default()
     };
-    vm_fd.set_clock(&clock).map_err(kvm("restore kvmclock"))?;
-    Ok(())
+    vm_fd
+        .set_clock(&clock)
+        .map_err(|err| Error::from(SnapshotError::Kvm("restore kvmclock", err)))
 }
 
 fn configure_platform(

@@ -312,3 +312,18 @@ fn validation_checks_vsock_rng_and_the_slot_count() {
     full.disks.clear();
     assert_eq!(full.validate(None), Ok(()));
 }
+
+#[test]
+fn acpi_off_is_read_from_the_kernel_arguments_only_and_the_last_one_wins() {
+    let mut config = valid_config();
+    assert!(!config.acpi_off());
+    config.cmdline = Some("quiet acpi=off".into());
+    assert!(config.acpi_off());
+    config.cmdline = Some("acpi=off acpi=force".into());
+    assert!(!config.acpi_off());
+    // After `--` the arguments are init's.
+    config.cmdline = Some("quiet -- acpi=off".into());
+    assert!(!config.acpi_off());
+    config.cmdline = Some("acpi=offline".into());
+    assert!(!config.acpi_off());
+}

@@ -26,6 +26,9 @@ pub struct RestoreConfig {
     pub resume: bool,
     /// Track dirty pages (for diff snapshots of the restored VM); None: as the snapshot's VM.
     pub track_dirty_pages: Option<bool>,
+    /// The Unix socket the restored vsock device listens on instead of the snapshot's (clones
+    /// of one snapshot each need their own; Firecracker's `vsock_override`).
+    pub vsock_uds: Option<PathBuf>,
 }
 
 /// An image used instead of one of the snapshot's disks, e.g. a clone's own copy or overlay.
@@ -61,6 +64,7 @@ impl RestoreConfig {
             disk_overrides: Vec::new(),
             resume: true,
             track_dirty_pages: None,
+            vsock_uds: None,
         }
     }
 }

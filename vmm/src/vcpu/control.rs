@@ -39,6 +39,10 @@ pub enum VcpuCommand {
     SaveState,
     /// Write the vCPU's state (only while paused).
     RestoreState(Box<VcpuState>),
+    /// Read the guest TSC (only while paused).
+    ReadTsc,
+    /// Set the guest TSC (only while paused).
+    WriteTsc(u64),
     /// End the thread.
     Stop,
 }
@@ -50,6 +54,8 @@ impl VcpuCommand {
             VcpuCommand::Pause => "pause",
             VcpuCommand::SaveState => "save state",
             VcpuCommand::RestoreState(_) => "restore state",
+            VcpuCommand::ReadTsc => "read the TSC",
+            VcpuCommand::WriteTsc(_) => "write the TSC",
             VcpuCommand::Stop => "stop",
         }
     }
@@ -65,6 +71,8 @@ impl VcpuCommand {
 enum VcpuReply {
     Done,
     Saved(Box<VcpuState>),
+    Tsc(super::state::TscReading),
+    TscWritten(Instant),
     Refused(VcpuError),
 }
 
@@ -122,6 +130,17 @@ fn vcpu_thread(
                         vcpu.cpuid = state.cpuid;
                         VcpuReply::Done
                     }
+                    Err(source) => VcpuReply::Refused(VcpuError::State { id, source }),
+                },
+                VcpuCommand::ReadTsc | VcpuCommand::WriteTsc(_) if running => {
+                    VcpuReply::Refused(VcpuError::NotPaused(id))
+                }
+                VcpuCommand::ReadTsc => match super::state::read_tsc(&vcpu.fd) {
+                    Ok(tsc) => VcpuReply::Tsc(tsc),
+                    Err(source) => VcpuReply::Refused(VcpuError::State { id, source }),
+                },
+                VcpuCommand::WriteTsc(tsc) => match super::state::write_tsc(&vcpu.fd, tsc) {
+                    Ok(written) => VcpuReply::TscWritten(written),
                     Err(source) => VcpuReply::Refused(VcpuError::State { id, source }),
                 },
                 VcpuCommand::Stop => {
@@ -204,7 +223,10 @@ impl VcpuHandle {
     fn command(&self, command: VcpuCommand) -> Result<(), VcpuError> {
         match self.send(command)? {
             VcpuReply::Refused(err) => Err(err),
-            VcpuReply::Done | VcpuReply::Saved(_) => Ok(()),
+            VcpuReply::Done
+            | VcpuReply::Saved(_)
+            | VcpuReply::Tsc(_)
+            | VcpuReply::TscWritten(_) => Ok(()),
         }
     }
 }
@@ -275,7 +297,10 @@ impl VcpuThreads {
                 .and_then(|()| handle.answer(name))
                 .and_then(|reply| match reply {
                     VcpuReply::Refused(err) => Err(err),
-                    VcpuReply::Done | VcpuReply::Saved(_) => Ok(()),
+                    VcpuReply::Done
+                    | VcpuReply::Saved(_)
+                    | VcpuReply::Tsc(_)
+                    | VcpuReply::TscWritten(_) => Ok(()),
                 });
             match result {
                 Err(VcpuError::Gone(_)) if gone_is_fine => {}
@@ -295,9 +320,44 @@ impl VcpuThreads {
             .map(|handle| match handle.send(VcpuCommand::SaveState)? {
                 VcpuReply::Saved(state) => Ok(*state),
                 VcpuReply::Refused(err) => Err(err),
-                VcpuReply::Done => Err(VcpuError::Gone(handle.id)),
+                VcpuReply::Done | VcpuReply::Tsc(_) | VcpuReply::TscWritten(_) => {
+                    Err(VcpuError::Gone(handle.id))
+                }
             })
             .collect()
+    }
+
+    /// Reads every vCPU's guest TSC (and kvmclock MSR); the vCPUs must be paused.
+    pub fn read_tscs(&self) -> Result<Vec<super::state::TscReading>, VcpuError> {
+        self.handles
+            .iter()
+            .map(|handle| match handle.send(VcpuCommand::ReadTsc)? {
+                VcpuReply::Tsc(tsc) => Ok(tsc),
+                VcpuReply::Refused(err) => Err(err),
+                VcpuReply::Done | VcpuReply::Saved(_) | VcpuReply::TscWritten(_) => {
+                    Err(VcpuError::Gone(handle.id))
+                }
+            })
+            .collect()
+    }
+
+    /// Sets each vCPU's guest TSC, in order; the vCPUs must be paused. Returns when the first
+    /// write took effect (KVM gives the others, written within a second with matching values,
+    /// the same TSC offset).
+    pub fn write_tscs(&self, tscs: &[u64]) -> Result<Option<Instant>, VcpuError> {
+        let mut first = None;
+        for (handle, &tsc) in self.handles.iter().zip(tscs) {
+            match handle.send(VcpuCommand::WriteTsc(tsc))? {
+                VcpuReply::TscWritten(at) => {
+                    first.get_or_insert(at);
+                }
+                VcpuReply::Refused(err) => return Err(err),
+                VcpuReply::Done | VcpuReply::Saved(_) | VcpuReply::Tsc(_) => {
+                    return Err(VcpuError::Gone(handle.id))
+                }
+            }
+        }
+        Ok(first)
     }
 
     /// Writes each vCPU's state, in order; the vCPUs must be paused.

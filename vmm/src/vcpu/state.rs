@@ -10,6 +10,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::time::Instant;
 
 /// Why a vCPU's state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +124,16 @@ impl VcpuState {
         fd: &VcpuFd,
         current_cpuid: &[kvm_cpuid_entry2],
     ) -> Result<(), StateError> {
+        self.restore_timed(fd, current_cpuid).map(|_| ())
+    }
+
+    /// [`restore`](Self::restore), returning when the MSRs (with the TSC) were written: the
+    /// guest TSC runs on from there, and kvmclock must be set to match.
+    pub fn restore_timed(
+        &self,
+        fd: &VcpuFd,
+        current_cpuid: &[kvm_cpuid_entry2],
+    ) -> Result<Instant, StateError> {
         if self.cpuid != current_cpuid {
             let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| StateError {
                 action: "write",
@@ -149,6 +160,7 @@ impl VcpuState {
             .map_err(write_error("debug registers"))?;
         fd.set_lapic(&self.lapic)
             .map_err(write_error("local APIC"))?;
+        let before_msrs = Instant::now();
         for chunk in self.msrs.chunks(MSRS_PER_CALL) {
             let msrs = msr_list(chunk, "write")?;
             let written = fd.set_msrs(&msrs).map_err(write_error("MSRs"))?;
@@ -161,9 +173,99 @@ impl VcpuState {
                 });
             }
         }
+        let msrs_written = midpoint(before_msrs, Instant::now());
         fd.set_vcpu_events(&self.events)
             .map_err(write_error("pending events"))?;
-        Ok(())
+        Ok(msrs_written)
+    }
+}
+
+/// `IA32_TIME_STAMP_COUNTER`: the guest's TSC.
+pub const MSR_IA32_TSC: u32 = 0x10;
+
+impl VcpuState {
+    /// Replaces the saved guest TSC (the value kvmclock was frozen with at the pause, so that
+    /// the two clocks restore consistent with each other).
+    pub fn set_tsc(&mut self, tsc: u64) {
+        match self.msrs.iter_mut().find(|msr| msr.index == MSR_IA32_TSC) {
+            Some(msr) => msr.data = tsc,
+            None => self.msrs.push(kvm_msr_entry {
+                index: MSR_IA32_TSC,
+                data: tsc,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// The saved guest TSC, if the MSRs hold it.
+    pub fn tsc(&self) -> Option<u64> {
+        self.msrs
+            .iter()
+            .find(|msr| msr.index == MSR_IA32_TSC)
+            .map(|msr| msr.data)
+    }
+}
+
+/// A vCPU's guest TSC and, read with it, where its pvclock structure is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TscReading {
+    /// `IA32_TSC`.
+    pub tsc: u64,
+    /// `MSR_KVM_SYSTEM_TIME_NEW` (0 when the vCPU has none).
+    pub system_time_msr: u64,
+}
+
+/// Reads the guest TSC of a vCPU that is not running, with its kvmclock MSR.
+pub fn read_tsc(fd: &VcpuFd) -> Result<TscReading, StateError> {
+    let entry = |index| kvm_msr_entry {
+        index,
+        ..Default::default()
+    };
+    let mut msrs = msr_list(
+        &[
+            entry(MSR_IA32_TSC),
+            entry(crate::pvclock::MSR_KVM_SYSTEM_TIME_NEW),
+        ],
+        "read",
+    )?;
+    let read = fd.get_msrs(&mut msrs).map_err(read_error("TSC"))?;
+    let values = msrs.as_slice();
+    if read == 0 {
+        return Err(StateError {
+            action: "read",
+            what: "TSC",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        });
+    }
+    Ok(TscReading {
+        tsc: values[0].data,
+        system_time_msr: if read > 1 { values[1].data } else { 0 },
+    })
+}
+
+/// The instant halfway between `from` and `to`: the best guess of when an ioctl between the
+/// two took effect.
+fn midpoint(from: Instant, to: Instant) -> Instant {
+    from + to.saturating_duration_since(from) / 2
+}
+
+/// Sets the guest TSC of a vCPU that is not running (KVM_SET_MSRS, as a restore does);
+/// returns when it took effect.
+pub fn write_tsc(fd: &VcpuFd, tsc: u64) -> Result<Instant, StateError> {
+    let entry = kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        data: tsc,
+        ..Default::default()
+    };
+    let msrs = msr_list(&[entry], "write")?;
+    let before = Instant::now();
+    match fd.set_msrs(&msrs).map_err(write_error("TSC"))? {
+        1 => Ok(midpoint(before, Instant::now())),
+        _ => Err(StateError {
+            action: "write",
+            what: "TSC",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        }),
     }
 }
 
