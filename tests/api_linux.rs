@@ -11,70 +11,18 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use kiln_test_harness::host_scripts::API_SCRIPT_PRELUDE;
 use kiln_test_harness::{CheckFailure, DiskOptions, GuestOutcome, GuestTest, Suite};
 
-/// Shell functions every host-only script starts with.
-const PRELUDE: &str = r#"
-set -u
-SOCK="$WORK/api.sock"
-# api METHOD PATH [BODY]: prints the status; the body lands in $WORK/answer.
-api() {
-    if [ $# -ge 3 ]; then
-        curl -sS --unix-socket "$SOCK" -X "$1" "http://localhost$2" \
-            -H 'Content-Type: application/json' -d "$3" -o "$WORK/answer" -w '%{http_code}'
-    else
-        curl -sS --unix-socket "$SOCK" -X "$1" "http://localhost$2" -o "$WORK/answer" -w '%{http_code}'
-    fi
-}
-# expect STATUS METHOD PATH [BODY]
-expect() {
-    want=$1
-    shift
-    got=$(api "$@")
-    echo "API $1 $2 -> $got $(cat "$WORK/answer" 2>/dev/null)"
-    if [ "$got" != "$want" ]; then
-        echo "API-FAILURE: $1 $2 answered $got, expected $want"
-        kill "$KILN_PID" 2>/dev/null
-        cat "$WORK/kiln.log" >&2
-        exit 1
-    fi
-}
-start_kiln() {
-    "$KILN" --api-sock "$SOCK" "$@" >"$WORK/console" 2>"$WORK/kiln.log" &
-    KILN_PID=$!
-    tries=0
-    while [ ! -S "$SOCK" ]; do
-        tries=$((tries + 1))
-        if [ $tries -gt 1000 ]; then
-            echo "API-FAILURE: the API socket never came up"
-            cat "$WORK/kiln.log" >&2
-            exit 1
-        fi
-        sleep 0.02
-    done
-}
-# wait_console TEXT: until the guest console shows TEXT (or 120 s).
-wait_console() {
-    tries=0
-    until grep -q "$1" "$WORK/console"; do
-        tries=$((tries + 1))
-        if [ $tries -gt 1200 ]; then
-            echo "API-FAILURE: the guest never printed $1"
-            return 1
-        fi
-        sleep 0.1
-    done
-}
-finish() {
-    wait "$KILN_PID"
-    status=$?
-    echo "KILN_STATUS=$status"
-    cat "$WORK/console"
-    cat "$WORK/kiln.log" >&2
-    exit $status
-}
+/// What this file's host-only scripts add to the harness's API functions.
+const LOCAL_FUNCTIONS: &str = r#"
 BOOT_ARGS="console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1"
 "#;
+
+/// A host-only script: the harness's API shell functions, this file's, then `body`.
+fn api_script(body: &str) -> String {
+    format!("{API_SCRIPT_PRELUDE}\n{LOCAL_FUNCTIONS}\n{body}")
+}
 
 /// The guest reports its disks, waits for the host to swap the second one, and reports again.
 const DISKS_GUEST: &str = r#"
@@ -119,8 +67,7 @@ fn main() -> ExitCode {
     let data = image(&scratch, "api-data.img", 1 << 20, b"kiln-api-vdb-one");
     let swapped = image(&scratch, "api-data2.img", 2 << 20, b"kiln-api-vdb-two");
 
-    let api_script = format!(
-        "{PRELUDE}\n{}",
+    let drives_script = api_script(
         r#"
 start_kiln
 expect 200 GET /
@@ -141,7 +88,7 @@ expect 204 PUT /actions '{"action_type": "FlushMetrics"}'
 echo "METRICS=$(tail -n 1 "$WORK/metrics")"
 expect 204 PATCH /drives/data "{\"drive_id\": \"data\", \"path_on_host\": \"$DISK_2\"}"
 finish
-"#
+"#,
     );
     suite.guest(
         GuestTest::new(
@@ -151,7 +98,7 @@ finish
         .disk(&root, DiskOptions::new().id("api-root"))
         .disk(&data, DiskOptions::new().id("api-data"))
         .disk(&swapped, DiskOptions::new().id("api-data2"))
-        .host_only_script(api_script)
+        .host_only_script(drives_script)
         .timeout(Duration::from_secs(180)),
         |outcome| {
             let metrics: serde_json::Value = outcome
@@ -207,8 +154,7 @@ finish
         },
     );
 
-    let config_script = format!(
-        "{PRELUDE}\n{}",
+    let config_script = api_script(
         r#"
 cat >"$WORK/vm_config.json" <<EOF
 {
@@ -238,7 +184,7 @@ echo "KILN_STATUS=$status"
 cat "$WORK/console"
 cat "$WORK/kiln.log" >&2
 exit $status
-"#
+"#,
     );
     suite.guest(
         GuestTest::new(
@@ -272,8 +218,7 @@ exit $status
         },
     );
 
-    let pause_script = format!(
-        "{PRELUDE}\n{}",
+    let pause_script = api_script(
         r#"
 start_kiln
 expect 204 PUT /boot-source "{\"kernel_image_path\": \"$KERNEL\", \"initrd_path\": \"$INITRD\", \"boot_args\": \"$BOOT_ARGS\"}"
@@ -287,7 +232,7 @@ after=$(grep -c '^TICK' "$WORK/console")
 echo "TICKS_WHILE_PAUSED=$((after - before))"
 expect 204 PATCH /vm '{"state": "Resumed"}'
 finish
-"#
+"#,
     );
     suite.guest(
         GuestTest::new(
@@ -335,8 +280,7 @@ finish
         },
     );
 
-    let cad_script = format!(
-        "{PRELUDE}\n{}",
+    let cad_script = api_script(
         r#"
 start_kiln
 expect 204 PUT /boot-source "{\"kernel_image_path\": \"$KERNEL\", \"initrd_path\": \"$INITRD\", \"boot_args\": \"$BOOT_ARGS\"}"
@@ -344,7 +288,7 @@ expect 204 PUT /actions '{"action_type": "InstanceStart"}'
 wait_console CAD-READY
 expect 204 PUT /actions '{"action_type": "SendCtrlAltDel"}'
 finish
-"#
+"#,
     );
     suite.guest(
         GuestTest::new(
@@ -371,8 +315,7 @@ finish
         },
     );
 
-    let net_script = format!(
-        "{PRELUDE}\n{}",
+    let net_script = api_script(
         r#"
 start_kiln
 expect 204 PUT /boot-source "{\"kernel_image_path\": \"$KERNEL\", \"initrd_path\": \"$INITRD\", \"boot_args\": \"$BOOT_ARGS\"}"
@@ -393,7 +336,7 @@ until ip link show kfc0 >/dev/null 2>&1; do
 done
 ip addr add 10.7.0.1/24 dev kfc0 && ip link set kfc0 up
 finish
-"#
+"#,
     );
     suite.guest(
         GuestTest::new(

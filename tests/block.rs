@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
+use kiln_test_harness::disk::debugfs_cat;
 use kiln_test_harness::{images, CheckFailure, DiskOptions, GuestOutcome, GuestTest, Suite};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
@@ -44,23 +45,6 @@ fn disk_arg(path: &Path, options: &str) -> [String; 2] {
         spec.push_str(options);
     }
     ["--disk".to_string(), spec]
-}
-
-/// `debugfs -R 'cat FILE' IMAGE`: a file of an ext4 image, read without mounting it.
-fn debugfs_cat(image: &Path, file: &str) -> Result<Vec<u8>, String> {
-    let output = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("cat {file}"))
-        .arg(image)
-        .output()
-        .map_err(|err| format!("cannot run debugfs (e2fsprogs): {err}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "debugfs failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    Ok(output.stdout)
 }
 
 /// SHA-256 of the first `len` bytes of `path`, by `sha256sum`.

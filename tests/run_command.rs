@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
+use kiln_test_harness::disk::debugfs_cat;
 use kiln_test_harness::{images, DiskOptions, GuestOutcome, GuestTest, Suite};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
@@ -434,18 +435,4 @@ fn root_disk(scratch: &std::path::Path) -> Result<PathBuf, String> {
     let root = scratch.join("run-root.img");
     fs::copy(&rootfs, &root).map_err(|err| format!("cannot copy the rootfs image: {err}"))?;
     Ok(root)
-}
-
-/// `debugfs -R 'cat FILE' IMAGE`: a file of an ext4 image, read without mounting it.
-fn debugfs_cat(image: &std::path::Path, file: &str) -> Result<Vec<u8>, String> {
-    let output = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("cat {file}"))
-        .arg(image)
-        .output()
-        .map_err(|err| format!("cannot run debugfs (e2fsprogs): {err}"))?;
-    if !output.status.success() {
-        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
-    }
-    Ok(output.stdout)
 }

@@ -19,62 +19,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
+use kiln_test_harness::disk::debugfs_cat;
+use kiln_test_harness::host_scripts::API_SCRIPT_PRELUDE;
 use kiln_test_harness::{images, CheckFailure, DiskOptions, GuestOutcome, GuestTest, Suite};
 
-/// Shell functions every host-only script starts with (as in tests/api_linux.rs).
-const PRELUDE: &str = r#"
-set -u
-SOCK="$WORK/api.sock"
-# api METHOD PATH [BODY]: prints the status; the body lands in $WORK/answer.
-api() {
-    if [ $# -ge 3 ]; then
-        curl -sS --unix-socket "$SOCK" -X "$1" "http://localhost$2" \
-            -H 'Content-Type: application/json' -d "$3" -o "$WORK/answer" -w '%{http_code}'
-    else
-        curl -sS --unix-socket "$SOCK" -X "$1" "http://localhost$2" -o "$WORK/answer" -w '%{http_code}'
-    fi
-}
-# expect STATUS METHOD PATH [BODY]
-expect() {
-    want=$1
-    shift
-    got=$(api "$@")
-    echo "API $1 $2 -> $got $(cat "$WORK/answer" 2>/dev/null)"
-    if [ "$got" != "$want" ]; then
-        echo "API-FAILURE: $1 $2 answered $got, expected $want"
-        kill -KILL "$KILN_PID" 2>/dev/null
-        cat "$WORK/kiln.log" >&2
-        exit 1
-    fi
-}
-# start_kiln: a new Kiln with an API socket (a killed one leaves its socket file behind).
-start_kiln() {
-    rm -f "$SOCK"
-    "$KILN" --api-sock "$SOCK" >"$WORK/console" 2>"$WORK/kiln.log" &
-    KILN_PID=$!
-    tries=0
-    while [ ! -S "$SOCK" ]; do
-        tries=$((tries + 1))
-        if [ $tries -gt 1000 ]; then
-            echo "API-FAILURE: the API socket never came up"
-            cat "$WORK/kiln.log" >&2
-            exit 1
-        fi
-        sleep 0.02
-    done
-}
-# wait_file FILE TEXT: until FILE contains TEXT (or 120 s).
-wait_file() {
-    tries=0
-    until grep -q "$2" "$1" 2>/dev/null; do
-        tries=$((tries + 1))
-        if [ $tries -gt 1200 ]; then
-            echo "API-FAILURE: $1 never showed $2"
-            return 1
-        fi
-        sleep 0.1
-    done
-}
+/// What this file's host-only scripts add to the harness's API functions.
+const LOCAL_FUNCTIONS: &str = r#"
 # boot_source: the test's kernel and initrd, with a serial console.
 boot_source() {
     expect 204 PUT /boot-source "{\"kernel_image_path\": \"$KERNEL\", \"initrd_path\": \"$INITRD\", \"boot_args\": \"console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1\"}"
@@ -90,6 +40,11 @@ snapshot_and_kill() {
 }
 LOAD_BODY="{\"snapshot_path\": \"$WORK/vm.state\", \"mem_backend\": {\"backend_type\": \"File\", \"backend_path\": \"$WORK/vm.mem\"}, \"resume_vm\": true}"
 "#;
+
+/// A host-only script: the harness's API shell functions, this file's, then `body`.
+fn api_script(body: &str) -> String {
+    format!("{API_SCRIPT_PRELUDE}\n{LOCAL_FUNCTIONS}\n{body}")
+}
 
 /// What Linux logs when it finds a virtio-mmio device twice (command line and ACPI DSDT).
 const PROBE_FAILED: &str = "can't request region";
@@ -143,23 +98,6 @@ fn failure(outcome: &GuestOutcome, what: impl Into<String>) -> CheckFailure {
     CheckFailure::new(outcome, what)
 }
 
-/// `debugfs -R 'cat FILE' IMAGE`: a file of an ext4 image, read without mounting it.
-fn debugfs_cat(image: &Path, file: &str) -> Result<String, String> {
-    let output = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("cat {file}"))
-        .arg(image)
-        .output()
-        .map_err(|err| format!("cannot run debugfs (e2fsprogs): {err}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "debugfs failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 /// `e2fsck -fn IMAGE`: Ok when the file system is clean.
 fn e2fsck_clean(image: &Path) -> Result<(), String> {
     let fsck = Command::new("e2fsck")
@@ -196,8 +134,7 @@ echo "UPTIME=$(cut -d' ' -f1 /proc/uptime)"
 }
 
 fn add_loop_test(suite: &mut Suite, root: PathBuf) {
-    let script = format!(
-        "{PRELUDE}\n{}",
+    let script = api_script(
         r#"
 start_kiln
 boot_source
@@ -215,7 +152,7 @@ echo "=== AFTER"
 cat "$WORK/console"
 echo "=== END"
 cat "$WORK/kiln.before.log" "$WORK/kiln.log" >&2
-"#
+"#,
     );
     let image = root.clone();
     suite.guest(
@@ -269,7 +206,9 @@ cat "$WORK/kiln.before.log" "$WORK/kiln.log" >&2
                     ),
                 )
                 .finish()?;
-            let file = debugfs_cat(&image, "/loop.txt").map_err(|err| failure(outcome, err))?;
+            let file = debugfs_cat(&image, "/loop.txt")
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .map_err(|err| failure(outcome, err))?;
             let wanted: String = (1..=LOOP_LINES).map(|i| format!("line {i}\n")).collect();
             if file != wanted {
                 return Err(failure(
@@ -283,8 +222,7 @@ cat "$WORK/kiln.before.log" "$WORK/kiln.log" >&2
 }
 
 fn add_vsock_test(suite: &mut Suite) {
-    let script = format!(
-        "{PRELUDE}\n{}",
+    let script = api_script(
         r#"
 VSOCK="$WORK/v.sock"
 start_kiln
@@ -323,7 +261,7 @@ echo "=== AFTER"
 cat "$WORK/console"
 echo "=== END"
 cat "$WORK/kiln.before.log" "$WORK/kiln.log" >&2
-"#
+"#,
     );
     suite.guest(
         GuestTest::new(
@@ -386,8 +324,7 @@ cat "$WORK/kiln.before.log" "$WORK/kiln.log" >&2
 }
 
 fn add_refusals_test(suite: &mut Suite, data: PathBuf) {
-    let script = format!(
-        "{PRELUDE}\n{}",
+    let script = api_script(
         r#"
 start_kiln
 boot_source
@@ -417,7 +354,7 @@ wait "$KILN_PID"
 echo "KILN_STATUS=$?"
 cat "$WORK/console.before"
 cat "$WORK/kiln.before.log" "$WORK/restore.log" "$WORK/kiln.log" >&2
-"#
+"#,
     );
     suite.guest(
         GuestTest::new(

@@ -24,6 +24,7 @@ pub mod cpio;
 mod direct;
 pub mod disk;
 pub mod guest_test;
+pub mod host_scripts;
 pub mod images;
 pub mod mode;
 pub mod outcome;
