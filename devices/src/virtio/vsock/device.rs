@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use kiln_arch::GuestMemoryMmap;
 
-use super::muxer::{Muxer, MuxerError, Timeouts};
+use super::muxer::{Muxer, MuxerError, Timeouts, MAX_RX_BATCH};
 use super::packet::{self, Header, VsockPacket, EVENT_SIZE, EVENT_TRANSPORT_RESET, MAX_PKT_DATA};
 use super::{DEVICE_TYPE, EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::log_limit::warn_limited;
@@ -63,6 +63,8 @@ struct Core {
     paused_since: Option<Instant>,
     /// A `TRANSPORT_RESET` event waits for an event buffer.
     reset_event_pending: bool,
+    /// Receive buffers taken per batch now (adapts between 1 and [`MAX_RX_BATCH`]).
+    rx_batch: usize,
     wake: Arc<EventFd>,
     warnings: LogLimiter,
 }
@@ -91,6 +93,7 @@ impl Vsock {
                 queues: None,
                 paused_since: None,
                 reset_event_pending: false,
+                rx_batch: 1,
                 wake: wake.clone(),
                 warnings: LogLimiter::new(),
             })),
@@ -177,14 +180,17 @@ impl Core {
         let Some(queues) = &mut self.queues else {
             return;
         };
+        // One interrupt for both queues: the device has a single interrupt line, and the
+        // driver looks at every queue when it fires.
+        let mut notify = false;
         for (queue, used) in [(&mut queues.rx, rx_used), (&mut queues.tx, tx_used)] {
-            if used == 0 {
-                continue;
-            }
             // A spurious interrupt is harmless, a lost one stalls the guest.
-            if queue.needs_notification(&queues.memory).unwrap_or(true) {
-                queues.interrupt.signal_used_queue();
+            if used > 0 && queue.needs_notification(&queues.memory).unwrap_or(true) {
+                notify = true;
             }
+        }
+        if notify {
+            queues.interrupt.signal_used_queue();
         }
     }
 
@@ -262,6 +268,11 @@ impl Core {
     }
 
     /// Fills the guest's receive buffers with what the muxer has; returns how many.
+    ///
+    /// Buffers are taken in batches (see [`MAX_RX_BATCH`]) so that one `readv(2)` can fill
+    /// several; those the muxer left untouched go back to the available ring. The batch grows
+    /// while batches fill completely and shrinks when they do not, so that a lone small packet
+    /// (a round trip) does not parse dozens of buffers only to give them back.
     fn process_rx(&mut self) -> u32 {
         let Some(queues) = &mut self.queues else {
             return 0;
@@ -274,6 +285,8 @@ impl Core {
             ..
         } = queues;
         let mut given = 0;
+        let mut heads: Vec<u16> = Vec::with_capacity(MAX_RX_BATCH);
+        let mut used: Vec<u32> = Vec::with_capacity(MAX_RX_BATCH);
         loop {
             if let Err(err) = rx.disable_notification(memory) {
                 warn_limited!(self.warnings, "vsock", "vsock: RX queue: {err}");
@@ -282,40 +295,68 @@ impl Core {
             // Nothing was ready to send after all: stop, even with buffers left.
             let mut idle = false;
             while given < PASS_BUDGET && self.muxer.has_output() {
-                let mut chain = match next_chain(rx, memory) {
-                    Ok(Some(chain)) => chain,
-                    Ok(None) => break,
-                    Err(err) => {
-                        queues_broken(&mut self.warnings, interrupt, "RX", &err);
-                        *broken = true;
-                        return given;
-                    }
-                };
-                let head = chain.head_index();
-                let used =
-                    match VsockPacket::from_rx_virtq_chain(&*memory, &mut chain, MAX_RX_BUFFER) {
-                        Ok(mut packet) => match self.muxer.write_packet(&mut packet) {
-                            Some(used) => used,
-                            None => {
-                                rx.go_to_previous_position();
-                                idle = true;
-                                break;
-                            }
-                        },
+                let want = self.rx_batch.min((PASS_BUDGET - given) as usize);
+                let mut packets = Vec::with_capacity(want);
+                heads.clear();
+                while packets.len() < want && given < PASS_BUDGET {
+                    let mut chain = match next_chain(rx, memory) {
+                        Ok(Some(chain)) => chain,
+                        Ok(None) => break,
                         Err(err) => {
-                            warn_limited!(
-                            self.warnings,
-                            "vsock",
-                            "vsock: unusable receive buffer from the guest ({err}); returned empty"
-                        );
-                            0
+                            queues_broken(&mut self.warnings, interrupt, "RX", &err);
+                            *broken = true;
+                            return given;
                         }
                     };
-                if let Err(err) = rx.add_used(memory, head, used) {
-                    warn_limited!(self.warnings, "vsock", "vsock: RX queue: {err}");
-                    return given;
+                    let head = chain.head_index();
+                    match VsockPacket::from_rx_virtq_chain(&*memory, &mut chain, MAX_RX_BUFFER) {
+                        Ok(packet) => {
+                            heads.push(head);
+                            packets.push(packet);
+                        }
+                        Err(_) if !packets.is_empty() => {
+                            // Served (returned empty) once the batch before it is done.
+                            rx.go_to_previous_position();
+                            break;
+                        }
+                        Err(err) => {
+                            warn_limited!(
+                                self.warnings,
+                                "vsock",
+                                "vsock: unusable receive buffer from the guest ({err}); returned empty"
+                            );
+                            if let Err(err) = rx.add_used(memory, head, 0) {
+                                warn_limited!(self.warnings, "vsock", "vsock: RX queue: {err}");
+                                return given;
+                            }
+                            given += 1;
+                        }
+                    }
                 }
-                given += 1;
+                if packets.is_empty() {
+                    break;
+                }
+                self.muxer.fill_buffers(&mut packets, &mut used);
+                for (head, length) in heads.iter().zip(&used) {
+                    if let Err(err) = rx.add_used(memory, *head, *length) {
+                        warn_limited!(self.warnings, "vsock", "vsock: RX queue: {err}");
+                        return given;
+                    }
+                    given += 1;
+                }
+                let untouched = packets.len() - used.len();
+                for _ in 0..untouched {
+                    rx.go_to_previous_position();
+                }
+                self.rx_batch = if untouched == 0 {
+                    (self.rx_batch * 2).min(MAX_RX_BATCH)
+                } else {
+                    used.len().clamp(1, MAX_RX_BATCH)
+                };
+                if untouched > 0 {
+                    idle = true;
+                    break;
+                }
             }
             match rx.enable_notification(memory) {
                 Ok(true) if !idle && given < PASS_BUDGET && self.muxer.has_output() => continue,

@@ -371,6 +371,37 @@ fn host_to_guest_data_respects_the_guests_credit() {
 }
 
 #[test]
+fn host_data_fills_several_receive_buffers_in_order_and_leaves_the_rest_available() {
+    let mut guest = Guest::new();
+    let listener = host_listener(&guest, 80);
+    let mut host = guest_connects(&mut guest, &listener);
+    let sent: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    host.write_all(&sent).unwrap();
+    guest.give_rx(8);
+    let got = guest.received();
+    let lengths: Vec<usize> = got.iter().map(|(_, data)| data.len()).collect();
+    assert_eq!(lengths, [4096, 4096, 4096, 4096, 20_000 - 4 * 4096]);
+    assert!(
+        got.iter()
+            .all(|(header, _)| header.op == op::RW
+                && (header.src_port, header.dst_port) == (80, 1025))
+    );
+    let received: Vec<u8> = got.into_iter().flat_map(|(_, data)| data).collect();
+    assert_eq!(received, sent);
+
+    // The buffers Kiln took but did not need went back to the queue: new data fills them,
+    // without the guest posting any.
+    host.write_all(&[7u8; 3 * 4096 + 10]).unwrap();
+    guest.device.run_pass();
+    let got = guest.received();
+    let lengths: Vec<usize> = got.iter().map(|(_, data)| data.len()).collect();
+    assert_eq!(lengths, [4096, 4096, 4096, 10]);
+    assert!(got
+        .iter()
+        .all(|(_, data)| data.iter().all(|&byte| byte == 7)));
+}
+
+#[test]
 fn credit_request_gets_a_credit_update() {
     let mut guest = Guest::new();
     let listener = host_listener(&guest, 80);
