@@ -95,6 +95,9 @@ pub struct Connection {
     pub readable: bool,
     /// The host socket had room the last time Kiln looked.
     pub writable: bool,
+    /// The muxer's epoll set reports when the host socket has room: only while guest data
+    /// waits for it, since every read of the host peer would otherwise wake the event loop.
+    pub watching_writable: bool,
     /// The host socket both directions are shut (peer closed, or both sides half-closed).
     pub hung_up: bool,
     /// Listed in the backend's queue of connections with something for the guest.
@@ -151,6 +154,7 @@ impl Connection {
             state: State::Established,
             readable: false,
             writable: true,
+            watching_writable: false,
             hung_up: false,
             listed: false,
             closing: None,

@@ -496,13 +496,13 @@ impl Muxer {
         token
     }
 
+    /// Watches a host socket for input (and, from [`Muxer::settle`], for room while data
+    /// waits for it).
     fn watch(&self, stream: &UnixStream, token: u64) -> io::Result<()> {
-        let events =
-            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
         self.epoll.ctl(
             ControlOperation::Add,
             stream.as_raw_fd(),
-            EpollEvent::new(events, token),
+            EpollEvent::new(watched_events(false), token),
         )
     }
 
@@ -522,5 +522,15 @@ impl Drop for Muxer {
         if let Err(err) = std::fs::remove_file(&self.path) {
             log::debug!("vsock: cannot remove '{}': {err}", self.path.display());
         }
+    }
+}
+
+/// What the muxer's epoll set watches on a host socket.
+fn watched_events(writable: bool) -> EventSet {
+    let events = EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+    if writable {
+        events | EventSet::OUT
+    } else {
+        events
     }
 }
