@@ -415,7 +415,11 @@ fn guest_data_the_host_socket_cannot_take_yet_is_flushed_once_the_host_reads() {
         let conn = core.muxer.connection(&key).unwrap();
         (conn.buffered(), conn.watching_writable)
     };
-    assert_eq!(buffered(&guest), (0, false), "room is watched only when needed");
+    assert_eq!(
+        buffered(&guest),
+        (0, false),
+        "room is watched only when needed"
+    );
     let chunk: Vec<u8> = (0..16 * 1024u32).map(|i| (i % 253) as u8).collect();
     let mut sent = Vec::new();
     // The host does not read: its socket fills, then Kiln holds the rest (within its credit).
