@@ -10,10 +10,12 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use vm_memory::{ReadVolatile, VolatileSlice, WriteVolatile};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{VolatileSlice, WriteVolatile};
 
 use super::packet::{op, shutdown, Header, TYPE_STREAM};
 use super::HOST_CID;
@@ -93,6 +95,9 @@ pub struct Connection {
     pub readable: bool,
     /// The host socket had room the last time Kiln looked.
     pub writable: bool,
+    /// The muxer's epoll set reports when the host socket has room: only while guest data
+    /// waits for it, since every read of the host peer would otherwise wake the event loop.
+    pub watching_writable: bool,
     /// The host socket both directions are shut (peer closed, or both sides half-closed).
     pub hung_up: bool,
     /// Listed in the backend's queue of connections with something for the guest.
@@ -149,6 +154,7 @@ impl Connection {
             state: State::Established,
             readable: false,
             writable: true,
+            watching_writable: false,
             hung_up: false,
             listed: false,
             closing: None,
@@ -368,30 +374,53 @@ impl Connection {
         self.owed.credit_update = false;
     }
 
-    /// Reads host data into the guest's buffer. `Ok(0)` is EOF (then Kiln owes the guest a
-    /// `SHUTDOWN`); would-block clears the readiness.
-    pub fn read_from_host(
+    /// Reads host data into the guest's buffers, filling them in order, with one `readv(2)`.
+    /// `Ok(0)` is EOF (then Kiln owes the guest a `SHUTDOWN`); would-block clears the
+    /// readiness.
+    pub fn read_from_host_vectored(
         &mut self,
-        buffer: &mut VolatileSlice<'_, crate::virtio::GuestBitmap<'_>>,
+        buffers: &[VolatileSlice<'_, crate::virtio::GuestBitmap<'_>>],
     ) -> io::Result<usize> {
+        let guards: Vec<_> = buffers.iter().map(VolatileSlice::ptr_guard_mut).collect();
+        let iovecs: Vec<libc::iovec> = guards
+            .iter()
+            .zip(buffers)
+            .map(|(guard, buffer)| libc::iovec {
+                iov_base: guard.as_ptr().cast(),
+                iov_len: buffer.len(),
+            })
+            .collect();
+        let count = libc::c_int::try_from(iovecs.len())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         loop {
-            match (&self.stream).read_volatile(buffer) {
-                Ok(0) => {
-                    self.host_eof = true;
-                    self.readable = false;
-                    self.owed.shutdown |= shutdown::SEND;
-                    return Ok(0);
+            // SAFETY: every iovec points into a guest memory slice kept mapped by its guard for
+            // the whole call, `iov_len` bytes long; the kernel writes only within them.
+            let read = unsafe { libc::readv(self.stream.as_raw_fd(), iovecs.as_ptr(), count) };
+            if read == 0 {
+                self.host_eof = true;
+                self.readable = false;
+                self.owed.shutdown |= shutdown::SEND;
+                return Ok(0);
+            }
+            if read > 0 {
+                // Non-negative and at most the total length of the buffers.
+                let read = read as usize;
+                let mut left = read;
+                for buffer in buffers {
+                    let len = left.min(buffer.len());
+                    buffer.bitmap().mark_dirty(0, len);
+                    left -= len;
                 }
-                Ok(n) => return Ok(n),
-                Err(vm_memory::VolatileMemoryError::IOError(err))
-                    if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(vm_memory::VolatileMemoryError::IOError(err)) => {
-                    if err.kind() == io::ErrorKind::WouldBlock {
-                        self.readable = false;
-                    }
+                return Ok(read);
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => {
+                    self.readable = false;
                     return Err(err);
                 }
-                Err(err) => return Err(io::Error::other(err.to_string())),
+                _ => return Err(err),
             }
         }
     }

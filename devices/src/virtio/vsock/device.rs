@@ -11,13 +11,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use kiln_arch::GuestMemoryMmap;
 
-use super::muxer::{Muxer, MuxerError, Timeouts};
+use super::muxer::{Muxer, MuxerError, Timeouts, MAX_RX_BATCH};
 use super::packet::{self, Header, VsockPacket, EVENT_SIZE, EVENT_TRANSPORT_RESET, MAX_PKT_DATA};
 use super::{DEVICE_TYPE, EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::log_limit::warn_limited;
@@ -63,6 +63,8 @@ struct Core {
     paused_since: Option<Instant>,
     /// A `TRANSPORT_RESET` event waits for an event buffer.
     reset_event_pending: bool,
+    /// Receive buffers taken per batch now (adapts between 1 and [`MAX_RX_BATCH`]).
+    rx_batch: usize,
     wake: Arc<EventFd>,
     warnings: LogLimiter,
 }
@@ -91,6 +93,7 @@ impl Vsock {
                 queues: None,
                 paused_since: None,
                 reset_event_pending: false,
+                rx_batch: 1,
                 wake: wake.clone(),
                 warnings: LogLimiter::new(),
             })),
@@ -177,14 +180,17 @@ impl Core {
         let Some(queues) = &mut self.queues else {
             return;
         };
+        // One interrupt for both queues: the device has a single interrupt line, and the
+        // driver looks at every queue when it fires.
+        let mut notify = false;
         for (queue, used) in [(&mut queues.rx, rx_used), (&mut queues.tx, tx_used)] {
-            if used == 0 {
-                continue;
-            }
             // A spurious interrupt is harmless, a lost one stalls the guest.
-            if queue.needs_notification(&queues.memory).unwrap_or(true) {
-                queues.interrupt.signal_used_queue();
+            if used > 0 && queue.needs_notification(&queues.memory).unwrap_or(true) {
+                notify = true;
             }
+        }
+        if notify {
+            queues.interrupt.signal_used_queue();
         }
     }
 
@@ -256,73 +262,6 @@ impl Core {
                 Err(err) => {
                     warn_limited!(self.warnings, "vsock", "vsock: TX queue: {err}");
                     return taken;
-                }
-            }
-        }
-    }
-
-    /// Fills the guest's receive buffers with what the muxer has; returns how many.
-    fn process_rx(&mut self) -> u32 {
-        let Some(queues) = &mut self.queues else {
-            return 0;
-        };
-        let Queues {
-            memory,
-            rx,
-            interrupt,
-            broken,
-            ..
-        } = queues;
-        let mut given = 0;
-        loop {
-            if let Err(err) = rx.disable_notification(memory) {
-                warn_limited!(self.warnings, "vsock", "vsock: RX queue: {err}");
-                return given;
-            }
-            // Nothing was ready to send after all: stop, even with buffers left.
-            let mut idle = false;
-            while given < PASS_BUDGET && self.muxer.has_output() {
-                let mut chain = match next_chain(rx, memory) {
-                    Ok(Some(chain)) => chain,
-                    Ok(None) => break,
-                    Err(err) => {
-                        queues_broken(&mut self.warnings, interrupt, "RX", &err);
-                        *broken = true;
-                        return given;
-                    }
-                };
-                let head = chain.head_index();
-                let used =
-                    match VsockPacket::from_rx_virtq_chain(&*memory, &mut chain, MAX_RX_BUFFER) {
-                        Ok(mut packet) => match self.muxer.write_packet(&mut packet) {
-                            Some(used) => used,
-                            None => {
-                                rx.go_to_previous_position();
-                                idle = true;
-                                break;
-                            }
-                        },
-                        Err(err) => {
-                            warn_limited!(
-                            self.warnings,
-                            "vsock",
-                            "vsock: unusable receive buffer from the guest ({err}); returned empty"
-                        );
-                            0
-                        }
-                    };
-                if let Err(err) = rx.add_used(memory, head, used) {
-                    warn_limited!(self.warnings, "vsock", "vsock: RX queue: {err}");
-                    return given;
-                }
-                given += 1;
-            }
-            match rx.enable_notification(memory) {
-                Ok(true) if !idle && given < PASS_BUDGET && self.muxer.has_output() => continue,
-                Ok(_) => return given,
-                Err(err) => {
-                    warn_limited!(self.warnings, "vsock", "vsock: RX queue: {err}");
-                    return given;
                 }
             }
         }
@@ -573,6 +512,9 @@ impl MutEventSubscriber for VsockHandler {
         }
     }
 }
+
+#[path = "device_rx.rs"]
+mod rx;
 
 #[cfg(test)]
 #[path = "bad_input_tests.rs"]

@@ -18,13 +18,16 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 mod host_side;
+mod to_guest;
+
+pub use to_guest::{RxPacket, MAX_RX_BATCH};
 
 pub use host_side::connect_nonblocking;
 use host_side::set_nonblocking;
 
-use super::connection::{ConnError, Connection, Outgoing, State};
+use super::connection::{ConnError, Connection, State};
 use super::handshake::{Handshake, HandshakeError};
-use super::packet::{op, Header, PKT_HEADER_SIZE, TYPE_STREAM};
+use super::packet::{op, Header, TYPE_STREAM};
 use super::HOST_CID;
 use crate::log_limit::{debug_limited, warn_limited, LogLimiter};
 
@@ -487,84 +490,19 @@ impl Muxer {
         self.resets.clear();
     }
 
-    /// Writes the next packet for the guest into a receive buffer: `Some(used length)` (0: the
-    /// buffer cannot hold what is next and goes back empty), or `None` when there is nothing to
-    /// send (the buffer is untouched).
-    pub fn write_packet(
-        &mut self,
-        packet: &mut super::packet::VsockPacket<'_, crate::virtio::GuestBitmap<'_>>,
-    ) -> Option<u32> {
-        if let Some(rst) = self.resets.pop_front() {
-            return Some(write_header(packet, &rst));
-        }
-        // Each turn either writes a packet or takes a connection off the list (or changes its
-        // state so that its next turn does), so this ends.
-        while let Some(key) = self.ready.pop_front() {
-            if let Some(rst) = self.resets.pop_front() {
-                self.ready.push_front(key);
-                return Some(write_header(packet, &rst));
-            }
-            let Some(conn) = self.connections.get_mut(&key) else {
-                continue;
-            };
-            conn.listed = false;
-            let header = match conn.outgoing() {
-                None => continue,
-                Some(Outgoing::Control(op, flags)) => conn.header(self.guest_cid, op, flags, 0),
-                Some(Outgoing::Data(credit)) => {
-                    let Some(buffer) = packet.data_slice() else {
-                        // A receive buffer without room for data (no driver does that): it goes
-                        // back empty, so a broken driver cannot stall the queue.
-                        self.ready.push_front(key);
-                        conn.listed = true;
-                        return Some(0);
-                    };
-                    let room = buffer.len().min(credit as usize);
-                    let Ok(mut target) = buffer.subslice(0, room) else {
-                        continue;
-                    };
-                    match conn.read_from_host(&mut target) {
-                        Ok(0) => {
-                            self.settle(key);
-                            continue;
-                        }
-                        // Read at most `room`, a u32.
-                        Ok(n) => conn.header(self.guest_cid, op::RW, 0, n as u32),
-                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                            self.settle(key);
-                            continue;
-                        }
-                        Err(err) => {
-                            self.reset(key, &ConnError::Host(err.to_string()));
-                            continue;
-                        }
-                    }
-                }
-            };
-            conn.sent(&header);
-            let used = write_header(packet, &header);
-            self.settle(key);
-            return Some(used);
-        }
-        if let Some(rst) = self.resets.pop_front() {
-            return Some(write_header(packet, &rst));
-        }
-        None
-    }
-
     fn new_token(&mut self) -> u64 {
         let token = self.next_token;
         self.next_token += 1;
         token
     }
 
+    /// Watches a host socket for input (and, from [`Muxer::settle`], for room while data
+    /// waits for it).
     fn watch(&self, stream: &UnixStream, token: u64) -> io::Result<()> {
-        let events =
-            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
         self.epoll.ctl(
             ControlOperation::Add,
             stream.as_raw_fd(),
-            EpollEvent::new(events, token),
+            EpollEvent::new(watched_events(false), token),
         )
     }
 
@@ -587,15 +525,12 @@ impl Drop for Muxer {
     }
 }
 
-/// Writes `header` into a receive buffer; returns the used length (header plus payload).
-fn write_header(
-    packet: &mut super::packet::VsockPacket<'_, crate::virtio::GuestBitmap<'_>>,
-    header: &Header,
-) -> u32 {
-    // The buffer was checked to hold a header when the packet was parsed.
-    if let Err(err) = packet.set_header_from_raw(&header.to_bytes()) {
-        log::error!("vsock: cannot write a packet header: {err}");
-        return 0;
+/// What the muxer's epoll set watches on a host socket.
+fn watched_events(writable: bool) -> EventSet {
+    let events = EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+    if writable {
+        events | EventSet::OUT
+    } else {
+        events
     }
-    PKT_HEADER_SIZE as u32 + header.len
 }

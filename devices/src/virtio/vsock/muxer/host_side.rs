@@ -7,9 +7,11 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::epoll::{ControlOperation, EpollEvent};
+
 use super::{
-    ConnError, ConnKey, Connection, Handshake, HandshakeError, Muxer, State, Target,
-    LOCAL_PORT_END, LOCAL_PORT_FIRST, MAX_CONNECTIONS, MAX_HANDSHAKES,
+    watched_events, ConnError, ConnKey, Connection, Handshake, HandshakeError, Muxer, State,
+    Target, LOCAL_PORT_END, LOCAL_PORT_FIRST, MAX_CONNECTIONS, MAX_HANDSHAKES,
 };
 use crate::log_limit::{debug_limited, info_limited, warn_limited};
 
@@ -68,6 +70,24 @@ impl Muxer {
         if conn.closing.is_some() && conn.flushed() {
             self.reset(key, &ConnError::Protocol("the guest closed the connection"));
             return;
+        }
+        let wants_room = conn.buffered() > 0;
+        if wants_room != conn.watching_writable {
+            // Modifying re-checks readiness: room that appeared meanwhile is reported.
+            let events = EpollEvent::new(watched_events(wants_room), conn.token);
+            match self
+                .epoll
+                .ctl(ControlOperation::Modify, conn.stream.as_raw_fd(), events)
+            {
+                Ok(()) => conn.watching_writable = wants_room,
+                Err(err) => {
+                    self.reset(
+                        key,
+                        &ConnError::Host(format!("cannot watch the socket: {err}")),
+                    );
+                    return;
+                }
+            }
         }
         if conn.outgoing().is_some() && !conn.listed {
             conn.listed = true;
