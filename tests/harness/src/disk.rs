@@ -175,6 +175,23 @@ fn valid_id(id: &[u8]) -> bool {
 /// The name Linux gives the `index`-th virtio disk: `vda` ... `vdz`, `vdaa`, ...
 pub use kiln_vmm::config::disk_name as virtio_disk_name;
 
+/// `debugfs -R 'cat FILE' IMAGE` (e2fsprogs): a file of an ext4 image, read without mounting it.
+pub fn debugfs_cat(image: &Path, file: &str) -> Result<Vec<u8>, String> {
+    let output = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {file}"))
+        .arg(image)
+        .output()
+        .map_err(|err| format!("cannot run debugfs (e2fsprogs): {err}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "debugfs failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(output.stdout)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,21 +290,4 @@ mod tests {
         assert_eq!(virtio_disk_name(26), "vdaa");
         assert_eq!(virtio_disk_name(701), "vdzz");
     }
-}
-
-/// `debugfs -R 'cat FILE' IMAGE` (e2fsprogs): a file of an ext4 image, read without mounting it.
-pub fn debugfs_cat(image: &Path, file: &str) -> Result<Vec<u8>, String> {
-    let output = std::process::Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("cat {file}"))
-        .arg(image)
-        .output()
-        .map_err(|err| format!("cannot run debugfs (e2fsprogs): {err}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "debugfs failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    Ok(output.stdout)
 }
