@@ -126,8 +126,7 @@ echo "FETCHED=$(nc -w 20 "$gateway" 6001 <&5)"
 head -c 1048576 /dev/urandom >/tmp/blob
 echo "GUEST-SENT=$(sha256sum </tmp/blob | cut -d' ' -f1)"
 nc -w 20 "$gateway" 6002 </tmp/blob
-# The hostfwd server: reads the host client's line and answers it behind a prefix. (The
-# ready marker is computed: the script text itself must not match the host's wait_for.)
+# The hostfwd server: reads the host client's line and answers it behind a prefix.
 nc -l -p 80 -e sh -c 'read line; echo "guest-echo:$line"; echo "GUEST-SERVER-READ=$line" >/dev/console' &
 server=$!
 sleep 0.5
