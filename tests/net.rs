@@ -8,10 +8,9 @@
 //!   table confirms.
 //! - user (passt): the guest gets its address by DHCP, fetches from a TCP server on the host's
 //!   loopback and sends 1 MiB to another (through passt's gateway mapping, SHA-256 checked), and
-//!   passt listens on the `hostfwd` port; then the script kills passt: the guest sees its link
-//!   go down, keeps running and powers off normally, and Kiln logs why. (A host client on the
-//!   forwarded port is not checked: with Debian 12's passt in the virtual host the guest accepts
-//!   the connection but passt never acknowledges the guest's data; see docs/testing.md.)
+//!   a host client on the `hostfwd` port sends a line to a server in the guest and reads its
+//!   answer; then the script kills passt: the guest sees its link go down, keeps running and
+//!   powers off normally, and Kiln logs why.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -127,6 +126,13 @@ echo "FETCHED=$(nc -w 20 "$gateway" 6001 <&5)"
 head -c 1048576 /dev/urandom >/tmp/blob
 echo "GUEST-SENT=$(sha256sum </tmp/blob | cut -d' ' -f1)"
 nc -w 20 "$gateway" 6002 </tmp/blob
+# The hostfwd server: reads the host client's line and answers it behind a prefix.
+nc -l -p 80 -e sh -c 'read line; echo "guest-echo:$line"; echo "GUEST-SERVER-READ=$line" >/dev/console' &
+server=$!
+sleep 0.5
+echo "SERVER-READY-$((6 * 7))"
+wait $server
+echo "GUEST-SERVER-STATUS=$?"
 echo GUEST-WAITS-FOR-LINK-DOWN
 tries=0
 until [ "$(cat /sys/class/net/eth0/carrier)" = 0 ] || [ $tries -ge 600 ]; do
@@ -159,6 +165,9 @@ give_up() {
     wait $kiln
     report 1
 }
+wait_for SERVER-READY-42 || give_up
+echo "HOSTFWD-REPLY=$(echo "line-from-host-$$" | nc -w 10 127.0.0.1 6080)"
+echo "HOSTFWD-SENT=line-from-host-$$"
 wait_for GUEST-WAITS-FOR-LINK-DOWN || give_up
 wait $receiver
 echo "HOST-GOT=$(sha256sum <"$WORK/from-guest" | cut -d' ' -f1)"
@@ -243,6 +252,15 @@ fn main() -> ExitCode {
                 .that(
                     value("HOSTFWD-LISTENING=") == "1",
                     "passt listens on the hostfwd port",
+                )
+                .that(
+                    !value("HOSTFWD-SENT=").is_empty()
+                        && value("GUEST-SERVER-READ=") == value("HOSTFWD-SENT="),
+                    "the guest's server read the host client's line through the hostfwd port",
+                )
+                .that(
+                    value("HOSTFWD-REPLY=") == format!("guest-echo:{}", value("HOSTFWD-SENT=")),
+                    "the host client got the guest server's reply through the hostfwd port",
                 )
                 .that(value("KILLED-PASST=") == "0", "passt was killed")
                 .that(value("CARRIER=") == "0", "the guest saw its link go down")

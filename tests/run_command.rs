@@ -303,6 +303,49 @@ wait $pid"#,
                 .finish()
         },
     );
+    suite.guest(
+        command_test(
+            "net_user_gets_a_lease_and_fetches_from_the_host_loopback_through_passt",
+            r#"# passt takes the host interface with the default route as its template.
+ip link set lo up
+ip addr add 10.0.2.15/24 dev dummy0 && ip link set dummy0 up &&
+    ip route add default via 10.0.2.2 dev dummy0 || echo "HOST-FAILURE: no dummy0 for passt"
+echo "greeting-$$-from-the-host-loopback" >"$WORK/greeting"
+echo "SENT=$(cat "$WORK/greeting")"
+nc -l -p 6001 <"$WORK/greeting" &
+cat >"$WORK/fetch.sh" <<'FETCH'
+echo "ADDRESS=$(ip -4 addr show eth0 | grep -o 'inet [0-9.]*' | cut -d' ' -f2)"
+echo "RESOLV-LINES=$(wc -l </etc/resolv.conf)"
+gateway=$(ip route | grep '^default' | cut -d' ' -f3)
+mkfifo /tmp/hold
+exec 5<>/tmp/hold
+echo "FETCHED=$(nc -w 10 "$gateway" 6001 <&5)"
+FETCH
+run --net user --copy "$WORK/fetch.sh:/fetch.sh" -- sh /fetch.sh"#,
+        ),
+        |outcome| {
+            let sent = outcome.console_value("SENT=").unwrap_or_default();
+            outcome
+                .check()
+                .exit_code(0)
+                .console_lacks("HOST-FAILURE")
+                .that(
+                    outcome.console_value("ADDRESS=") == Some("10.0.2.15"),
+                    "eth0 got passt's address by DHCP before the command started",
+                )
+                .that(
+                    outcome
+                        .console_value("RESOLV-LINES=")
+                        .is_some_and(|lines| lines.parse::<u32>().is_ok()),
+                    "kiln-init wrote /etc/resolv.conf",
+                )
+                .that(
+                    !sent.is_empty() && outcome.console_value("FETCHED=") == Some(sent),
+                    "the command fetched the line from the host's loopback server",
+                )
+                .finish()
+        },
+    );
     match root_disk(&scratch) {
         Ok(root) => {
             let image = root.clone();

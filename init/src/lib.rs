@@ -64,6 +64,9 @@ pub struct CommandSpec {
     /// Run the command on a pseudo-terminal of this size (rows, columns): its stdin, stdout and
     /// stderr are the terminal, relayed over the stdin and stdout streams.
     pub tty: Option<(u16, u16)>,
+    /// Interfaces to configure by DHCP before the command starts (`eth0` for a `--net user`
+    /// NIC), with busybox's `udhcpc`.
+    pub dhcp: Vec<String>,
 }
 
 /// Why a spec or a report could not be read.
@@ -116,6 +119,9 @@ impl CommandSpec {
         if let Some((rows, columns)) = self.tty {
             record("tty", format!("{rows}x{columns}").as_bytes())?;
         }
+        for interface in &self.dhcp {
+            record("dhcp", interface.as_bytes())?;
+        }
         Ok(out)
     }
 
@@ -150,6 +156,17 @@ impl CommandSpec {
                     }
                     b"root-readonly" => root_readonly = value == b"1",
                     b"stdin" => spec.stdin = value == b"1",
+                    b"dhcp" => {
+                        let interface = std::str::from_utf8(value)
+                            .ok()
+                            .filter(|name| {
+                                !name.is_empty()
+                                    && name.len() < 16
+                                    && name.bytes().all(|b| b.is_ascii_alphanumeric())
+                            })
+                            .ok_or_else(|| ProtocolError("bad DHCP interface name".into()))?;
+                        spec.dhcp.push(interface.to_string());
+                    }
                     b"tty" => {
                         let size = std::str::from_utf8(value)
                             .ok()
@@ -277,6 +294,7 @@ mod tests {
             }),
             stdin: true,
             tty: Some((50, 132)),
+            dhcp: vec!["eth0".into(), "eth2".into()],
         };
         assert_eq!(CommandSpec::decode(&spec.encode().unwrap()), Ok(spec));
         assert!(CommandSpec::decode(b"arg=sh\0tty=50\0").is_err());
@@ -302,6 +320,8 @@ mod tests {
         assert!(CommandSpec::decode(b"arg=x\0noequals\0").is_err());
         assert!(CommandSpec::decode(b"arg=x\0color=red\0").is_err());
         assert!(CommandSpec::decode(b"env=A=1\0").is_err());
+        assert!(CommandSpec::decode(b"arg=x\0dhcp=../eth0\0").is_err());
+        assert!(CommandSpec::decode(b"arg=x\0dhcp=\0").is_err());
     }
 
     #[test]

@@ -21,6 +21,7 @@ use kiln_init::{
     PORT_STDOUT, SPEC_PATH,
 };
 
+mod network;
 mod pty;
 
 /// Where a root disk is mounted before the switch.
@@ -68,8 +69,22 @@ fn run() -> Result<Report, String> {
     };
     bring_up_loopback();
     let _ = set_hostname("kiln");
+    for warning in network::configure(&spec.dhcp) {
+        let _ = writeln!(stderr_file(&stderr), "kiln-init: {warning}");
+    }
+    // The name servers the lease gave, for the command's root.
+    let resolv_conf = fs::read(network::RESOLV_CONF).ok();
     if let Some(root) = &spec.root {
         switch_root(root)?;
+        if let (Some(text), false) = (&resolv_conf, spec.dhcp.is_empty()) {
+            if let Err(err) = fs::write(network::RESOLV_CONF, text) {
+                let _ = writeln!(
+                    stderr_file(&stderr),
+                    "kiln-init: cannot write {} in the root disk: {err}",
+                    network::RESOLV_CONF
+                );
+            }
+        }
     }
     let workdir = spec.workdir.clone().unwrap_or_else(|| OsString::from("/"));
     std::env::set_current_dir(&workdir).map_err(|err| {

@@ -374,6 +374,14 @@ fn command_spec(
         root,
         stdin: forward_stdin,
         tty: None,
+        // A `user` NIC has passt's DHCP server behind it; a TAP's network is the user's own.
+        dhcp: config
+            .nets
+            .iter()
+            .enumerate()
+            .filter(|(_, net)| net.user)
+            .map(|(index, _)| format!("eth{index}"))
+            .collect(),
     })
 }
 

@@ -15,6 +15,73 @@ pub struct Offloads {
     pub tso6: bool,
 }
 
+/// A piece of a frame in host memory (guest memory the device mapped and bounds-checked), so
+/// that backends can hand frames to the kernel with `writev`/`sendmsg` straight from guest
+/// memory instead of copying them first.
+#[derive(Debug, Clone, Copy)]
+pub struct FramePart {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: a part is only read during a `send_parts` call, while the guest memory mapping it
+// points into is held by the device; moving the pointer between threads changes nothing.
+unsafe impl Send for FramePart {}
+
+impl FramePart {
+    /// A part of `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must stay mapped and readable for as long as the part is used.
+    pub unsafe fn new(ptr: *const u8, len: usize) -> Self {
+        Self { ptr, len }
+    }
+
+    /// A part covering `bytes` (which must outlive its use).
+    pub fn from_slice(bytes: &[u8]) -> Self {
+        Self {
+            ptr: bytes.as_ptr(),
+            len: bytes.len(),
+        }
+    }
+
+    /// Its length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// As an iovec for `writev`/`sendmsg` (the kernel only reads it).
+    pub fn iovec(&self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.ptr as *mut libc::c_void,
+            iov_len: self.len,
+        }
+    }
+
+    /// Appends bytes `from..` of the part to `out`.
+    pub fn append_to(&self, from: usize, out: &mut Vec<u8>) {
+        let from = from.min(self.len);
+        let count = self.len - from;
+        out.reserve(count);
+        // SAFETY: `ptr..ptr + len` is mapped and readable (the contract of `new`), `from` is
+        // within it, and `out` has room for `count` more bytes after `reserve`; guest memory may
+        // change meanwhile, which only changes the bytes copied (a copy, no reference is made).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.add(from),
+                out.as_mut_ptr().add(out.len()),
+                count,
+            );
+            out.set_len(out.len() + count);
+        }
+    }
+}
+
 /// A backend failure.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -51,6 +118,15 @@ pub trait Backend: Send + std::fmt::Debug {
     /// backend cannot take it now; the device keeps it in the guest's queue and asks again
     /// once [`fd`](Self::fd) is writable.
     fn send(&mut self, frame: &[u8]) -> Result<bool, BackendError>;
+    /// [`send`](Self::send) for a frame in pieces (straight from guest memory). The default
+    /// gathers the pieces into one buffer; TAP and stream backends hand them to the kernel.
+    fn send_parts(&mut self, parts: &[FramePart]) -> Result<bool, BackendError> {
+        let mut frame = Vec::with_capacity(parts.iter().map(FramePart::len).sum());
+        for part in parts {
+            part.append_to(0, &mut frame);
+        }
+        self.send(&frame)
+    }
     /// Why the backend went away, in words for the log, once [`BackendError::Gone`] was seen
     /// (a child's exit status, for example).
     fn exit_reason(&mut self) -> Option<String> {

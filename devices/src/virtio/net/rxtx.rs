@@ -3,19 +3,21 @@
 //! RX: the backend's next frame is read into a fixed buffer and stays there until the guest
 //! gave enough receive buffers for it (one chain, or several with `MRG_RXBUF`), so a full RX
 //! queue loses nothing the backend still holds: the backend is simply not read meanwhile.
-//! TX: each chain is copied into a fixed buffer and handed to the backend; a backend that cannot
-//! take it leaves the chain in the queue (backpressure) until its descriptor is writable again.
+//! TX: each chain's descriptors are mapped (bounds-checked against guest memory) and handed to
+//! the backend as pieces, which it gives to the kernel with `writev`/`sendmsg` without a copy; a
+//! backend that cannot take the frame leaves the chain in the queue (backpressure) until its
+//! descriptor is writable again.
 
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use kiln_arch::GuestMemoryMmap;
 
-use super::backend::{Backend, BackendError};
+use super::backend::{Backend, BackendError, FramePart};
 use super::{LINK_UP, MAX_PACKET_SIZE, NET_HDR_SIZE};
 use crate::log_limit::warn_limited;
 use crate::virtio::{next_chain, Interrupt, LogLimiter};
@@ -100,7 +102,9 @@ pub(super) struct Core {
     /// The frame in hand for the guest: header and frame, `rx_len` bytes.
     rx_frame: Box<[u8]>,
     rx_len: Option<usize>,
-    tx_frame: Box<[u8]>,
+    /// The pieces of the transmit chain in hand (guest memory, header left out unless the
+    /// backend carries it).
+    tx_parts: Vec<FramePart>,
     rx_chains: Vec<RxChain>,
     rx_segments: Vec<(GuestAddress, usize)>,
     pub wake: Arc<EventFd>,
@@ -127,7 +131,7 @@ impl Core {
             tx_blocked: false,
             rx_frame: vec![0; MAX_PACKET_SIZE].into_boxed_slice(),
             rx_len: None,
-            tx_frame: vec![0; MAX_PACKET_SIZE].into_boxed_slice(),
+            tx_parts: Vec::new(),
             rx_chains: Vec::new(),
             rx_segments: Vec::new(),
             wake,
@@ -424,12 +428,9 @@ impl Core {
                 };
                 let mut sent = false;
                 if !self.backend_gone {
-                    let frame = if self.vnet_header {
-                        &self.tx_frame[..len]
-                    } else {
-                        &self.tx_frame[NET_HDR_SIZE..len]
-                    };
-                    match self.backend.send(frame) {
+                    let sent_now = self.backend.send_parts(&self.tx_parts);
+                    self.tx_parts.clear();
+                    match sent_now {
                         Ok(true) => sent = true,
                         Ok(false) => {
                             // Backpressure: the chain stays for when the backend drains.
@@ -479,7 +480,7 @@ impl Core {
         }
     }
 
-    /// Takes the next transmit chain and copies it into `tx_frame`.
+    /// Takes the next transmit chain and maps its pieces into `tx_parts`.
     fn take_tx_chain(&mut self) -> TxChain {
         let Some(queues) = &mut self.queues else {
             return TxChain::Empty;
@@ -500,6 +501,10 @@ impl Core {
             }
         };
         let head = chain.head_index();
+        self.tx_parts.clear();
+        // The header is read for its checks; it is sent only to a backend that carries it.
+        let mut header = [0u8; NET_HDR_SIZE];
+        let skip = if self.vnet_header { 0 } else { NET_HDR_SIZE };
         let mut len = 0usize;
         for descriptor in chain {
             if descriptor.is_write_only() {
@@ -509,12 +514,33 @@ impl Core {
             if len + piece > MAX_PACKET_SIZE {
                 return TxChain::Bad(head, "is larger than a 65550-byte frame and its header");
             }
-            if queues
-                .memory
-                .read_slice(&mut self.tx_frame[len..len + piece], descriptor.addr())
-                .is_err()
+            let in_header = NET_HDR_SIZE.saturating_sub(len).min(piece);
+            if in_header > 0
+                && queues
+                    .memory
+                    .read_slice(&mut header[len..len + in_header], descriptor.addr())
+                    .is_err()
             {
                 return TxChain::Bad(head, "points outside guest memory");
+            }
+            let unsent = skip.saturating_sub(len).min(piece);
+            if piece > unsent {
+                let Some(addr) = descriptor.addr().checked_add(unsent as u64) else {
+                    return TxChain::Bad(head, "points outside guest memory");
+                };
+                // All of the range must be guest memory (several regions' mappings if it
+                // crosses one's end), or nothing of it is sent.
+                for slice in queues.memory.get_slices(addr, piece - unsent) {
+                    let Ok(slice) = slice else {
+                        return TxChain::Bad(head, "points outside guest memory");
+                    };
+                    let guard = slice.ptr_guard();
+                    // SAFETY: vm-memory checked that the range is mapped guest memory; the
+                    // mapping lives as long as `queues.memory`, which outlives the send of
+                    // this frame (the parts are cleared right after it).
+                    self.tx_parts
+                        .push(unsafe { FramePart::new(guard.as_ptr(), slice.len()) });
+                }
             }
             len += piece;
         }
@@ -522,7 +548,7 @@ impl Core {
             return TxChain::Bad(head, "is not longer than the virtio-net header");
         }
         if self.vnet_header {
-            let gso = self.tx_frame[1] & GSO_TYPE_MASK;
+            let gso = header[1] & GSO_TYPE_MASK;
             let allowed = gso == GSO_NONE
                 || (gso == GSO_TCPV4 && queues.host_tso4)
                 || (gso == GSO_TCPV6 && queues.host_tso6);
@@ -554,7 +580,7 @@ enum TxChain {
     Broken,
     /// A chain no frame can be taken from, and why.
     Bad(u16, &'static str),
-    /// A frame of this many bytes (header included) is in `tx_frame`.
+    /// A frame of this many bytes (header included), its pieces in `tx_parts`.
     Frame(u16, usize),
 }
 

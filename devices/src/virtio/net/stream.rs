@@ -9,7 +9,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use super::backend::{Backend, BackendError};
+use super::backend::{Backend, BackendError, FramePart};
 use super::MAX_FRAME_SIZE;
 
 /// Bytes of the length prefix.
@@ -75,7 +75,10 @@ impl Stream {
     /// Writes what is left of a partly sent frame; true once nothing is left.
     fn flush(&mut self) -> Result<bool, BackendError> {
         while self.sent < self.outbound.len() {
-            match send_nosignal(&self.socket, &[&self.outbound[self.sent..]]) {
+            match send_nosignal(
+                &self.socket,
+                &[FramePart::from_slice(&self.outbound[self.sent..])],
+            ) {
                 Ok(written) => self.sent += written,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
@@ -93,20 +96,14 @@ fn gone_on_write(err: io::Error) -> BackendError {
 }
 
 /// `sendmsg` with `MSG_NOSIGNAL`: a peer that went away is an error, not a SIGPIPE.
-fn send_nosignal(socket: &UnixStream, parts: &[&[u8]]) -> io::Result<usize> {
-    let mut iov: Vec<libc::iovec> = parts
-        .iter()
-        .map(|part| libc::iovec {
-            iov_base: part.as_ptr() as *mut libc::c_void,
-            iov_len: part.len(),
-        })
-        .collect();
+fn send_nosignal(socket: &UnixStream, parts: &[FramePart]) -> io::Result<usize> {
+    let mut iov: Vec<libc::iovec> = parts.iter().map(FramePart::iovec).collect();
     // SAFETY: a zeroed msghdr is valid (no name, no control data).
     let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
     message.msg_iov = iov.as_mut_ptr();
     message.msg_iovlen = iov.len() as _;
-    // SAFETY: the iovecs point into `parts`, alive and unchanged for the call; the kernel only
-    // reads them.
+    // SAFETY: the iovecs describe readable memory alive for the call (the contract of
+    // `FramePart`); the kernel only reads them.
     let written = unsafe {
         libc::sendmsg(
             socket.as_raw_fd(),
@@ -161,13 +158,21 @@ impl Backend for Stream {
     }
 
     fn send(&mut self, frame: &[u8]) -> Result<bool, BackendError> {
+        self.send_parts(&[FramePart::from_slice(frame)])
+    }
+
+    fn send_parts(&mut self, parts: &[FramePart]) -> Result<bool, BackendError> {
         if !self.flush()? {
             return Ok(false);
         }
-        let prefix = (frame.len() as u32).to_be_bytes();
-        let total = PREFIX + frame.len();
+        let frame_len: usize = parts.iter().map(FramePart::len).sum();
+        let prefix = (frame_len as u32).to_be_bytes();
+        let mut pieces = Vec::with_capacity(parts.len() + 1);
+        pieces.push(FramePart::from_slice(&prefix));
+        pieces.extend_from_slice(parts);
+        let total = PREFIX + frame_len;
         let written = loop {
-            match send_nosignal(&self.socket, &[&prefix, frame]) {
+            match send_nosignal(&self.socket, &pieces) {
                 Ok(written) => break written,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
@@ -175,13 +180,19 @@ impl Backend for Stream {
             }
         };
         if written < total {
-            // The frame is taken: its rest goes out before anything else.
-            let mut whole = Vec::with_capacity(total);
-            whole.extend_from_slice(&prefix);
-            whole.extend_from_slice(frame);
+            // The frame is taken: its rest (copied now, as the guest gets its buffers back) goes
+            // out before anything else.
             self.outbound.clear();
-            self.outbound.extend_from_slice(&whole[written..]);
             self.sent = 0;
+            let mut skip = written;
+            for piece in &pieces {
+                if skip >= piece.len() {
+                    skip -= piece.len();
+                    continue;
+                }
+                piece.append_to(skip, &mut self.outbound);
+                skip = 0;
+            }
         }
         Ok(true)
     }

@@ -2,11 +2,11 @@
 //! or taken as an already open descriptor from whoever started Kiln.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use super::backend::{Backend, BackendError, Offloads};
+use super::backend::{Backend, BackendError, FramePart, Offloads};
 use super::NET_HDR_SIZE;
 
 /// `_IOW('T', 202, int)`.
@@ -239,8 +239,23 @@ impl Backend for Tap {
     }
 
     fn send(&mut self, frame: &[u8]) -> Result<bool, BackendError> {
-        match self.file.write(frame) {
-            Ok(_) => Ok(true),
+        self.send_parts(&[FramePart::from_slice(frame)])
+    }
+
+    fn send_parts(&mut self, parts: &[FramePart]) -> Result<bool, BackendError> {
+        let iovecs: Vec<libc::iovec> = parts.iter().map(FramePart::iovec).collect();
+        let count = libc::c_int::try_from(iovecs.len())
+            .map_err(|_| BackendError::Dropped(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        // SAFETY: the iovecs describe readable memory (the contract of `FramePart`), alive for
+        // the call; the kernel only reads them. A TAP takes a frame whole or not at all.
+        let written = unsafe { libc::writev(self.file.as_raw_fd(), iovecs.as_ptr(), count) };
+        let result = if written < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        };
+        match result {
+            Ok(()) => Ok(true),
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(false),
             // Bad headers (EINVAL), the interface down (EIO): this frame is lost.
             Err(err) => Err(BackendError::Dropped(err)),
