@@ -312,9 +312,16 @@ expect 204 PUT /snapshot/load "$LOAD_BODY"
 expect 200 GET /
 expect 200 GET /vm/config
 echo after-restore | kiln-vsock uds-connect "$VSOCK" 5000 >"$WORK/new.out" 2>"$WORK/new.err"
-echo "NEW_STATUS=$?"
+NEW_STATUS=$?
+echo "NEW_STATUS=$NEW_STATUS"
 echo "NEW_ECHO=$(cat "$WORK/new.out")"
 echo "NEW_ANSWER=$(cat "$WORK/new.err")"
+# A refused or closed new connection leaves the guest waiting for it: fail now, not at the
+# test's time limit.
+if [ "$NEW_STATUS" != 0 ] || ! grep -q '^OK ' "$WORK/new.err"; then
+    echo "NEW-CONNECTION-FAILED: stopping the guest"
+    kill -KILL "$KILN_PID" 2>/dev/null
+fi
 wait "$KILN_PID"
 echo "KILN_STATUS=$?"
 echo "=== BEFORE"
@@ -343,6 +350,7 @@ cat "$WORK/kiln.before.log" "$WORK/kiln.log" >&2
             outcome
                 .check()
                 .console_lacks("API-FAILURE")
+                .console_lacks("NEW-CONNECTION-FAILED")
                 .console_contains("\"state\":\"Running\"")
                 .console_contains("KILN_STATUS=0")
                 .console_lacks("OLD_CLIENT_STILL_RUNNING")

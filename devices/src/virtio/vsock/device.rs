@@ -5,6 +5,7 @@
 //! eventfd, and each event runs one pass under the device's lock: drain socket readiness,
 //! serve the host sockets, take the guest's packets (TX), fill the guest's receive buffers (RX).
 
+use std::num::Wrapping;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -63,6 +64,12 @@ struct Core {
     paused_since: Option<Instant>,
     /// A `TRANSPORT_RESET` event waits for an event buffer.
     reset_event_pending: bool,
+    /// The reset event was delivered and the guest has not yet handled it: the event queue's
+    /// available index when it was taken. Linux's driver gives the buffer back (the index
+    /// moves) only after it reset its sockets, and it handles the receive queue before the
+    /// event queue of the same interrupt, so a connection request sent before that would be
+    /// reset too. Nothing goes to the receive queue meanwhile.
+    reset_event_unhandled: Option<Wrapping<u16>>,
     wake: Arc<EventFd>,
     warnings: LogLimiter,
 }
@@ -91,6 +98,7 @@ impl Vsock {
                 queues: None,
                 paused_since: None,
                 reset_event_pending: false,
+                reset_event_unhandled: None,
                 wake: wake.clone(),
                 warnings: LogLimiter::new(),
             })),
@@ -117,11 +125,13 @@ impl Vsock {
     }
 
     /// Drops every connection and tells the guest with a `TRANSPORT_RESET` event (for example
-    /// after the VM was restored elsewhere): its sockets see a reset, new ones work at once.
+    /// after the VM was restored elsewhere): its sockets see a reset. New connections reach
+    /// the guest once it has handled the event, so the reset never catches them.
     pub fn reset_transport(&self) {
         let mut core = self.core();
         core.muxer.drop_all();
         core.reset_event_pending = true;
+        core.reset_event_unhandled = None;
         drop(core);
         self.wake_handler();
     }
@@ -263,6 +273,9 @@ impl Core {
 
     /// Fills the guest's receive buffers with what the muxer has; returns how many.
     fn process_rx(&mut self) -> u32 {
+        if self.reset_event_outstanding() {
+            return 0;
+        }
         let Some(queues) = &mut self.queues else {
             return 0;
         };
@@ -362,6 +375,14 @@ impl Core {
                 match memory.write_obj(EVENT_TRANSPORT_RESET.to_le(), descriptor.addr()) {
                     Ok(()) => {
                         self.reset_event_pending = false;
+                        // Read before the guest can see the event (an unreadable ring: do not
+                        // wait for it).
+                        self.reset_event_unhandled = event
+                            .avail_idx(&*memory, std::sync::atomic::Ordering::Acquire)
+                            .ok();
+                        if let Some(index) = self.reset_event_unhandled {
+                            reset_event::ask_for_notification_after(event, memory, index);
+                        }
                         EVENT_SIZE
                     }
                     Err(_) => 0,
@@ -477,6 +498,7 @@ impl VirtioDevice for Vsock {
         core.queues = None;
         core.paused_since = None;
         core.reset_event_pending = false;
+        core.reset_event_unhandled = None;
         core.muxer.drop_all();
         drop(core);
         if std::mem::take(&mut self.active) {
@@ -573,6 +595,9 @@ impl MutEventSubscriber for VsockHandler {
         }
     }
 }
+
+#[path = "reset_event.rs"]
+mod reset_event;
 
 #[cfg(test)]
 #[path = "bad_input_tests.rs"]

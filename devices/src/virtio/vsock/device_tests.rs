@@ -516,3 +516,60 @@ fn the_socket_path_must_be_free_and_is_removed_with_the_device() {
     drop(device);
     assert!(!path.exists());
 }
+
+#[test]
+fn a_host_connection_after_a_transport_reset_reaches_the_guest_only_once_it_handled_the_event() {
+    let mut guest = Guest::new();
+    // Linux posts several event buffers and gives each back after handling its event.
+    let event_buffers: Vec<u64> = (0..2).map(|_| guest.alloc(8)).collect();
+    for &buffer in &event_buffers {
+        guest.event.add(&guest.memory, &[(buffer, 4, WRITE)]);
+    }
+    guest.give_rx(4);
+    // As after `PUT /snapshot/load`: the reset, then at once a new host client.
+    guest.device.reset_transport();
+    let mut client = timed(UnixStream::connect(guest.path()).unwrap());
+    client.write_all(b"CONNECT 5000\n").unwrap();
+    let mut waited = 0;
+    while !guest.device.core().muxer.has_output() && guest.rx.take_used(&guest.memory).is_empty() {
+        assert!(waited < 100, "the muxer never read the CONNECT line");
+        std::thread::sleep(Duration::from_millis(2));
+        guest.device.run_pass();
+        waited += 1;
+    }
+    guest.device.run_pass();
+    assert_eq!(
+        guest.event.take_used(&guest.memory),
+        [(0, 4)],
+        "event delivered"
+    );
+    // Linux handles a used receive buffer before the event queue of the same interrupt: the
+    // request would be accepted and then reset by the event.
+    assert!(
+        guest.received().is_empty(),
+        "the connection request reached the guest before it handled the reset event"
+    );
+    assert!(guest.device.core().muxer.has_output(), "the request waits");
+    // With EVENT_IDX the driver is asked to notify when it gives a buffer back.
+    assert_eq!(avail_event(&guest), 2);
+
+    // The guest reset its sockets and gives the buffer back: the request follows.
+    guest
+        .event
+        .add(&guest.memory, &[(event_buffers[0], 4, WRITE)]);
+    guest.device.run_pass();
+    let got = guest.received();
+    assert_eq!(ops(&got), [op::REQUEST]);
+    assert_eq!(got[0].0.dst_port, 5000);
+    assert!(
+        guest.event.take_used(&guest.memory).is_empty(),
+        "one event only"
+    );
+}
+
+/// The `avail_event` field the device writes after the event queue's used ring.
+fn avail_event(guest: &Guest) -> u16 {
+    let queue = guest.event.queue(&guest.memory, true);
+    let address = queue.used_ring() + 4 + 8 * u64::from(QUEUE_SIZE);
+    guest.memory.read_obj(GuestAddress(address)).unwrap()
+}
