@@ -66,9 +66,8 @@ struct Core {
     reset_event_pending: bool,
     /// The reset event was delivered and the guest has not yet handled it: the event queue's
     /// available index when it was taken. Linux's driver gives the buffer back (the index
-    /// moves) only after it reset its sockets, and it handles the receive queue before the
-    /// event queue of the same interrupt, so a connection request sent before that would be
-    /// reset too. Nothing goes to the receive queue meanwhile.
+    /// moves) only after it reset its sockets; nothing goes to the receive queue meanwhile
+    /// (see reset_event.rs).
     reset_event_unhandled: Option<Wrapping<u16>>,
     wake: Arc<EventFd>,
     warnings: LogLimiter,
@@ -504,6 +503,14 @@ impl VirtioDevice for Vsock {
         if std::mem::take(&mut self.active) {
             log::debug!("vsock (guest CID {}): reset", self.guest_cid);
         }
+    }
+
+    fn saved_state(&self) -> Vec<u8> {
+        reset_event::saved_state(&self.core().muxer)
+    }
+
+    fn restore_state(&mut self, saved: &[u8]) -> Result<(), String> {
+        reset_event::restore_state(&mut self.core().muxer, saved)
     }
 
     fn pause(&mut self) -> Result<Vec<QueueState>, PauseError> {

@@ -1,10 +1,13 @@
 //! Ordering of the `TRANSPORT_RESET` event against new connections.
 //!
 //! After a restore the device drops every connection and sends the event. Linux's driver
-//! handles the used buffers of one interrupt queue by queue, the receive queue before the event
-//! queue, so a host connection request delivered next to the event would be accepted and then
-//! reset with the old ones. The device therefore sends nothing on the receive queue until the
-//! driver gives the event buffer back, which it does only after resetting its sockets.
+//! handles the receive queue and the event queue in separate work items, in no fixed order, so
+//! a host connection request delivered next to the event could reach the guest while its old
+//! sockets still stand: accepted and then reset with them, or, on the addresses of an old
+//! connection, answered by the old socket with a reset. The device therefore sends nothing on
+//! the receive queue until the driver gives the event buffer back, which it does only after
+//! resetting its sockets, and host ports of host-initiated connections continue across a
+//! snapshot instead of starting again at the first.
 
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
@@ -13,6 +16,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::Core;
+use crate::virtio::vsock::muxer::Muxer;
 use kiln_arch::GuestMemoryMmap;
 
 impl Core {
@@ -56,5 +60,31 @@ pub(super) fn ask_for_notification_after(
     if let Some(address) = queue.used_ring().checked_add(offset) {
         // A failed write only means the guest's next notification is not asked for.
         let _ = memory.store(index.0.to_le(), GuestAddress(address), Ordering::Release);
+    }
+}
+
+/// The device's own snapshot state: the next host port for host-initiated connections, so
+/// that the restored device does not start again at the first one. The guest may still hold
+/// its socket of an old connection on such a port (until the reset event is handled and the
+/// application closes it): a new connection with the same addresses would meet that socket
+/// and be refused.
+pub(super) fn saved_state(muxer: &Muxer) -> Vec<u8> {
+    muxer.next_local_port().to_le_bytes().to_vec()
+}
+
+/// Takes back [`saved_state`]; empty (a snapshot without it) leaves the ports as they are.
+pub(super) fn restore_state(muxer: &mut Muxer, saved: &[u8]) -> Result<(), String> {
+    if saved.is_empty() {
+        return Ok(());
+    }
+    let port = <[u8; 4]>::try_from(saved)
+        .map(u32::from_le_bytes)
+        .map_err(|_| format!("vsock state of {} bytes (expected 4)", saved.len()))?;
+    if muxer.continue_local_ports_from(port) {
+        Ok(())
+    } else {
+        Err(format!(
+            "vsock state: next host port {port} is outside the host-initiated range"
+        ))
     }
 }
