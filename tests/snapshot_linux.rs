@@ -305,6 +305,7 @@ while kill -0 "$OLD_CLIENT" 2>/dev/null && [ $tries -lt 50 ]; do
 done
 kill -0 "$OLD_CLIENT" 2>/dev/null && echo "OLD_CLIENT_STILL_RUNNING"
 echo "OLD_ECHO=$(cat "$WORK/old.out")"
+echo "OLD_ANSWER=$(head -n 1 "$WORK/old.err")"
 # Like Firecracker, the restored device listens on the snapshot's socket path again.
 rm -f "$VSOCK"
 start_kiln
@@ -374,6 +375,17 @@ cat "$WORK/kiln.before.log" "$WORK/kiln.log" >&2
                 .that(
                     answer.starts_with("OK "),
                     format!("the new connection should get 'OK <port>', got {answer:?}"),
+                )
+                .that(
+                    // The guest may still hold the old connection's socket on its port.
+                    outcome
+                        .console_value("OLD_ANSWER=")
+                        .is_some_and(|old| old.starts_with("OK ") && old != answer),
+                    format!(
+                        "the new connection should get another host port than the old one: \
+                         old {:?}, new {answer:?}",
+                        outcome.console_value("OLD_ANSWER=")
+                    ),
                 )
                 .that(
                     // Kernel messages can land on the same console line.
