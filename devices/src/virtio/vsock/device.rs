@@ -610,5 +610,8 @@ mod reset_event;
 #[path = "bad_input_tests.rs"]
 mod bad_input_tests;
 #[cfg(test)]
+#[path = "reset_tests.rs"]
+mod reset_tests;
+#[cfg(test)]
 #[path = "device_tests.rs"]
 mod tests;
