@@ -243,6 +243,7 @@ while kill -0 "$OLD_CLIENT" 2>/dev/null && [ $tries -lt 50 ]; do
 done
 kill -0 "$OLD_CLIENT" 2>/dev/null && echo "OLD_CLIENT_STILL_RUNNING"
 echo "OLD_ECHO=$(cat "$WORK/old.out")"
+echo "OLD_ANSWER=$(head -n 1 "$WORK/old.err")"
 # Like Firecracker, the restored device listens on the snapshot's socket path again.
 rm -f "$VSOCK"
 start_kiln
@@ -250,9 +251,16 @@ expect 204 PUT /snapshot/load "$LOAD_BODY"
 expect 200 GET /
 expect 200 GET /vm/config
 echo after-restore | kiln-vsock uds-connect "$VSOCK" 5000 >"$WORK/new.out" 2>"$WORK/new.err"
-echo "NEW_STATUS=$?"
+NEW_STATUS=$?
+echo "NEW_STATUS=$NEW_STATUS"
 echo "NEW_ECHO=$(cat "$WORK/new.out")"
 echo "NEW_ANSWER=$(cat "$WORK/new.err")"
+# A refused or closed new connection leaves the guest waiting for it: fail now, not at the
+# test's time limit.
+if [ "$NEW_STATUS" != 0 ] || ! grep -q '^OK ' "$WORK/new.err"; then
+    echo "NEW-CONNECTION-FAILED: stopping the guest"
+    kill -KILL "$KILN_PID" 2>/dev/null
+fi
 wait "$KILN_PID"
 echo "KILN_STATUS=$?"
 echo "=== BEFORE"
@@ -281,6 +289,7 @@ cat "$WORK/kiln.before.log" "$WORK/kiln.log" >&2
             outcome
                 .check()
                 .console_lacks("API-FAILURE")
+                .console_lacks("NEW-CONNECTION-FAILED")
                 .console_contains("\"state\":\"Running\"")
                 .console_contains("KILN_STATUS=0")
                 .console_lacks("OLD_CLIENT_STILL_RUNNING")
@@ -304,6 +313,17 @@ cat "$WORK/kiln.before.log" "$WORK/kiln.log" >&2
                 .that(
                     answer.starts_with("OK "),
                     format!("the new connection should get 'OK <port>', got {answer:?}"),
+                )
+                .that(
+                    // The guest may still hold the old connection's socket on its port.
+                    outcome
+                        .console_value("OLD_ANSWER=")
+                        .is_some_and(|old| old.starts_with("OK ") && old != answer),
+                    format!(
+                        "the new connection should get another host port than the old one: \
+                         old {:?}, new {answer:?}",
+                        outcome.console_value("OLD_ANSWER=")
+                    ),
                 )
                 .that(
                     // Kernel messages can land on the same console line.

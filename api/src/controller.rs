@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kiln_vmm::snapshot::{read_state_file, RestoreConfig, SnapshotError, SnapshotKind};
+use kiln_vmm::snapshot::{
+    apply_net_overrides, read_state_file, NetOverride, RestoreConfig, SnapshotError, SnapshotKind,
+};
 use kiln_vmm::{ControlError, RunningVm, Vm, VmHandle, VmState};
 use serde::Serialize;
 
@@ -261,14 +263,15 @@ impl Controller {
                     ))
                 }
             };
-        if params
+        if let Some(empty) = params
             .network_overrides
-            .as_ref()
-            .is_some_and(|o| !o.is_empty())
+            .iter()
+            .find(|o| o.host_dev_name.trim().is_empty() || o.iface_id.trim().is_empty())
         {
-            return Err(refuse(
-                "network_overrides is not supported by Kiln: it has no network devices yet".into(),
-            ));
+            return Err(refuse(format!(
+                "network_overrides: iface_id and host_dev_name must not be empty (got '{}' and '{}')",
+                empty.iface_id, empty.host_dev_name
+            )));
         }
         if params
             .vsock_override
@@ -294,10 +297,35 @@ impl Controller {
             .vsock_override
             .as_ref()
             .map(|o| std::path::PathBuf::from(&o.uds_path));
+        restore.net_overrides = params
+            .network_overrides
+            .iter()
+            .map(|o| NetOverride {
+                id: o.iface_id.clone(),
+                tap: o.host_dev_name.clone(),
+            })
+            .collect();
         let vm = Vm::restore(&restore, Instant::now()).map_err(|err| refuse(err.to_string()))?;
         let running = vm.start().map_err(|err| refuse(err.to_string()))?;
-        // What GET /vm/config shows from now on: the snapshot's machine and disks.
-        let config = snapshot.config;
+        // What GET /vm/config shows from now on: the snapshot's machine and devices.
+        let mut config = snapshot.config;
+        // Checked by the restore already.
+        let _ = apply_net_overrides(&mut config, &restore.net_overrides);
+        self.resources.network_interfaces = config
+            .nets
+            .iter()
+            .enumerate()
+            .filter_map(|(index, net)| {
+                Some(NetworkInterface {
+                    iface_id: net.id.clone().unwrap_or_else(|| format!("net{index}")),
+                    host_dev_name: net.tap.clone()?,
+                    guest_mac: net.mac.map(|mac| mac.to_string()),
+                    mtu: None,
+                    rx_rate_limiter: None,
+                    tx_rate_limiter: None,
+                })
+            })
+            .collect();
         self.resources.machine.vcpu_count = config.cpus;
         self.resources.machine.mem_size_mib = config.memory_mib;
         self.resources.machine.huge_pages = config.huge_pages;

@@ -555,3 +555,6 @@ fn put_vsock_attaches_a_vsock_device_and_checks_it_first() {
 
 #[path = "controller_vsock_override_tests.rs"]
 mod vsock_override;
+
+#[path = "controller_net_override_tests.rs"]
+mod net_override;

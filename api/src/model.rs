@@ -339,6 +339,16 @@ pub struct VsockOverride {
     pub uds_path: String,
 }
 
+/// One of `network_overrides` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The snapshot's interface.
+    pub iface_id: String,
+    /// The TAP device it is attached to instead of the snapshot's.
+    pub host_dev_name: String,
+}
+
 /// `PUT /snapshot/load`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -360,9 +370,9 @@ pub struct SnapshotLoadParams {
     /// Run the guest at once (default: restored paused).
     #[serde(default)]
     pub resume_vm: bool,
-    /// New TAP devices for network interfaces (Kiln has none).
+    /// New TAP devices for network interfaces (clones each need their own).
     #[serde(default)]
-    pub network_overrides: Option<Vec<serde_json::Value>>,
+    pub network_overrides: Vec<NetworkOverride>,
     /// A new Unix socket for the vsock device (clones each need their own).
     #[serde(default)]
     pub vsock_override: Option<VsockOverride>,

@@ -308,6 +308,7 @@ impl Resources {
 /// when Kiln may, at `InstanceStart`).
 fn net_config(interface: &NetworkInterface) -> NetConfig {
     NetConfig {
+        id: Some(interface.iface_id.clone()),
         tap: Some(interface.host_dev_name.clone()),
         mac: guest_mac(interface).ok().flatten(),
         ..NetConfig::default()

@@ -397,6 +397,39 @@ fn snapshot_requests_parse() {
         Some(r#"{"snapshot_path": "/s", "vsock_override": {}}"#),
     );
     assert!(message.contains("missing field `uds_path`"), "{message}");
+    match parse(
+        Method::Put,
+        "/snapshot/load",
+        Some(r#"{"snapshot_path": "/s", "mem_file_path": "/m", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap7"}]}"#),
+    )
+    .unwrap()
+    {
+        Action::LoadSnapshot(load) => assert_eq!(
+            load.network_overrides,
+            [NetworkOverride {
+                iface_id: "eth0".into(),
+                host_dev_name: "tap7".into()
+            }]
+        ),
+        other => panic!("{other:?}"),
+    }
+    let message = fault(
+        Method::Put,
+        "/snapshot/load",
+        Some(
+            r#"{"snapshot_path": "/s", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "t", "guest_mac": "02:00:00:00:00:01"}]}"#,
+        ),
+    );
+    assert!(message.contains("unknown field `guest_mac`"), "{message}");
+    let message = fault(
+        Method::Put,
+        "/snapshot/load",
+        Some(r#"{"snapshot_path": "/s", "network_overrides": [{"iface_id": "eth0"}]}"#),
+    );
+    assert!(
+        message.contains("missing field `host_dev_name`"),
+        "{message}"
+    );
     assert!(fault(Method::Put, "/snapshot/other", Some("{}")).contains("Invalid request"));
 }
 

@@ -15,6 +15,9 @@ use super::ConfigError;
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
+    /// The API's `iface_id` (a snapshot load's `network_overrides` name NICs by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// An existing TAP interface (created if Kiln has CAP_NET_ADMIN).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,

@@ -34,7 +34,9 @@ use crate::vcpu::VcpuState;
 
 pub use files::{read_state_file, write_state_file};
 pub use memory::{map_memory_file, map_memory_layers, write_diff_memory_file, write_memory_file};
-pub use restore::{check_cpuid, check_disks, DiskOverride, RestoreConfig};
+pub use restore::{
+    apply_net_overrides, check_cpuid, check_disks, DiskOverride, NetOverride, RestoreConfig,
+};
 
 /// "KILNSNAP": the first bytes of every state file.
 pub const STATE_MAGIC: [u8; 8] = *b"KILNSNAP";

@@ -265,3 +265,43 @@ fn cpuid_features_the_host_lacks_are_named() {
         .to_string();
     assert!(err.contains("vendor"), "{err}");
 }
+
+#[test]
+fn net_overrides_move_tap_nics_and_keep_every_mac() {
+    let mut config = crate::config::VmConfig::new("/k");
+    let nic = |id: &str, spec: &str| crate::config::NetConfig {
+        id: Some(id.into()),
+        ..spec.parse().unwrap()
+    };
+    config.nets = vec![nic("eth0", "tap=t0"), nic("eth1", "user")];
+    let macs = config.net_macs();
+    let to = |id: &str, tap: &str| NetOverride {
+        id: id.into(),
+        tap: tap.into(),
+    };
+
+    let mut moved = config.clone();
+    apply_net_overrides(&mut moved, &[to("eth0", "t9")]).unwrap();
+    assert_eq!(moved.nets[0].tap.as_deref(), Some("t9"));
+    // The defaults derive from the TAP's name and the VM's paths: pinned, so unchanged.
+    moved
+        .disks
+        .push(crate::config::DiskConfig::new("/other.img"));
+    assert_eq!(moved.net_macs(), macs);
+    assert!(moved.nets[1].user, "the passt NIC stays as it was");
+
+    for (overrides, expected) in [
+        (
+            vec![to("eth7", "t")],
+            "'eth7', which the snapshot does not have (its interfaces: eth0, eth1)",
+        ),
+        (vec![to("eth1", "t")], "'eth1' uses user-mode networking"),
+        (
+            vec![to("eth0", "a"), to("eth0", "b")],
+            "'eth0' is overridden twice",
+        ),
+    ] {
+        let err = apply_net_overrides(&mut config.clone(), &overrides).unwrap_err();
+        assert!(err.to_string().contains(expected), "{err}");
+    }
+}

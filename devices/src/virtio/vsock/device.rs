@@ -5,6 +5,7 @@
 //! eventfd, and each event runs one pass under the device's lock: drain socket readiness,
 //! serve the host sockets, take the guest's packets (TX), fill the guest's receive buffers (RX).
 
+use std::num::Wrapping;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -65,6 +66,11 @@ struct Core {
     reset_event_pending: bool,
     /// Receive buffers taken per batch now (adapts between 1 and [`MAX_RX_BATCH`]).
     rx_batch: usize,
+    /// The reset event was delivered and the guest has not yet handled it: the event queue's
+    /// available index when it was taken. Linux's driver gives the buffer back (the index
+    /// moves) only after it reset its sockets; nothing goes to the receive queue meanwhile
+    /// (see reset_event.rs).
+    reset_event_unhandled: Option<Wrapping<u16>>,
     wake: Arc<EventFd>,
     warnings: LogLimiter,
 }
@@ -94,6 +100,7 @@ impl Vsock {
                 paused_since: None,
                 reset_event_pending: false,
                 rx_batch: 1,
+                reset_event_unhandled: None,
                 wake: wake.clone(),
                 warnings: LogLimiter::new(),
             })),
@@ -120,11 +127,13 @@ impl Vsock {
     }
 
     /// Drops every connection and tells the guest with a `TRANSPORT_RESET` event (for example
-    /// after the VM was restored elsewhere): its sockets see a reset, new ones work at once.
+    /// after the VM was restored elsewhere): its sockets see a reset. New connections reach
+    /// the guest once it has handled the event, so the reset never catches them.
     pub fn reset_transport(&self) {
         let mut core = self.core();
         core.muxer.drop_all();
         core.reset_event_pending = true;
+        core.reset_event_unhandled = None;
         drop(core);
         self.wake_handler();
     }
@@ -301,6 +310,14 @@ impl Core {
                 match memory.write_obj(EVENT_TRANSPORT_RESET.to_le(), descriptor.addr()) {
                     Ok(()) => {
                         self.reset_event_pending = false;
+                        // Read before the guest can see the event (an unreadable ring: do not
+                        // wait for it).
+                        self.reset_event_unhandled = event
+                            .avail_idx(&*memory, std::sync::atomic::Ordering::Acquire)
+                            .ok();
+                        if let Some(index) = self.reset_event_unhandled {
+                            reset_event::ask_for_notification_after(event, memory, index);
+                        }
                         EVENT_SIZE
                     }
                     Err(_) => 0,
@@ -416,11 +433,20 @@ impl VirtioDevice for Vsock {
         core.queues = None;
         core.paused_since = None;
         core.reset_event_pending = false;
+        core.reset_event_unhandled = None;
         core.muxer.drop_all();
         drop(core);
         if std::mem::take(&mut self.active) {
             log::debug!("vsock (guest CID {}): reset", self.guest_cid);
         }
+    }
+
+    fn saved_state(&self) -> Vec<u8> {
+        reset_event::saved_state(&self.core().muxer)
+    }
+
+    fn restore_state(&mut self, saved: &[u8]) -> Result<(), String> {
+        reset_event::restore_state(&mut self.core().muxer, saved)
     }
 
     fn pause(&mut self) -> Result<Vec<QueueState>, PauseError> {
@@ -513,12 +539,17 @@ impl MutEventSubscriber for VsockHandler {
     }
 }
 
+#[path = "reset_event.rs"]
+mod reset_event;
 #[path = "device_rx.rs"]
 mod rx;
 
 #[cfg(test)]
 #[path = "bad_input_tests.rs"]
 mod bad_input_tests;
+#[cfg(test)]
+#[path = "reset_tests.rs"]
+mod reset_tests;
 #[cfg(test)]
 #[path = "device_tests.rs"]
 mod tests;

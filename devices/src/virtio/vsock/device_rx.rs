@@ -15,6 +15,11 @@ impl Core {
     /// while batches fill completely and shrinks when they do not, so that a lone small packet
     /// (a round trip) does not parse dozens of buffers only to give them back.
     pub(super) fn process_rx(&mut self) -> u32 {
+        // After a transport reset nothing goes to the guest until it handled the event (see
+        // reset_event.rs).
+        if self.reset_event_outstanding() {
+            return 0;
+        }
         let Some(queues) = &mut self.queues else {
             return 0;
         };

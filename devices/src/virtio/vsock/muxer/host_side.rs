@@ -214,6 +214,21 @@ impl Muxer {
         self.handshakes.remove(&token)
     }
 
+    /// The host port the next host-initiated connection gets (a snapshot carries it).
+    pub fn next_local_port(&self) -> u32 {
+        self.next_local_port
+    }
+
+    /// Continues host ports from `port` (a restored guest may still hold sockets on the ports
+    /// before it: reusing one would meet such a socket); false if `port` is out of range.
+    pub fn continue_local_ports_from(&mut self, port: u32) -> bool {
+        let fits = (LOCAL_PORT_FIRST..LOCAL_PORT_END).contains(&port);
+        if fits {
+            self.next_local_port = port;
+        }
+        fits
+    }
+
     pub(super) fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
         loop {
             let port = self.next_local_port;
