@@ -364,3 +364,16 @@ impl EventLoopHandle {
         }
     }
 }
+
+/// A close-on-exec duplicate of `fd`, for an event handler that watches a descriptor its device
+/// owns (the handler's registration must not depend on the device's lifetime).
+pub(crate) fn duplicate_fd(fd: std::os::fd::RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) only creates a new descriptor; the result is checked.
+    let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if duplicate < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(duplicate) })
+}

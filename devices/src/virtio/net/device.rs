@@ -5,7 +5,7 @@
 //! and writable only while a frame waits for room), and each event runs one pass under the
 //! device's lock (`rxtx`).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -331,13 +331,7 @@ impl NetHandler {
         backend_fd: RawFd,
         wake: &EventFd,
     ) -> std::io::Result<Self> {
-        // SAFETY: dup(2) of a descriptor the backend owns; the result is checked and owned.
-        let duplicate = unsafe { libc::fcntl(backend_fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if duplicate < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor nothing else owns.
-        let backend = unsafe { OwnedFd::from_raw_fd(duplicate) };
+        let backend = crate::virtio::duplicate_fd(backend_fd)?;
         Ok(Self {
             core,
             queue_events,

@@ -6,7 +6,7 @@
 //! serve the host sockets, take the guest's packets (TX), fill the guest's receive buffers (RX).
 
 use std::num::Wrapping;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -490,13 +490,7 @@ impl VsockHandler {
         epoll_fd: RawFd,
         wake: &EventFd,
     ) -> std::io::Result<Self> {
-        // SAFETY: dup(2) of a descriptor the muxer owns; the result is checked and owned.
-        let duplicate = unsafe { libc::fcntl(epoll_fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if duplicate < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor nothing else owns.
-        let epoll = unsafe { OwnedFd::from_raw_fd(duplicate) };
+        let epoll = crate::virtio::duplicate_fd(epoll_fd)?;
         Ok(Self {
             core,
             queue_events,
