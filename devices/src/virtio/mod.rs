@@ -377,3 +377,16 @@ pub(crate) fn duplicate_fd(fd: std::os::fd::RawFd) -> std::io::Result<std::os::f
     // SAFETY: a new descriptor nothing else owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(duplicate) })
 }
+
+/// A driver's read of `data.len()` bytes at `offset` of a device's configuration space
+/// `config`: the bytes there, zeros past its end (virtio-mmio reads never fail).
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(available) = config.get(start..) {
+        let len = available.len().min(data.len());
+        data[..len].copy_from_slice(&available[..len]);
+    }
+}
