@@ -82,6 +82,12 @@ KILN_CACHE_DIR="$WORK/cache" exec "$KILN" run -- true"#,
                     outcome.stderr.contains("panicked"),
                     "stderr names the panic",
                 )
+                .that(
+                    outcome
+                        .stderr
+                        .contains("Kernel panic - not syncing: sysrq triggered crash"),
+                    "stderr shows the end of the guest console, with the panic message",
+                )
                 .finish()
         },
     );

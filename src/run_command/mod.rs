@@ -5,6 +5,7 @@
 //! files), gives the guest a vsock device whose host ports are Kiln's own listeners (control,
 //! stdout, stderr, stdin), and maps how things ended to an exit status (see [`Ending`]).
 
+mod console;
 mod cpio;
 mod initramfs;
 mod streams;
@@ -169,7 +170,8 @@ pub fn exit_status(ending: &Ending) -> u8 {
     }
 }
 
-/// Runs the command; every failure is logged and becomes its documented status.
+/// Runs the command; every failure is logged and becomes its documented status. A guest that
+/// ended without a status also shows the last lines of its console.
 pub fn main(config: VmConfig, args: CommandArgs, start: Instant) -> ExitCode {
     let runtime_dir = match RuntimeDir::create() {
         Ok(dir) => dir,
@@ -181,7 +183,7 @@ pub fn main(config: VmConfig, args: CommandArgs, start: Instant) -> ExitCode {
     let result = run(config, args, &runtime_dir.0, start);
     drop(runtime_dir);
     match result {
-        Ok(ending) => {
+        Ok((ending, console_tail)) => {
             match &ending {
                 Ending::Reported(Report::SetupFailed(why)) => {
                     log::error!("the guest could not start the command: {why}")
@@ -198,6 +200,12 @@ pub fn main(config: VmConfig, args: CommandArgs, start: Instant) -> ExitCode {
                 ),
                 Ending::Reported(_) | Ending::Signal(_) => {}
             }
+            if !console_tail.is_empty() {
+                log::error!(
+                    "the last lines of the guest's console (--verbose shows all of it):\n{}",
+                    console_tail.trim_end()
+                );
+            }
             ExitCode::from(exit_status(&ending))
         }
         Err(err) => {
@@ -212,7 +220,7 @@ fn run(
     args: CommandArgs,
     runtime_dir: &Path,
     start: Instant,
-) -> Result<Ending, RunError> {
+) -> Result<(Ending, String), RunError> {
     if config.initrd.is_some() {
         return Err(RunError::Usage(
             "--initrd cannot be used with a command: Kiln assembles the initramfs itself".into(),
@@ -262,9 +270,15 @@ fn run(
         cid: u64::from(GUEST_CID),
         uds: uds.clone(),
     });
+    let mut console_tail = None;
     if args.verbose {
-        config.console = ConsoleConfig::File(relay_console_to_stderr()?);
+        config.console = ConsoleConfig::File(console::relay_to_stderr()?);
     } else {
+        if config.console == ConsoleConfig::None {
+            let (tail, path) = console::ConsoleTail::start()?;
+            config.console = ConsoleConfig::File(path);
+            console_tail = Some(tail);
+        }
         // The kernel's console is a UART: every byte costs a VM exit.
         let user = config.cmdline.take().unwrap_or_default();
         config.cmdline = Some(format!("quiet {user}").trim().to_string());
@@ -322,7 +336,7 @@ fn run(
              files: install busybox-static, or --copy the program in"
         );
     }
-    Ok(match (reported, signals.received()) {
+    let ending = match (reported, signals.received()) {
         (Some(report), _) => Ending::Reported(report),
         (None, Some(signal)) => Ending::Signal(signal),
         (None, None) if timed_out.load(Ordering::SeqCst) => {
@@ -330,7 +344,14 @@ fn run(
         }
         (None, None) if outcome == VmOutcome::Panic => Ending::Panic,
         (None, None) => Ending::NoReport(outcome),
-    })
+    };
+    let console_tail = match ending {
+        Ending::TimedOut(_) | Ending::Panic | Ending::NoReport(_) => console_tail
+            .map(|tail| tail.last_lines())
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    Ok((ending, console_tail))
 }
 
 /// The spec the init gets: the command, its environment and directory, the root disk.
@@ -419,28 +440,6 @@ fn stdin_is_forwardable() -> bool {
         stat.st_mode & libc::S_IFMT,
         libc::S_IFIFO | libc::S_IFREG | libc::S_IFSOCK
     )
-}
-
-/// A pipe whose read end a thread copies to stderr: the guest console for `--verbose`, without
-/// touching stderr's own file (the console opens its path with truncation).
-fn relay_console_to_stderr() -> Result<PathBuf, RunError> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2(2) into a live two-element array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(RunError::Io(
-            "creating the console pipe",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: fresh descriptors that nothing else owns.
-    let mut reader = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
-    std::thread::Builder::new()
-        .name("kiln-console".into())
-        .spawn(move || {
-            let _ = std::io::copy(&mut reader, &mut std::io::stderr());
-        })
-        .map_err(|err| RunError::Io("starting the console thread", err))?;
-    Ok(PathBuf::from(format!("/proc/self/fd/{}", fds[1])))
 }
 
 /// Kiln's resource cache, as resources/lib.sh computes it.

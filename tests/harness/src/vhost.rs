@@ -50,13 +50,17 @@ const OUTER_MARGIN: Duration = Duration::from_secs(60);
 /// vhost-run's exit status when the virtual host stalled (its heartbeat stopped).
 const STALLED_STATUS: i32 = 125;
 
+/// Boots of the virtual host one batch may take when it keeps stalling.
+const MAX_BOOTS: usize = 3;
+
 /// Runs the tests in one virtual-host boot; `workdir` receives the payload and the logs.
 ///
 /// When the virtual host itself stalls (QEMU TCG has been seen to wedge with both CPUs halted and
-/// no interrupt arriving; vhost-run stops it and shows the CPUs' state), the tests that had not
-/// started yet run in a second boot, and so does the one that was running if its writable disks
-/// can be put back as they were (a second run on images the first one half wrote would prove
-/// nothing). Every test run that way says so in its outcome, and the suite prints it.
+/// no interrupt arriving, after boot or while booting; vhost-run stops it and shows the CPUs'
+/// state), the tests that had not started yet run in another boot (up to [`MAX_BOOTS`] in all),
+/// and so does the one that was running if its writable disks can be put back as they were (a
+/// second run on images the first one half wrote would prove nothing). Every test run that way
+/// says so in its outcome, and the suite prints it.
 pub fn run(
     tests: &[GuestTest],
     kiln: &Path,
@@ -65,60 +69,79 @@ pub fn run(
 ) -> Result<Vec<GuestOutcome>, HarnessError> {
     let pristine = PristineImages::save(tests, &workdir.join("pristine"));
     let first = run_once(tests, kiln, images, workdir)?;
-    let Some(stall) = first.stall else {
-        pristine.discard();
-        return Ok(first.outcomes);
-    };
     let mut outcomes = first.outcomes;
-    let unreported = first.unreported;
-    let Some(&running) = unreported.first() else {
-        pristine.discard();
-        return Ok(outcomes);
-    };
-    // The test that was running may have half written its images: it runs again only on the
-    // images as they were before the first boot.
-    let running_writes = tests[running]
-        .disks()
-        .iter()
-        .any(|disk| !disk.options().is_readonly())
-        && !pristine.restore(&tests[running]);
-    pristine.discard();
-    let rerun: Vec<usize> = unreported
-        .iter()
-        .copied()
-        .filter(|&index| index != running || !running_writes)
-        .collect();
-    let note = format!(
-        "the virtual KVM host stalled during test {} (its heartbeat stopped{})",
-        tests[running].name(),
-        if stall.is_empty() {
+    // Indices into `tests` of the batch the last boot ran, and what became of that boot.
+    let mut batch: Vec<usize> = (0..tests.len()).collect();
+    let mut last = (first.stall, first.booted, first.unreported);
+    let mut notes: Vec<String> = Vec::new();
+    for boot in 2..=MAX_BOOTS {
+        let (Some(stall), booted, unreported) = last else {
+            break;
+        };
+        // Back to indices into `tests`.
+        let unreported: Vec<usize> = unreported.iter().map(|&index| batch[index]).collect();
+        let Some(&first_unreported) = unreported.first() else {
+            break;
+        };
+        let cpus = if stall.is_empty() {
             String::new()
         } else {
             format!("; its CPUs then: {stall}")
+        };
+        let (note, running) = if booted {
+            let note = format!(
+                "the virtual KVM host stalled during test {} (its heartbeat stopped{cpus})",
+                tests[first_unreported].name()
+            );
+            (note, Some(first_unreported))
+        } else {
+            let note =
+                format!("the virtual KVM host stalled while booting (no heartbeat yet{cpus})");
+            (note, None)
+        };
+        // The test that was running may have half written its images: it runs again only on the
+        // images as they were before the first boot.
+        let running_writes = running.is_some_and(|running| {
+            tests[running]
+                .disks()
+                .iter()
+                .any(|disk| !disk.options().is_readonly())
+                && !pristine.restore(&tests[running])
+        });
+        if let (true, Some(running)) = (running_writes, running) {
+            outcomes[running].problem = Some(format!(
+                "{note}; not run again: its writable disks may hold the first run's writes and \
+                 there is no copy of them from before"
+            ));
         }
-    );
-    if running_writes {
-        outcomes[running].problem = Some(format!(
-            "{note}; not run again: its writable disks may hold the first run's writes and there \
-             is no copy of them from before"
-        ));
+        let rerun: Vec<usize> = unreported
+            .into_iter()
+            .filter(|&index| Some(index) != running || !running_writes)
+            .collect();
+        if rerun.is_empty() {
+            break;
+        }
+        println!(
+            "kiln-test-harness: {note}; running the {} test(s) that did not report in boot {boot} \
+             of at most {MAX_BOOTS}",
+            rerun.len()
+        );
+        notes.push(note);
+        let again: Vec<GuestTest> = rerun.iter().map(|&index| tests[index].clone()).collect();
+        let boot_dir = workdir.join(format!("boot-{boot}"));
+        fs::create_dir_all(&boot_dir).map_err(|e| setup(&boot_dir, e))?;
+        let attempt = run_once(&again, kiln, images, &boot_dir)?;
+        for (outcome, &index) in attempt.outcomes.into_iter().zip(&rerun) {
+            let mut outcome = outcome;
+            outcome
+                .notes
+                .push(format!("run in boot {boot}: {}", notes.join("; then ")));
+            outcomes[index] = outcome;
+        }
+        batch = rerun;
+        last = (attempt.stall, attempt.booted, attempt.unreported);
     }
-    if rerun.is_empty() {
-        return Ok(outcomes);
-    }
-    println!(
-        "kiln-test-harness: {note}; running the {} test(s) that did not report in a new boot",
-        rerun.len()
-    );
-    let again: Vec<GuestTest> = rerun.iter().map(|&index| tests[index].clone()).collect();
-    let second_dir = workdir.join("second-boot");
-    fs::create_dir_all(&second_dir).map_err(|e| setup(&second_dir, e))?;
-    let second = run_once(&again, kiln, images, &second_dir)?;
-    for (outcome, index) in second.outcomes.into_iter().zip(rerun) {
-        let mut outcome = outcome;
-        outcome.notes.push(format!("run in a second boot: {note}"));
-        outcomes[index] = outcome;
-    }
+    pristine.discard();
     Ok(outcomes)
 }
 
@@ -127,6 +150,8 @@ struct Attempt {
     outcomes: Vec<GuestOutcome>,
     /// When it stalled: the state of its CPUs then (empty when QEMU did not say).
     stall: Option<String>,
+    /// Whether it reported that it was up (otherwise no test started).
+    booted: bool,
     /// Tests that were to run but reported nothing, in order.
     unreported: Vec<usize>,
 }
@@ -147,6 +172,7 @@ fn run_once(
         return Ok(Attempt {
             outcomes: outcomes(tests, &plan, &report, "", &logs),
             stall: None,
+            booted: false,
             unreported: Vec::new(),
         });
     }
@@ -195,7 +221,7 @@ fn run_once(
         Some(status) if status.success() => "the virtual host powered off".to_string(),
         Some(status) => match shell_exit_code(status) {
             Some(124) => format!("the virtual host was killed after {}s", limit.as_secs()),
-            Some(STALLED_STATUS) => "the virtual host stalled (its heartbeat stopped)".to_string(),
+            Some(STALLED_STATUS) => "vhost-run stopped the stalled virtual host".to_string(),
             Some(code) => format!("vhost-run exited with status {code}"),
             None => format!("vhost-run ended with {status}"),
         },
@@ -207,7 +233,7 @@ fn run_once(
     let report = results::parse(&text);
     let stalled = ended.status.and_then(shell_exit_code) == Some(STALLED_STATUS);
     let cpus = cpu_states(&run_log);
-    let ending = match last_lines(&run_log, 5) {
+    let ending = match last_lines(&run_log, 10) {
         // vhost-run's own messages say why it could not start (e.g. QEMU not installable).
         Some(messages) if report.up.is_none() => format!("{ending}; vhost-run said:\n{messages}"),
         _ if !cpus.is_empty() => format!("{ending}; its CPUs then: {cpus}"),
@@ -230,6 +256,7 @@ fn run_once(
     Ok(Attempt {
         outcomes: outcomes(tests, &plan, &report, &ending, &logs),
         stall: stalled.then_some(cpus),
+        booted: report.up.is_some(),
         unreported,
     })
 }
