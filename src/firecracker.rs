@@ -15,7 +15,7 @@ use clap::Parser;
 use kiln_api::model::Metrics;
 use kiln_api::router::Action;
 use kiln_api::{ApiServer, ConfigFile, Controller, Resources, ServerLimits};
-use kiln_vmm::{ConsoleConfig, RunningVm, VmHandle, VmOutcome};
+use kiln_vmm::{ConsoleConfig, RunningVm, VmConfig, VmHandle, VmOutcome};
 
 use crate::logger::{self, ApiLogging, FirecrackerLog};
 use crate::signals::StopSignals;
@@ -253,7 +253,33 @@ fn run(args: &FcArgs, process_start: Instant) -> Result<ExitCode, (u8, String)> 
         env!("CARGO_PKG_VERSION"),
         kiln_api::FIRECRACKER_API_VERSION
     );
+    serve(args, process_start, None)
+}
 
+/// `kiln run --api-sock PATH`: the VM the CLI configured, started at once and served by the
+/// Firecracker API on PATH (pause, resume, snapshots, metrics), with Kiln's own logging.
+pub fn run_configured(config: VmConfig, api_sock: PathBuf, process_start: Instant) -> ExitCode {
+    let args = FcArgs::parse_from([
+        OsString::from("kiln fc"),
+        "--api-sock".into(),
+        api_sock.into(),
+    ]);
+    match serve(&args, process_start, Some(config)) {
+        Ok(code) => code,
+        Err((_, message)) => {
+            log::error!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Serves the API (and `--config-file`, or the `preset` VM) until the microVM ends.
+fn serve(
+    args: &FcArgs,
+    process_start: Instant,
+    preset: Option<VmConfig>,
+) -> Result<ExitCode, (u8, String)> {
+    let bad_config = |message: String| (EXIT_BAD_CONFIGURATION, message);
     let (events, waiting) = channel();
     let started = Mutex::new(events.clone());
     let controller = Controller::new(
@@ -277,6 +303,12 @@ fn run(args: &FcArgs, process_start: Instant) -> Result<ExitCode, (u8, String)> 
             .execute(Action::PutMetrics(Metrics {
                 metrics_path: path.to_string_lossy().into_owned(),
             }))
+            .map_err(|err| bad_config(err.message))?;
+    }
+    // Before the socket accepts: a client sees the VM running from its first request.
+    if let Some(config) = preset {
+        lock(&controller)
+            .start_configured(config)
             .map_err(|err| bad_config(err.message))?;
     }
     let mut server = None;

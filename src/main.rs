@@ -16,7 +16,7 @@ use kiln_vmm::config::{
     parse_memory_mib, ConfigError, DiskConfig, HugePages, NetConfig, RngConfig, VsockConfig,
 };
 use kiln_vmm::image::{create_overlay, DiskFormat, OverlayOptions};
-use kiln_vmm::snapshot::{DiskOverride, RestoreConfig};
+use kiln_vmm::snapshot::{DiskOverride, NetReplacement, RestoreConfig};
 use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
 use signals::StopSignals;
 
@@ -86,6 +86,26 @@ struct RestoreArgs {
     /// of a vsock guest needs its own).
     #[arg(long = "vsock-uds", value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
+    /// Put the snapshot's NIC N (from 1) on another backend, as `kiln run --net` writes it;
+    /// the guest keeps the NIC's MAC. E.g. each clone of a `--net user` guest with its own
+    /// forwarded port: `--net 1=user,hostfwd=tcp::8081-:80`.
+    #[arg(long = "net", value_name = "N=tap=NAME|N=tap-fd=N|N=user[,hostfwd=...]", value_parser = parse_net_replacement)]
+    nets: Vec<NetReplacement>,
+}
+
+fn parse_net_replacement(text: &str) -> Result<NetReplacement, String> {
+    let (index, spec) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not N=BACKEND (e.g. 1=user,hostfwd=tcp::8081-:80)"))?;
+    let index: usize = index
+        .parse()
+        .ok()
+        .filter(|index| *index >= 1)
+        .ok_or_else(|| format!("'{index}' is not a NIC number (1, 2, ...)"))?;
+    Ok(NetReplacement {
+        index: index - 1,
+        backend: parse_net_arg(spec)?,
+    })
 }
 
 fn parse_disk_override(text: &str) -> Result<DiskOverride, String> {
@@ -190,6 +210,11 @@ struct RunArgs {
     /// JSON VM config; flags given on the command line override its fields.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Also serve Firecracker's REST API on this Unix socket for the running VM: pause and
+    /// resume (`PATCH /vm`), snapshots (`PUT /snapshot/create`), metrics. For what the API
+    /// alone cannot configure, e.g. a `--net user` guest to snapshot and clone.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     #[command(flatten)]
     command_args: run_command::CommandArgs,
 }
@@ -365,6 +390,7 @@ fn restore(args: RestoreArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error>
     restore.console = args.console;
     restore.disk_overrides = args.disks;
     restore.vsock_uds = args.vsock_uds;
+    restore.net_replacements = args.nets;
     let vm = Vm::restore(&restore, start)?;
     log::info!(
         "restored in {:.1} ms",
@@ -432,7 +458,16 @@ fn main() -> ExitCode {
                 log::error!("{option} needs a command: kiln run [OPTIONS] -- CMD ARGS...");
                 ExitCode::from(2)
             }
-            None => finish(run(*args, start)),
+            None => match args.api_sock.clone() {
+                Some(api_sock) => match args.into_config() {
+                    Ok(config) => firecracker::run_configured(config, api_sock, start),
+                    Err(err) => {
+                        log::error!("{err}");
+                        ExitCode::from(EXIT_KILN_ERROR)
+                    }
+                },
+                None => finish(run(*args, start)),
+            },
         },
         Command::Restore(args) => finish(restore(args, start)),
         Command::Image(ImageCommand::Create(args)) => image_create(args),
@@ -444,6 +479,10 @@ fn run_command_mode(mut args: RunArgs, start: Instant) -> ExitCode {
     let command_args = std::mem::take(&mut args.command_args);
     if !command_args.is_command() {
         log::error!("no command after --: kiln run [OPTIONS] -- CMD ARGS...");
+        return ExitCode::from(run_command::EXIT_KILN_ERROR);
+    }
+    if args.api_sock.is_some() {
+        log::error!("--api-sock cannot be used with a command");
         return ExitCode::from(run_command::EXIT_KILN_ERROR);
     }
     if args.console.is_none() {
@@ -521,6 +560,43 @@ mod tests {
     }
 
     #[test]
+    fn restore_takes_nic_backends_numbered_from_one() {
+        let Command::Restore(args) = parse(&[
+            "restore",
+            "--state",
+            "s",
+            "--memory-file",
+            "m",
+            "--net",
+            "1=user,hostfwd=tcp::8081-:80",
+            "--net",
+            "2=tap=clone0",
+        ])
+        .expect("valid arguments")
+        .command
+        else {
+            panic!("not a restore command");
+        };
+        assert_eq!(args.nets.len(), 2);
+        assert_eq!(args.nets[0].index, 0);
+        assert!(args.nets[0].backend.user);
+        assert_eq!(args.nets[0].backend.hostfwd.len(), 1);
+        assert_eq!(args.nets[1].index, 1);
+        assert_eq!(args.nets[1].backend.tap.as_deref(), Some("clone0"));
+        for bad in [
+            "user",
+            "0=user",
+            "x=user",
+            "1=",
+            "1=user,hostfwd=udp::1-:2",
+            "1=tap",
+        ] {
+            let err = parse_net_replacement(bad);
+            assert!(err.is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
     fn restore_takes_disk_overrides_numbered_from_one() {
         let Command::Restore(args) = parse(&[
             "restore",
@@ -539,6 +615,7 @@ mod tests {
             panic!("not a restore command");
         };
         assert_eq!(args.disks, vec![DiskOverride::new(1, "/copy.img")]);
+        assert!(args.nets.is_empty());
         assert_eq!(args.vsock_uds, Some(PathBuf::from("/run/clone.sock")));
         assert_eq!(args.console, ConsoleConfig::Stdio);
         assert_eq!(

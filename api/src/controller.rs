@@ -8,7 +8,7 @@ use std::time::Instant;
 use kiln_vmm::snapshot::{
     apply_net_overrides, read_state_file, NetOverride, RestoreConfig, SnapshotError, SnapshotKind,
 };
-use kiln_vmm::{ControlError, RunningVm, Vm, VmHandle, VmState};
+use kiln_vmm::{ControlError, RunningVm, Vm, VmConfig, VmHandle, VmState};
 use serde::Serialize;
 
 use crate::http::Response;
@@ -224,8 +224,26 @@ impl Controller {
         })
     }
 
+    /// Builds and starts a VM configured elsewhere (`kiln run --api-sock`: the CLI's flags, which
+    /// can say more than the API, e.g. user-mode networking), as `InstanceStart` would; the API
+    /// then serves it (pause, resume, snapshots). Like a boot through the API, this rules out
+    /// loading a snapshot into this process.
+    pub fn start_configured(&mut self, config: VmConfig) -> Result<(), ApiError> {
+        if self.vm.is_some() {
+            return Err(ApiError::bad_request(
+                "The microVM is already running.".to_string(),
+            ));
+        }
+        self.boot_path = true;
+        self.start_vm(config).map(|_| ())
+    }
+
     fn start(&mut self) -> Result<Response, ApiError> {
         let config = self.resources.vm_config();
+        self.start_vm(config)
+    }
+
+    fn start_vm(&mut self, config: VmConfig) -> Result<Response, ApiError> {
         let start_error =
             |err: kiln_vmm::Error| ApiError::bad_request(format!("Start microvm error: {err}"));
         // The boot timer counts from InstanceStart, as Firecracker's does.

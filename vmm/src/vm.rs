@@ -33,8 +33,8 @@ use crate::loader::{load_cmdline, load_initrd, load_kernel, LoadedKernel};
 use crate::memory::{create_guest_memory_backed, register_guest_memory, GuestMemory};
 use crate::metrics::{Counters, VcpuExitCounters};
 use crate::snapshot::{
-    apply_net_overrides, check_cpuid, check_disks, map_memory_layers, read_state_file, MemoryLayer,
-    RestoreConfig, SavedIrqchip, SnapshotError, VmSnapshot,
+    apply_net_overrides, apply_net_replacements, check_cpuid, check_disks, map_memory_layers,
+    read_state_file, MemoryLayer, RestoreConfig, SavedIrqchip, SnapshotError, VmSnapshot,
 };
 use crate::terminal::RawTerminal;
 use crate::vcpu::{install_kick_handler, Vcpu, VcpuThreads};
@@ -139,6 +139,7 @@ impl Vm {
         let disks = check_disks(&snapshot.disks, &restore.disk_overrides)?;
         let mut config = snapshot.config.clone();
         apply_net_overrides(&mut config, &restore.net_overrides)?;
+        apply_net_replacements(&mut config, &restore.net_replacements)?;
         config.console = restore.console.clone();
         config.disks = disks;
         if let Some(track) = restore.track_dirty_pages {

@@ -18,6 +18,7 @@
 
 mod files;
 mod memory;
+mod net_override;
 pub(crate) mod restore;
 
 use std::path::PathBuf;
@@ -34,9 +35,8 @@ use crate::vcpu::VcpuState;
 
 pub use files::{read_state_file, write_state_file};
 pub use memory::{map_memory_file, map_memory_layers, write_diff_memory_file, write_memory_file};
-pub use restore::{
-    apply_net_overrides, check_cpuid, check_disks, DiskOverride, NetOverride, RestoreConfig,
-};
+pub use net_override::{apply_net_overrides, apply_net_replacements, NetOverride, NetReplacement};
+pub use restore::{check_cpuid, check_disks, DiskOverride, RestoreConfig};
 
 /// "KILNSNAP": the first bytes of every state file.
 pub const STATE_MAGIC: [u8; 8] = *b"KILNSNAP";

@@ -6,6 +6,7 @@ use std::time::UNIX_EPOCH;
 use kiln_devices::virtio::block::{DiskFormat, DiskImage};
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
+use super::net_override::{NetOverride, NetReplacement};
 use super::{SavedDisk, SnapshotError};
 use crate::config::{ConsoleConfig, DiskConfig};
 
@@ -31,65 +32,9 @@ pub struct RestoreConfig {
     pub vsock_uds: Option<PathBuf>,
     /// TAP devices for NICs instead of the snapshot's (Firecracker's `network_overrides`).
     pub net_overrides: Vec<NetOverride>,
-}
-
-/// A TAP device used instead of the one a snapshot's NIC was on (clones each need their own).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetOverride {
-    /// The NIC, by the id it was configured with (the API's `iface_id`).
-    pub id: String,
-    /// The TAP device (opened, or created when Kiln may).
-    pub tap: String,
-}
-
-/// Puts each NIC on its override's TAP; refuses an override that names no TAP NIC of the
-/// snapshot. The MACs are pinned first: a NIC's default MAC derives from its backend and the
-/// VM's paths, which overrides change, and the guest must keep the address it has.
-pub fn apply_net_overrides(
-    config: &mut crate::config::VmConfig,
-    overrides: &[NetOverride],
-) -> Result<(), SnapshotError> {
-    let macs = config.net_macs();
-    for (net, mac) in config.nets.iter_mut().zip(macs) {
-        net.mac.get_or_insert(mac);
-    }
-    let refuse = |reason: String| SnapshotError::Device("net".into(), reason);
-    for (index, wanted) in overrides.iter().enumerate() {
-        if overrides[..index].iter().any(|o| o.id == wanted.id) {
-            return Err(refuse(format!(
-                "interface '{}' is overridden twice",
-                wanted.id
-            )));
-        }
-        let Some(net) = config
-            .nets
-            .iter_mut()
-            .find(|net| net.id.as_deref() == Some(wanted.id.as_str()))
-        else {
-            let known: Vec<&str> = config.nets.iter().filter_map(|n| n.id.as_deref()).collect();
-            return Err(refuse(format!(
-                "a TAP ('{}') was given for interface '{}', which the snapshot does not have \
-                 (its interfaces: {})",
-                wanted.tap,
-                wanted.id,
-                if known.is_empty() {
-                    "none with an id".to_string()
-                } else {
-                    known.join(", ")
-                }
-            )));
-        };
-        if net.user {
-            return Err(refuse(format!(
-                "interface '{}' uses user-mode networking (passt), which each restore starts \
-                 anew; only a TAP interface can be given another TAP",
-                wanted.id
-            )));
-        }
-        net.tap = Some(wanted.tap.clone());
-        net.tap_fd = None;
-    }
-    Ok(())
+    /// Other backends for NICs, by number (the CLI's `kiln restore --net N=...`): e.g. each
+    /// clone's passt NIC with its own forwarded host ports.
+    pub net_replacements: Vec<NetReplacement>,
 }
 
 /// An image used instead of one of the snapshot's disks, e.g. a clone's own copy or overlay.
@@ -127,6 +72,7 @@ impl RestoreConfig {
             track_dirty_pages: None,
             vsock_uds: None,
             net_overrides: Vec::new(),
+            net_replacements: Vec::new(),
         }
     }
 }

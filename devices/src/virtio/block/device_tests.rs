@@ -461,4 +461,12 @@ fn a_restored_transport_continues_the_queue_where_the_snapshot_left_it() {
         fresh.restore(&outside),
         Err(crate::virtio::mmio::RestoreError::QueueOutsideMemory(0))
     ));
+    // A driver that accepted a feature this device does not offer (bit 60, reserved) is refused.
+    let mut unoffered = saved.clone();
+    unoffered.driver_features |= 1 << 60;
+    let err = fresh.restore(&unoffered).unwrap_err();
+    assert!(
+        matches!(err, crate::virtio::mmio::RestoreError::Features { missing, .. } if missing == 1 << 60),
+        "{err}"
+    );
 }

@@ -46,6 +46,20 @@ pub enum RestoreError {
         /// The device's.
         actual: Vec<u16>,
     },
+    /// The guest's driver accepted features this device does not offer (e.g. a NIC put on a
+    /// backend without the offloads the guest had negotiated).
+    #[error(
+        "the guest's driver accepted features {accepted:#x} that this device does not offer \
+         (it offers {offered:#x}; missing {missing:#x})"
+    )]
+    Features {
+        /// What the driver accepted, in the snapshot.
+        accepted: u64,
+        /// What the device offers here.
+        offered: u64,
+        /// Accepted and not offered.
+        missing: u64,
+    },
     /// A queue the driver had set up lies outside this VM's memory.
     #[error("queue {0} of the snapshot is not inside guest memory")]
     QueueOutsideMemory(usize),
@@ -200,6 +214,14 @@ impl<D: VirtioDevice> VirtioTransport for MmioTransport<D> {
             return Err(RestoreError::DeviceType {
                 saved: state.device_type,
                 actual: actual_type,
+            });
+        }
+        let missing = state.driver_features & !self.offered_features();
+        if missing != 0 {
+            return Err(RestoreError::Features {
+                accepted: state.driver_features,
+                offered: self.offered_features(),
+                missing,
             });
         }
         let actual: Vec<u16> = self.queues.iter().map(|queue| queue.max_size).collect();
