@@ -8,6 +8,8 @@
 //!   order; `e2fsck` finds the image clean after the guest unmounted it and powered off.
 //! - A vsock listener in the guest accepts a new host connection after `PUT /snapshot/load`,
 //!   and the connection open at snapshot time is reset in the guest (transport reset).
+//! - Clones of a `--net user` guest (`kiln run --api-sock`, `kiln restore --net 1=user,...`):
+//!   each answers a host client on its own forwarded port, and only its own.
 //! - Refusals: a snapshot of a running VM (Firecracker's error), and a snapshot whose disk was
 //!   written after it was taken (`kiln restore` and `PUT /snapshot/load`: nothing starts, the
 //!   snapshot files stay as they were).
@@ -428,6 +430,115 @@ cat "$WORK/kiln.before.log" "$WORK/restore.log" "$WORK/kiln.log" >&2
     );
 }
 
+/// The guest of the clone test: a DHCP lease from passt, then a TCP server on port 80 that
+/// answers every connection with the line it read.
+const USER_NET_GUEST: &str = r#"
+udhcpc -i eth0 -n -q -t 20 -T 1 >/tmp/dhcp.log 2>&1
+echo "DHCP-STATUS=$?"
+while :; do
+    nc -l -p 80 -e sh -c 'read line; echo "guest-echo:$line"; echo "SERVED $line" >/dev/console'
+done &
+sleep 0.5
+echo SERVING
+sleep 600
+"#;
+
+fn add_user_net_clone_test(suite: &mut Suite) {
+    let script = api_script(
+        r#"
+# passt takes the host interface with the default route as its template.
+ip link set lo up
+ip addr add 10.0.2.15/24 dev dummy0 && ip link set dummy0 up &&
+    ip route add default via 10.0.2.2 dev dummy0 || echo "HOST-FAILURE: no dummy0 for passt"
+rm -f "$SOCK"
+"$KILN" run --kernel "$KERNEL" --initrd "$INITRD" --memory 256M --console "file=$WORK/console" \
+    --net user,hostfwd=tcp:127.0.0.1:6080-:80 --api-sock "$SOCK" 2>"$WORK/kiln.log" &
+KILN_PID=$!
+wait_file "$WORK/console" SERVING || { kill -KILL "$KILN_PID"; cat "$WORK/kiln.log" >&2; exit 1; }
+echo "ORIGIN-REPLY=$(echo from-origin | nc -w 10 127.0.0.1 6080)"
+expect 200 GET /
+snapshot_and_kill
+# ask PORT LINE: the reply through a clone's forwarded port (its passt may still be starting).
+ask() {
+    tries=0
+    while [ $tries -lt 50 ]; do
+        reply=$(echo "$2" | nc -w 5 127.0.0.1 "$1")
+        [ -n "$reply" ] && break
+        tries=$((tries + 1))
+        sleep 0.2
+    done
+    echo "$reply"
+}
+for clone in a b; do
+    port=608$( [ $clone = a ] && echo 1 || echo 2 )
+    "$KILN" restore --state "$WORK/vm.state" --memory-file "$WORK/vm.mem" \
+        --console "file=$WORK/console.$clone" --net "1=user,hostfwd=tcp:127.0.0.1:$port-:80" \
+        2>"$WORK/kiln.$clone.log" &
+    eval "PID_$clone=\$!"
+done
+echo "CLONE-A-REPLY=$(ask 6081 to-clone-a)"
+echo "CLONE-B-REPLY=$(ask 6082 to-clone-b)"
+echo "SNAPSHOT-PORT-AFTER=$(echo stray | nc -w 2 127.0.0.1 6080)"
+kill "$PID_a" "$PID_b"
+wait "$PID_a"
+echo "CLONE-A-STATUS=$?"
+wait "$PID_b"
+echo "CLONE-B-STATUS=$?"
+echo "=== ORIGIN"
+cat "$WORK/console.before"
+for clone in a b; do
+    echo "=== CLONE $clone"
+    cat "$WORK/console.$clone"
+done
+echo "=== END"
+cat "$WORK/kiln.before.log" "$WORK/kiln.a.log" "$WORK/kiln.b.log" >&2
+"#,
+    );
+    suite.guest(
+        GuestTest::new(
+            "clones_of_a_user_net_guest_each_answer_on_their_own_forwarded_port",
+            USER_NET_GUEST,
+        )
+        .host_only_script(script)
+        .timeout(Duration::from_secs(180)),
+        |outcome| {
+            let clone_a = section(&outcome.stdout, "=== CLONE a\n", "=== CLONE b\n");
+            let clone_b = section(&outcome.stdout, "=== CLONE b\n", "=== END\n");
+            outcome
+                .check()
+                .console_lacks("API-FAILURE")
+                .console_lacks("HOST-FAILURE")
+                .console_contains("DHCP-STATUS=0")
+                .that(
+                    outcome.console_value("ORIGIN-REPLY=") == Some("guest-echo:from-origin"),
+                    "the origin's guest answers through its forwarded port",
+                )
+                .that(
+                    outcome.console_value("CLONE-A-REPLY=") == Some("guest-echo:to-clone-a")
+                        && outcome.console_value("CLONE-B-REPLY=") == Some("guest-echo:to-clone-b"),
+                    "each clone's guest answers through the clone's own forwarded port",
+                )
+                .that(
+                    clone_a.contains("SERVED to-clone-a")
+                        && !clone_a.contains("SERVED to-clone-b")
+                        && clone_b.contains("SERVED to-clone-b")
+                        && !clone_b.contains("SERVED to-clone-a"),
+                    "each line reaches only its own clone",
+                )
+                .that(
+                    outcome
+                        .console_value("SNAPSHOT-PORT-AFTER=")
+                        .unwrap_or_default()
+                        .is_empty(),
+                    "no clone forwards the snapshot's port",
+                )
+                .console_contains("CLONE-A-STATUS=143")
+                .console_contains("CLONE-B-STATUS=143")
+                .finish()
+        },
+    );
+}
+
 fn main() -> ExitCode {
     let mut suite = Suite::new("snapshot_linux", env!("CARGO_BIN_EXE_kiln"));
     let scratch = std::env::temp_dir().join(format!("kiln-snapshot-linux-{}", std::process::id()));
@@ -456,6 +567,7 @@ fn main() -> ExitCode {
         .and_then(|file| file.set_len(1 << 20))
         .expect("size the data image");
     add_refusals_test(&mut suite, data);
+    add_user_net_clone_test(&mut suite);
 
     let code = suite.main();
     if std::env::var_os("KILN_TEST_KEEP").is_none() {

@@ -107,6 +107,10 @@ impl Suite {
             });
             match result {
                 Ok(outcomes) => {
+                    let outcomes = match &workdir {
+                        Some(dir) => self.rerun_triple_faults(&selected, outcomes, dir),
+                        None => outcomes,
+                    };
                     for ((_, check), outcome) in selected.iter().zip(&outcomes) {
                         let result = check(outcome).map_err(|failure| failure.to_string());
                         tally.record(&outcome.name, outcome.elapsed.as_secs_f64(), result);
@@ -137,6 +141,69 @@ impl Suite {
         } else {
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What Kiln logs when a vCPU triple-faults (KVM_EXIT_SHUTDOWN).
+const TRIPLE_FAULT: &str = "triple fault, the guest reset itself";
+
+impl Suite {
+    /// In the virtual KVM host, a Linux guest has been seen to triple-fault at random early in
+    /// its boot (about 1 in 100 boots in loaded CI runs; 0 in 80 back-to-back boots on an idle
+    /// host): QEMU TCG's emulated nested SVM, not Kiln (the same guest and Kiln boot fine
+    /// otherwise). A failed test whose log shows it, and whose disks are all read-only (a
+    /// second run on images the first wrote would prove nothing), runs once more in a new boot;
+    /// its outcome says so. A second triple fault fails it.
+    fn rerun_triple_faults(
+        &self,
+        selected: &[&(GuestTest, GuestCheck)],
+        mut outcomes: Vec<GuestOutcome>,
+        workdir: &std::path::Path,
+    ) -> Vec<GuestOutcome> {
+        let in_vhost =
+            mode::choose(&HostFacts::probe()).is_ok_and(|choice| choice.mode == Mode::VirtualHost);
+        if !in_vhost {
+            return outcomes;
+        }
+        let faulted: Vec<usize> = selected
+            .iter()
+            .zip(&outcomes)
+            .enumerate()
+            .filter(|(_, ((test, check), outcome))| {
+                (outcome.stderr.contains(TRIPLE_FAULT) || outcome.stdout.contains(TRIPLE_FAULT))
+                    && test.disks().iter().all(|disk| disk.options().is_readonly())
+                    && check(outcome).is_err()
+            })
+            .map(|(index, _)| index)
+            .collect();
+        if faulted.is_empty() {
+            return outcomes;
+        }
+        let names: Vec<&str> = faulted.iter().map(|&i| selected[i].0.name()).collect();
+        println!(
+            "kiln-test-harness: the guest of {} triple-faulted (a known fault of the virtual \
+             host's emulated nested SVM); running it once more in a new boot",
+            names.join(", ")
+        );
+        let tests: Vec<GuestTest> = faulted.iter().map(|&i| selected[i].0.clone()).collect();
+        let dir = workdir.join("triple-fault-rerun");
+        let rerun = std::fs::create_dir_all(&dir)
+            .map_err(|e| HarnessError::Setup(format!("{}: {e}", dir.display())))
+            .and_then(|()| run_batch(&tests, &self.kiln, &dir));
+        match rerun {
+            Ok(again) => {
+                for (index, mut outcome) in faulted.into_iter().zip(again) {
+                    outcome.notes.push(
+                        "ran a second time: in the first run its guest triple-faulted (kiln: \
+                         \"triple fault, the guest reset itself\")"
+                            .to_string(),
+                    );
+                    outcomes[index] = outcome;
+                }
+            }
+            Err(error) => println!("kiln-test-harness: the second run could not start: {error}"),
+        }
+        outcomes
     }
 }
 

@@ -57,7 +57,7 @@ const MAX_BOOTS: usize = 3;
 ///
 /// When the virtual host itself stalls (QEMU TCG has been seen to wedge with both CPUs halted and
 /// no interrupt arriving, after boot or while booting; vhost-run stops it and shows the CPUs'
-/// state), the tests that had not started yet run in another boot (up to [`MAX_BOOTS`] in all),
+/// state) or crashes (its kernel has been seen to panic on a soft lockup inside KVM), the tests that had not started yet run in another boot (up to [`MAX_BOOTS`] in all),
 /// and so does the one that was running if its writable disks can be put back as they were (a
 /// second run on images the first one half wrote would prove nothing). Every test run that way
 /// says so in its outcome, and the suite prints it.
@@ -83,22 +83,23 @@ pub fn run(
         let Some(&first_unreported) = unreported.first() else {
             break;
         };
-        let cpus = if stall.is_empty() {
-            String::new()
+        let when = if booted {
+            format!("during test {}", tests[first_unreported].name())
         } else {
-            format!("; its CPUs then: {stall}")
+            "while booting".to_string()
         };
-        let (note, running) = if booted {
-            let note = format!(
-                "the virtual KVM host stalled during test {} (its heartbeat stopped{cpus})",
-                tests[first_unreported].name()
-            );
-            (note, Some(first_unreported))
-        } else {
-            let note =
-                format!("the virtual KVM host stalled while booting (no heartbeat yet{cpus})");
-            (note, None)
+        let note = match &stall {
+            Interruption::Stalled { cpus } if cpus.is_empty() => {
+                format!("the virtual KVM host stalled {when} (no heartbeat)")
+            }
+            Interruption::Stalled { cpus } => {
+                format!("the virtual KVM host stalled {when} (no heartbeat; its CPUs then: {cpus})")
+            }
+            Interruption::Crashed { why } => {
+                format!("the virtual KVM host crashed {when} ({why})")
+            }
         };
+        let running = booted.then_some(first_unreported);
         // The test that was running may have half written its images: it runs again only on the
         // images as they were before the first boot.
         let running_writes = running.is_some_and(|running| {
@@ -145,11 +146,21 @@ pub fn run(
     Ok(outcomes)
 }
 
-/// One boot's outcomes, and whether the virtual host stalled.
+/// How a virtual host failed before it finished the batch.
+enum Interruption {
+    /// Its heartbeat stopped and vhost-run stopped it; the state of its CPUs then (empty when
+    /// QEMU did not say).
+    Stalled { cpus: String },
+    /// It ended by itself without finishing (its kernel panicked, e.g. on a soft lockup inside
+    /// KVM, seen under QEMU TCG); what its console says.
+    Crashed { why: String },
+}
+
+/// One boot's outcomes, and whether the virtual host failed on its own.
 struct Attempt {
     outcomes: Vec<GuestOutcome>,
-    /// When it stalled: the state of its CPUs then (empty when QEMU did not say).
-    stall: Option<String>,
+    /// When it stalled or crashed: how.
+    stall: Option<Interruption>,
     /// Whether it reported that it was up (otherwise no test started).
     booted: bool,
     /// Tests that were to run but reported nothing, in order.
@@ -231,7 +242,11 @@ fn run_once(
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .unwrap_or_default();
     let report = results::parse(&text);
-    let stalled = ended.status.and_then(shell_exit_code) == Some(STALLED_STATUS);
+    let exit_code = ended.status.and_then(shell_exit_code);
+    let stalled = exit_code == Some(STALLED_STATUS);
+    // Powered off (QEMU exits 0 when its guest resets: -no-reboot) without the runner's last
+    // line: the virtual host's kernel went down under the tests.
+    let crashed = exit_code == Some(0) && report.done.is_none();
     let cpus = cpu_states(&run_log);
     let ending = match last_lines(&run_log, 10) {
         // vhost-run's own messages say why it could not start (e.g. QEMU not installable).
@@ -255,10 +270,41 @@ fn run_once(
         .collect();
     Ok(Attempt {
         outcomes: outcomes(tests, &plan, &report, &ending, &logs),
-        stall: stalled.then_some(cpus),
+        stall: if stalled {
+            Some(Interruption::Stalled { cpus })
+        } else if crashed {
+            Some(Interruption::Crashed {
+                why: crash_reason(&console),
+            })
+        } else {
+            None
+        },
         booted: report.up.is_some(),
         unreported,
     })
+}
+
+/// Why a virtual host's kernel went down, from its console: the first BUG line and the panic
+/// line, without their timestamps.
+fn crash_reason(console: &Path) -> String {
+    let text = fs::read_to_string(console).unwrap_or_default();
+    let message = |line: &str| {
+        let line = line.trim();
+        match line
+            .strip_prefix('[')
+            .and_then(|rest| rest.split_once("] "))
+        {
+            Some((_, message)) => message.to_string(),
+            None => line.to_string(),
+        }
+    };
+    let bug = text.lines().find(|line| line.contains("BUG: "));
+    let panic = text.lines().find(|line| line.contains("Kernel panic"));
+    match (bug, panic) {
+        (Some(bug), Some(panic)) => format!("{}; {}", message(bug), message(panic)),
+        (Some(line), None) | (None, Some(line)) => message(line),
+        (None, None) => "it powered off before the tests were done".to_string(),
+    }
 }
 
 /// The last `count` non-empty lines of a text file, if it has any.
@@ -578,5 +624,31 @@ mod tests {
         let outcomes = outcomes(&tests, &DrivePlan::new(&tests), &report, "", &[]);
         assert!(outcomes[0].timed_out);
         assert_eq!(outcomes[0].exit_code, None);
+    }
+
+    #[test]
+    fn a_crash_is_named_by_its_bug_and_panic_lines() {
+        let dir = std::env::temp_dir().join(format!("kiln-crash-reason-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let console = dir.join("console.log");
+        fs::write(
+            &console,
+            "[    2.6] kvm: Nested Virtualization enabled\n\
+             [   84.787962] watchdog: BUG: soft lockup - CPU#1 stuck for 78s! [kiln-vcpu0:176]\n\
+             [   84.788964] RIP: 0010:__apic_accept_irq+0x72/0x290 [kvm]\n\
+             [   84.788964] Kernel panic - not syncing: softlockup: hung tasks\n",
+        )
+        .unwrap();
+        assert_eq!(
+            crash_reason(&console),
+            "watchdog: BUG: soft lockup - CPU#1 stuck for 78s! [kiln-vcpu0:176]; \
+             Kernel panic - not syncing: softlockup: hung tasks"
+        );
+        fs::write(&console, "[    3.0] reboot: Power down\n").unwrap();
+        assert_eq!(
+            crash_reason(&console),
+            "it powered off before the tests were done"
+        );
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
