@@ -4,6 +4,7 @@
 
 mod firecracker;
 mod logger;
+mod restore_command;
 mod run_command;
 mod signals;
 
@@ -16,7 +17,6 @@ use kiln_vmm::config::{
     parse_memory_mib, ConfigError, DiskConfig, HugePages, NetConfig, RngConfig, VsockConfig,
 };
 use kiln_vmm::image::{create_overlay, DiskFormat, OverlayOptions};
-use kiln_vmm::snapshot::{DiskOverride, NetReplacement, RestoreConfig};
 use kiln_vmm::{ConsoleConfig, Vm, VmConfig, VmOutcome};
 use signals::StopSignals;
 
@@ -60,75 +60,10 @@ enum Command {
     /// The snapshot's disks are reopened by path and must be unchanged since it was taken;
     /// `--disk N=PATH` uses another image for disk N (from 1), e.g. a copy for a clone.
     /// Exit status as for `run`.
-    Restore(RestoreArgs),
+    Restore(restore_command::RestoreArgs),
     /// Disk image tools.
     #[command(subcommand)]
     Image(ImageCommand),
-}
-
-#[derive(Args)]
-struct RestoreArgs {
-    /// The snapshot's state file.
-    #[arg(long)]
-    state: PathBuf,
-    /// The snapshot's memory file.
-    #[arg(long = "memory-file")]
-    memory_file: PathBuf,
-    /// Serial console: stdio, none, or file=PATH [default: stdio].
-    #[arg(long, default_value = "stdio")]
-    console: ConsoleConfig,
-    /// Use IMAGE for the snapshot's disk N (from 1) instead of its own path, e.g. a clone's
-    /// copy, or its overlay from `kiln image create` with format=qcow2 [default format: the
-    /// snapshot disk's].
-    #[arg(long = "disk", value_name = "N=IMAGE[,format=raw|qcow2]", value_parser = parse_disk_override)]
-    disks: Vec<DiskOverride>,
-    /// The Unix socket the snapshot's vsock device listens on instead of its own (each clone
-    /// of a vsock guest needs its own).
-    #[arg(long = "vsock-uds", value_name = "PATH")]
-    vsock_uds: Option<PathBuf>,
-    /// Put the snapshot's NIC N (from 1) on another backend, as `kiln run --net` writes it;
-    /// the guest keeps the NIC's MAC. E.g. each clone of a `--net user` guest with its own
-    /// forwarded port: `--net 1=user,hostfwd=tcp::8081-:80`.
-    #[arg(long = "net", value_name = "N=tap=NAME|N=tap-fd=N|N=user[,hostfwd=...]", value_parser = parse_net_replacement)]
-    nets: Vec<NetReplacement>,
-}
-
-fn parse_net_replacement(text: &str) -> Result<NetReplacement, String> {
-    let (index, spec) = text
-        .split_once('=')
-        .ok_or_else(|| format!("'{text}' is not N=BACKEND (e.g. 1=user,hostfwd=tcp::8081-:80)"))?;
-    let index: usize = index
-        .parse()
-        .ok()
-        .filter(|index| *index >= 1)
-        .ok_or_else(|| format!("'{index}' is not a NIC number (1, 2, ...)"))?;
-    Ok(NetReplacement {
-        index: index - 1,
-        backend: parse_net_arg(spec)?,
-    })
-}
-
-fn parse_disk_override(text: &str) -> Result<DiskOverride, String> {
-    let (index, rest) = text
-        .split_once('=')
-        .ok_or_else(|| format!("'{text}' is not N=IMAGE"))?;
-    let index: usize = index
-        .parse()
-        .ok()
-        .filter(|index| *index >= 1)
-        .ok_or_else(|| format!("'{index}' is not a disk number (1, 2, ...)"))?;
-    let (path, format) = match rest.rsplit_once(",format=") {
-        Some((path, format)) => (path, Some(parse_format_arg(format)?)),
-        None => (rest, None),
-    };
-    if path.is_empty() {
-        return Err(format!("'{text}' names no image"));
-    }
-    Ok(DiskOverride {
-        index: index - 1,
-        path: PathBuf::from(path),
-        format,
-    })
 }
 
 #[derive(Subcommand)]
@@ -385,20 +320,6 @@ fn run(args: RunArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error> {
     run_to_end(Vm::new(config, start)?)
 }
 
-fn restore(args: RestoreArgs, start: Instant) -> Result<RunEnd, kiln_vmm::Error> {
-    let mut restore = RestoreConfig::new(args.state, args.memory_file);
-    restore.console = args.console;
-    restore.disk_overrides = args.disks;
-    restore.vsock_uds = args.vsock_uds;
-    restore.net_replacements = args.nets;
-    let vm = Vm::restore(&restore, start)?;
-    log::info!(
-        "restored in {:.1} ms",
-        start.elapsed().as_secs_f64() * 1000.0
-    );
-    run_to_end(vm)
-}
-
 /// Runs a built VM with SIGINT/SIGTERM/SIGHUP mapped to a stop; the process exits right after.
 fn run_to_end(mut vm: Vm) -> Result<RunEnd, kiln_vmm::Error> {
     vm.skip_teardown();
@@ -469,7 +390,7 @@ fn main() -> ExitCode {
                 None => finish(run(*args, start)),
             },
         },
-        Command::Restore(args) => finish(restore(args, start)),
+        Command::Restore(args) => finish(restore_command::restore(args, start)),
         Command::Image(ImageCommand::Create(args)) => image_create(args),
     }
 }
@@ -557,97 +478,6 @@ mod tests {
         let stray = run_args(&["run", "--kernel", "/k", "--env", "A=1"]);
         assert_eq!(stray.command_args.stray_option(), Some("--env"));
         assert!(parse(&["run", "--env", "novalue", "--", "true"]).is_err());
-    }
-
-    #[test]
-    fn restore_takes_nic_backends_numbered_from_one() {
-        let Command::Restore(args) = parse(&[
-            "restore",
-            "--state",
-            "s",
-            "--memory-file",
-            "m",
-            "--net",
-            "1=user,hostfwd=tcp::8081-:80",
-            "--net",
-            "2=tap=clone0",
-        ])
-        .expect("valid arguments")
-        .command
-        else {
-            panic!("not a restore command");
-        };
-        assert_eq!(args.nets.len(), 2);
-        assert_eq!(args.nets[0].index, 0);
-        assert!(args.nets[0].backend.user);
-        assert_eq!(args.nets[0].backend.hostfwd.len(), 1);
-        assert_eq!(args.nets[1].index, 1);
-        assert_eq!(args.nets[1].backend.tap.as_deref(), Some("clone0"));
-        for bad in [
-            "user",
-            "0=user",
-            "x=user",
-            "1=",
-            "1=user,hostfwd=udp::1-:2",
-            "1=tap",
-        ] {
-            let err = parse_net_replacement(bad);
-            assert!(err.is_err(), "{bad} was accepted");
-        }
-    }
-
-    #[test]
-    fn restore_takes_disk_overrides_numbered_from_one() {
-        let Command::Restore(args) = parse(&[
-            "restore",
-            "--state",
-            "s",
-            "--memory-file",
-            "m",
-            "--disk",
-            "2=/copy.img",
-            "--vsock-uds",
-            "/run/clone.sock",
-        ])
-        .expect("valid arguments")
-        .command
-        else {
-            panic!("not a restore command");
-        };
-        assert_eq!(args.disks, vec![DiskOverride::new(1, "/copy.img")]);
-        assert!(args.nets.is_empty());
-        assert_eq!(args.vsock_uds, Some(PathBuf::from("/run/clone.sock")));
-        assert_eq!(args.console, ConsoleConfig::Stdio);
-        assert_eq!(
-            parse_disk_override("1=/a,b.qcow2,format=qcow2"),
-            Ok(DiskOverride {
-                index: 0,
-                path: PathBuf::from("/a,b.qcow2"),
-                format: Some(DiskFormat::Qcow2),
-            })
-        );
-        for bad in [
-            "0=/x",
-            "x=/y",
-            "1=",
-            "/no-number",
-            "1=/x,format=vmdk",
-            "1=,format=raw",
-        ] {
-            assert!(
-                parse(&[
-                    "restore",
-                    "--state",
-                    "s",
-                    "--memory-file",
-                    "m",
-                    "--disk",
-                    bad
-                ])
-                .is_err(),
-                "{bad} was accepted"
-            );
-        }
     }
 
     #[test]
