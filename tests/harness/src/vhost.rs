@@ -34,7 +34,7 @@ use crate::outcome::GuestOutcome;
 use crate::process::{shell_exit_code, wait_with_limit};
 use crate::results::{self, VhostReport};
 use crate::vhost_drives::DrivePlan;
-use crate::vhost_stall::{cpu_states, PristineImages};
+use crate::vhost_stall::{self, cpu_states, crash_reason, Attempt, Interruption};
 use crate::HarnessError;
 
 /// The runner's shell functions.
@@ -50,124 +50,21 @@ const OUTER_MARGIN: Duration = Duration::from_secs(60);
 /// vhost-run's exit status when the virtual host stalled (its heartbeat stopped).
 const STALLED_STATUS: i32 = 125;
 
-/// Boots of the virtual host one batch may take when it keeps stalling.
-const MAX_BOOTS: usize = 3;
-
-/// Runs the tests in one virtual-host boot; `workdir` receives the payload and the logs.
-///
-/// When the virtual host itself stalls (QEMU TCG has been seen to wedge with both CPUs halted and
-/// no interrupt arriving, after boot or while booting; vhost-run stops it and shows the CPUs'
-/// state) or crashes (its kernel has been seen to panic on a soft lockup inside KVM), the tests that had not started yet run in another boot (up to [`MAX_BOOTS`] in all),
-/// and so does the one that was running if its writable disks can be put back as they were (a
-/// second run on images the first one half wrote would prove nothing). Every test run that way
-/// says so in its outcome, and the suite prints it.
+/// Runs the tests in one virtual-host boot; `workdir` receives the payload and the logs. A boot
+/// that stalls or crashes is retried for the tests that did not report (see
+/// [`vhost_stall::run_with_retries`]).
 pub fn run(
     tests: &[GuestTest],
     kiln: &Path,
     images: &GuestImages,
     workdir: &Path,
 ) -> Result<Vec<GuestOutcome>, HarnessError> {
-    let pristine = PristineImages::save(tests, &workdir.join("pristine"));
-    let first = run_once(tests, kiln, images, workdir)?;
-    let mut outcomes = first.outcomes;
-    // Indices into `tests` of the batch the last boot ran, and what became of that boot.
-    let mut batch: Vec<usize> = (0..tests.len()).collect();
-    let mut last = (first.stall, first.booted, first.unreported);
-    let mut notes: Vec<String> = Vec::new();
-    for boot in 2..=MAX_BOOTS {
-        let (Some(stall), booted, unreported) = last else {
-            break;
-        };
-        // Back to indices into `tests`.
-        let unreported: Vec<usize> = unreported.iter().map(|&index| batch[index]).collect();
-        let Some(&first_unreported) = unreported.first() else {
-            break;
-        };
-        let when = if booted {
-            format!("during test {}", tests[first_unreported].name())
-        } else {
-            "while booting".to_string()
-        };
-        let note = match &stall {
-            Interruption::Stalled { cpus } if cpus.is_empty() => {
-                format!("the virtual KVM host stalled {when} (no heartbeat)")
-            }
-            Interruption::Stalled { cpus } => {
-                format!("the virtual KVM host stalled {when} (no heartbeat; its CPUs then: {cpus})")
-            }
-            Interruption::Crashed { why } => {
-                format!("the virtual KVM host crashed {when} ({why})")
-            }
-        };
-        let running = booted.then_some(first_unreported);
-        // The test that was running may have half written its images: it runs again only on the
-        // images as they were before the first boot.
-        let running_writes = running.is_some_and(|running| {
-            tests[running]
-                .disks()
-                .iter()
-                .any(|disk| !disk.options().is_readonly())
-                && !pristine.restore(&tests[running])
-        });
-        if let (true, Some(running)) = (running_writes, running) {
-            outcomes[running].problem = Some(format!(
-                "{note}; not run again: its writable disks may hold the first run's writes and \
-                 there is no copy of them from before"
-            ));
-        }
-        let rerun: Vec<usize> = unreported
-            .into_iter()
-            .filter(|&index| Some(index) != running || !running_writes)
-            .collect();
-        if rerun.is_empty() {
-            break;
-        }
-        println!(
-            "kiln-test-harness: {note}; running the {} test(s) that did not report in boot {boot} \
-             of at most {MAX_BOOTS}",
-            rerun.len()
-        );
-        notes.push(note);
-        let again: Vec<GuestTest> = rerun.iter().map(|&index| tests[index].clone()).collect();
-        let boot_dir = workdir.join(format!("boot-{boot}"));
-        fs::create_dir_all(&boot_dir).map_err(|e| setup(&boot_dir, e))?;
-        let attempt = run_once(&again, kiln, images, &boot_dir)?;
-        for (outcome, &index) in attempt.outcomes.into_iter().zip(&rerun) {
-            let mut outcome = outcome;
-            outcome
-                .notes
-                .push(format!("run in boot {boot}: {}", notes.join("; then ")));
-            outcomes[index] = outcome;
-        }
-        batch = rerun;
-        last = (attempt.stall, attempt.booted, attempt.unreported);
-    }
-    pristine.discard();
-    Ok(outcomes)
+    vhost_stall::run_with_retries(tests, workdir, |batch, dir| {
+        run_once(batch, kiln, images, dir)
+    })
 }
 
-/// How a virtual host failed before it finished the batch.
-enum Interruption {
-    /// Its heartbeat stopped and vhost-run stopped it; the state of its CPUs then (empty when
-    /// QEMU did not say).
-    Stalled { cpus: String },
-    /// It ended by itself without finishing (its kernel panicked, e.g. on a soft lockup inside
-    /// KVM, seen under QEMU TCG); what its console says.
-    Crashed { why: String },
-}
-
-/// One boot's outcomes, and whether the virtual host failed on its own.
-struct Attempt {
-    outcomes: Vec<GuestOutcome>,
-    /// When it stalled or crashed: how.
-    stall: Option<Interruption>,
-    /// Whether it reported that it was up (otherwise no test started).
-    booted: bool,
-    /// Tests that were to run but reported nothing, in order.
-    unreported: Vec<usize>,
-}
-
-fn run_once(
+pub(crate) fn run_once(
     tests: &[GuestTest],
     kiln: &Path,
     images: &GuestImages,
@@ -282,29 +179,6 @@ fn run_once(
         booted: report.up.is_some(),
         unreported,
     })
-}
-
-/// Why a virtual host's kernel went down, from its console: the first BUG line and the panic
-/// line, without their timestamps.
-fn crash_reason(console: &Path) -> String {
-    let text = fs::read_to_string(console).unwrap_or_default();
-    let message = |line: &str| {
-        let line = line.trim();
-        match line
-            .strip_prefix('[')
-            .and_then(|rest| rest.split_once("] "))
-        {
-            Some((_, message)) => message.to_string(),
-            None => line.to_string(),
-        }
-    };
-    let bug = text.lines().find(|line| line.contains("BUG: "));
-    let panic = text.lines().find(|line| line.contains("Kernel panic"));
-    match (bug, panic) {
-        (Some(bug), Some(panic)) => format!("{}; {}", message(bug), message(panic)),
-        (Some(line), None) | (None, Some(line)) => message(line),
-        (None, None) => "it powered off before the tests were done".to_string(),
-    }
 }
 
 /// The last `count` non-empty lines of a text file, if it has any.
@@ -624,31 +498,5 @@ mod tests {
         let outcomes = outcomes(&tests, &DrivePlan::new(&tests), &report, "", &[]);
         assert!(outcomes[0].timed_out);
         assert_eq!(outcomes[0].exit_code, None);
-    }
-
-    #[test]
-    fn a_crash_is_named_by_its_bug_and_panic_lines() {
-        let dir = std::env::temp_dir().join(format!("kiln-crash-reason-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let console = dir.join("console.log");
-        fs::write(
-            &console,
-            "[    2.6] kvm: Nested Virtualization enabled\n\
-             [   84.787962] watchdog: BUG: soft lockup - CPU#1 stuck for 78s! [kiln-vcpu0:176]\n\
-             [   84.788964] RIP: 0010:__apic_accept_irq+0x72/0x290 [kvm]\n\
-             [   84.788964] Kernel panic - not syncing: softlockup: hung tasks\n",
-        )
-        .unwrap();
-        assert_eq!(
-            crash_reason(&console),
-            "watchdog: BUG: soft lockup - CPU#1 stuck for 78s! [kiln-vcpu0:176]; \
-             Kernel panic - not syncing: softlockup: hung tasks"
-        );
-        fs::write(&console, "[    3.0] reboot: Power down\n").unwrap();
-        assert_eq!(
-            crash_reason(&console),
-            "it powered off before the tests were done"
-        );
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
