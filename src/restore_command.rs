@@ -97,30 +97,25 @@ mod tests {
     use crate::Command;
     use kiln_vmm::image::DiskFormat;
 
-    fn parse(args: &[&str]) -> Result<crate::Cli, clap::Error> {
-        <crate::Cli as clap::Parser>::try_parse_from(
-            std::iter::once("kiln").chain(args.iter().copied()),
-        )
+    /// `kiln restore --state s --memory-file m EXTRA...`, parsed.
+    fn parse_restore(extra: &[&str]) -> Result<RestoreArgs, clap::Error> {
+        let base = ["kiln", "restore", "--state", "s", "--memory-file", "m"];
+        let cli = <crate::Cli as clap::Parser>::try_parse_from(base.iter().chain(extra))?;
+        match cli.command {
+            Command::Restore(args) => Ok(args),
+            _ => panic!("not a restore command"),
+        }
     }
 
     #[test]
     fn restore_takes_nic_backends_numbered_from_one() {
-        let Command::Restore(args) = parse(&[
-            "restore",
-            "--state",
-            "s",
-            "--memory-file",
-            "m",
+        let args = parse_restore(&[
             "--net",
             "1=user,hostfwd=tcp::8081-:80",
             "--net",
             "2=tap=clone0",
         ])
-        .expect("valid arguments")
-        .command
-        else {
-            panic!("not a restore command");
-        };
+        .expect("valid arguments");
         assert_eq!(args.nets.len(), 2);
         assert_eq!(args.nets[0].index, 0);
         assert!(args.nets[0].backend.user);
@@ -135,29 +130,17 @@ mod tests {
             "1=user,hostfwd=udp::1-:2",
             "1=tap",
         ] {
-            let err = parse_net_replacement(bad);
-            assert!(err.is_err(), "{bad} was accepted");
+            assert!(
+                parse_restore(&["--net", bad]).is_err(),
+                "{bad} was accepted"
+            );
         }
     }
 
     #[test]
     fn restore_takes_disk_overrides_numbered_from_one() {
-        let Command::Restore(args) = parse(&[
-            "restore",
-            "--state",
-            "s",
-            "--memory-file",
-            "m",
-            "--disk",
-            "2=/copy.img",
-            "--vsock-uds",
-            "/run/clone.sock",
-        ])
-        .expect("valid arguments")
-        .command
-        else {
-            panic!("not a restore command");
-        };
+        let args = parse_restore(&["--disk", "2=/copy.img", "--vsock-uds", "/run/clone.sock"])
+            .expect("valid arguments");
         assert_eq!(args.disks, vec![DiskOverride::new(1, "/copy.img")]);
         assert!(args.nets.is_empty());
         assert_eq!(args.vsock_uds, Some(PathBuf::from("/run/clone.sock")));
@@ -179,16 +162,7 @@ mod tests {
             "1=,format=raw",
         ] {
             assert!(
-                parse(&[
-                    "restore",
-                    "--state",
-                    "s",
-                    "--memory-file",
-                    "m",
-                    "--disk",
-                    bad
-                ])
-                .is_err(),
+                parse_restore(&["--disk", bad]).is_err(),
                 "{bad} was accepted"
             );
         }
