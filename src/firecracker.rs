@@ -305,15 +305,18 @@ fn serve(
             }))
             .map_err(|err| bad_config(err.message))?;
     }
-    // Before the socket accepts: a client sees the VM running from its first request.
-    if let Some(config) = preset {
-        lock(&controller)
-            .start_configured(config)
-            .map_err(|err| bad_config(err.message))?;
-    }
     let mut server = None;
     if !args.no_api {
         let listener = kiln_api::bind(&args.api_sock).map_err(|err| (1, err.to_string()))?;
+        // Bound first (an unusable path starts nothing), then the VM, then the server: a client
+        // that connects meanwhile waits in the backlog and sees the VM running.
+        if let Some(config) = preset {
+            if let Err(err) = lock(&controller).start_configured(config) {
+                drop(listener);
+                let _ = std::fs::remove_file(&args.api_sock);
+                return Err(bad_config(err.message));
+            }
+        }
         let limits = ServerLimits {
             max_payload: args.http_api_max_payload_size,
             ..ServerLimits::default()

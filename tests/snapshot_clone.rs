@@ -4,8 +4,9 @@
 //! 1=user,hostfwd=...` starts two clones at once, each with its own passt forwarding its own
 //! host port. The guest has no network driver: what is checked is Kiln's side (each clone's
 //! passt listens on the clone's port, not the snapshot's), and that both clones count on from the
-//! snapshot. Bad overrides are refused by name and start nothing. (A Linux guest's view of a
-//! restored NIC is in tests/snapshot_linux.rs.)
+//! snapshot. Bad overrides are refused by name and start nothing; so are an unusable
+//! `--api-sock` path, a kernel that is not there (no socket left behind) and `--api-sock` with a
+//! command. (A Linux guest's view of a restored NIC is in tests/snapshot_linux.rs.)
 
 #[path = "support/api_client.rs"]
 mod api_client;
@@ -264,4 +265,53 @@ fn clones_of_a_user_networking_guest_each_forward_their_own_port() {
     for path in [&state, &memory, &console] {
         let _ = std::fs::remove_file(path);
     }
+}
+
+#[test]
+fn kiln_run_api_sock_refusals_start_nothing() {
+    let kernel = GuestKind::Count.path().to_str().unwrap();
+    let precious = scratch("precious-not-a-socket");
+    std::fs::write(&precious, b"keep me").unwrap();
+    let output = kiln_to_end(&[
+        "run",
+        "--kernel",
+        kernel,
+        "--api-sock",
+        precious.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is not a socket"), "{stderr}");
+    assert!(!stderr.contains("started"), "a VM started: {stderr}");
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+    let _ = std::fs::remove_file(&precious);
+
+    let socket = scratch("never.sock");
+    let output = kiln_to_end(&[
+        "run",
+        "--kernel",
+        "/nonexistent/vmlinux",
+        "--api-sock",
+        socket.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/nonexistent/vmlinux"), "{stderr}");
+    assert!(!socket.exists(), "the socket was left behind");
+
+    let output = kiln_to_end(&[
+        "run",
+        "--kernel",
+        kernel,
+        "--api-sock",
+        socket.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("--api-sock cannot be used with a command"),
+        "{stderr}"
+    );
 }
