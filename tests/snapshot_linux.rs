@@ -454,7 +454,7 @@ rm -f "$SOCK"
 "$KILN" run --kernel "$KERNEL" --initrd "$INITRD" --memory 256M --console "file=$WORK/console" \
     --net user,hostfwd=tcp:127.0.0.1:6080-:80 --api-sock "$SOCK" 2>"$WORK/kiln.log" &
 KILN_PID=$!
-wait_file "$WORK/console" SERVING || { kill -KILL "$KILN_PID"; cat "$WORK/kiln.log" >&2; exit 1; }
+wait_file "$WORK/console" SERVING || { kill -KILL "$KILN_PID"; exit 1; }
 echo "ORIGIN-REPLY=$(echo from-origin | nc -w 10 127.0.0.1 6080)"
 expect 200 GET /
 snapshot_and_kill

@@ -45,17 +45,38 @@ start_kiln() {
         sleep 0.02
     done
 }
-# wait_file FILE TEXT: until FILE contains TEXT (or 120 s).
+# wait_file FILE TEXT: until FILE contains TEXT (or 120 s, or until Kiln ended without it).
+# On failure, Kiln's log and the end of the guest console go to stderr: they say why (a guest
+# that triple-faulted, hung or panicked).
 wait_file() {
     tries=0
     until grep -q "$2" "$1" 2>/dev/null; do
         tries=$((tries + 1))
+        if ! kiln_running && ! grep -q "$2" "$1" 2>/dev/null; then
+            echo "API-FAILURE: Kiln ended before $1 showed $2"
+            wait_failed
+            return 1
+        fi
         if [ $tries -gt 1200 ]; then
             echo "API-FAILURE: $1 never showed $2"
+            wait_failed
             return 1
         fi
         sleep 0.1
     done
+}
+# kiln_running: false once the Kiln of $KILN_PID has exited (a zombie counts as exited: the
+# script has not waited for it yet); true when there is no $KILN_PID.
+kiln_running() {
+    [ -n "${KILN_PID:-}" ] || return 0
+    state=$(cut -d' ' -f3 "/proc/$KILN_PID/stat" 2>/dev/null) || return 1
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+wait_failed() {
+    echo "--- kiln.log" >&2
+    cat "$WORK/kiln.log" >&2 2>/dev/null
+    echo "--- the end of the guest console" >&2
+    tail -n 30 "$WORK/console" >&2 2>/dev/null
 }
 # wait_console TEXT: until the guest console shows TEXT (or 120 s).
 wait_console() {
