@@ -66,6 +66,10 @@ fn main() -> ExitCode {
     let root = image(&scratch, "api-root.img", 1 << 20, b"kiln-api-vda-ok!");
     let data = image(&scratch, "api-data.img", 1 << 20, b"kiln-api-vdb-one");
     let swapped = image(&scratch, "api-data2.img", 2 << 20, b"kiln-api-vdb-two");
+    // The config-file test's own copies: an image only one test uses can be put back, so a test
+    // the virtual host's faults broke can run again (docs/testing.md).
+    let config_root = image(&scratch, "api-root-b.img", 1 << 20, b"kiln-api-vda-ok!");
+    let config_data = image(&scratch, "api-data-b.img", 1 << 20, b"kiln-api-vdb-one");
 
     let drives_script = api_script(
         r#"
@@ -192,8 +196,8 @@ exit $status
             "echo \"NPROC=$(nproc)\"\necho \"VDA=$(head -c 16 /dev/vda)\"\n\
              echo \"VDB=$(head -c 16 /dev/vdb)\"\necho \"CMDLINE=$(cat /proc/cmdline)\"",
         )
-        .disk(&root, DiskOptions::new().id("api-root"))
-        .disk(&data, DiskOptions::new().id("api-data"))
+        .disk(&config_root, DiskOptions::new().id("api-root"))
+        .disk(&config_data, DiskOptions::new().id("api-data"))
         .host_only_script(config_script)
         .timeout(Duration::from_secs(120)),
         |outcome| {
