@@ -268,7 +268,7 @@ pub fn run_configured(config: VmConfig, api_sock: PathBuf, process_start: Instan
         Ok(code) => code,
         Err((_, message)) => {
             log::error!("{message}");
-            ExitCode::FAILURE
+            ExitCode::from(crate::EXIT_KILN_ERROR)
         }
     }
 }

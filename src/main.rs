@@ -382,10 +382,7 @@ fn main() -> ExitCode {
             None => match args.api_sock.clone() {
                 Some(api_sock) => match args.into_config() {
                     Ok(config) => firecracker::run_configured(config, api_sock, start),
-                    Err(err) => {
-                        log::error!("{err}");
-                        ExitCode::from(EXIT_KILN_ERROR)
-                    }
+                    Err(err) => finish(Err(err)),
                 },
                 None => finish(run(*args, start)),
             },

@@ -105,15 +105,17 @@ fn kiln_to_end(args: &[&str]) -> Output {
     child.wait_with_output().expect("kiln's output")
 }
 
-/// `kiln restore` that must fail before starting anything.
-fn refused_restore(args: &[&str], fragment: &str) {
+/// Kiln refusing `args` before starting anything: exit `status`, stderr naming `fragment`.
+/// Returns stderr for further checks.
+fn refused(args: &[&str], status: i32, fragment: &str) -> String {
     let output = kiln_to_end(args);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(status), "{args:?}: {stderr}");
     assert!(
         stderr.contains(fragment),
         "{args:?}: {stderr:?} lacks {fragment:?}"
     );
+    stderr
 }
 
 #[test]
@@ -199,7 +201,7 @@ fn clones_of_a_user_networking_guest_each_forward_their_own_port() {
     let bad = |extra: &[&str], fragment: &str| {
         let mut args = restore_args(state_arg, memory_arg, null_console);
         args.extend_from_slice(extra);
-        refused_restore(&args, fragment);
+        refused(&args, 1, fragment);
     };
     bad(
         &["--net", "2=user"],
@@ -250,10 +252,7 @@ fn clones_of_a_user_networking_guest_each_forward_their_own_port() {
     let taken = format!("1={}", hostfwd(port_a));
     let mut args = restore_args(state_arg, memory_arg, null_console);
     args.extend_from_slice(&["--net", &taken]);
-    let output = kiln_to_end(&args);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(&port_a.to_string()), "{stderr}");
+    refused(&args, 1, &port_a.to_string());
 
     for (clone, console, _) in &mut clones {
         let before = counts_in(console).len();
@@ -272,46 +271,42 @@ fn kiln_run_api_sock_refusals_start_nothing() {
     let kernel = GuestKind::Count.path().to_str().unwrap();
     let precious = scratch("precious-not-a-socket");
     std::fs::write(&precious, b"keep me").unwrap();
-    let output = kiln_to_end(&[
-        "run",
-        "--kernel",
-        kernel,
-        "--api-sock",
-        precious.to_str().unwrap(),
-    ]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("is not a socket"), "{stderr}");
+    let precious_arg = precious.to_str().unwrap();
+    let stderr = refused(
+        &["run", "--kernel", kernel, "--api-sock", precious_arg],
+        1,
+        "is not a socket",
+    );
     assert!(!stderr.contains("started"), "a VM started: {stderr}");
     assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
     let _ = std::fs::remove_file(&precious);
 
     let socket = scratch("never.sock");
-    let output = kiln_to_end(&[
-        "run",
-        "--kernel",
+    let socket_arg = socket.to_str().unwrap();
+    refused(
+        &[
+            "run",
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--api-sock",
+            socket_arg,
+        ],
+        1,
         "/nonexistent/vmlinux",
-        "--api-sock",
-        socket.to_str().unwrap(),
-    ]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("/nonexistent/vmlinux"), "{stderr}");
+    );
     assert!(!socket.exists(), "the socket was left behind");
 
-    let output = kiln_to_end(&[
-        "run",
-        "--kernel",
-        kernel,
-        "--api-sock",
-        socket.to_str().unwrap(),
-        "--",
-        "true",
-    ]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(125), "{stderr}");
-    assert!(
-        stderr.contains("--api-sock cannot be used with a command"),
-        "{stderr}"
+    refused(
+        &[
+            "run",
+            "--kernel",
+            kernel,
+            "--api-sock",
+            socket_arg,
+            "--",
+            "true",
+        ],
+        125,
+        "--api-sock cannot be used with a command",
     );
 }

@@ -108,9 +108,9 @@ impl Suite {
             let result = work_directory(&self.name).and_then(|dir| {
                 workdir = Some(dir.clone());
                 if in_vhost {
-                    pristine = Some(PristineImages::save(&tests, &dir.join("pristine-suite")));
+                    pristine = Some(PristineImages::save(&tests, &dir.join("pristine")));
                 }
-                run_batch(&tests, &self.kiln, &dir)
+                run_batch_with(&tests, &self.kiln, &dir, pristine.as_ref())
             });
             match result {
                 Ok(outcomes) => {
@@ -202,7 +202,7 @@ impl Suite {
         let dir = workdir.join("failure-rerun");
         let rerun = std::fs::create_dir_all(&dir)
             .map_err(|e| HarnessError::Setup(format!("{}: {e}", dir.display())))
-            .and_then(|()| run_batch(&tests, &self.kiln, &dir));
+            .and_then(|()| run_batch_with(&tests, &self.kiln, &dir, Some(pristine)));
         match rerun {
             Ok(again) => {
                 for ((index, reason), mut outcome) in failed.into_iter().zip(again) {
@@ -257,6 +257,16 @@ pub fn run_batch(
     kiln: &std::path::Path,
     workdir: &std::path::Path,
 ) -> Result<Vec<GuestOutcome>, HarnessError> {
+    run_batch_with(tests, kiln, workdir, None)
+}
+
+/// [`run_batch`], with the copies of the writable images the suite took (vhost mode).
+fn run_batch_with(
+    tests: &[GuestTest],
+    kiln: &std::path::Path,
+    workdir: &std::path::Path,
+    pristine: Option<&PristineImages>,
+) -> Result<Vec<GuestOutcome>, HarnessError> {
     let choice = mode::choose(&HostFacts::probe())?;
     announce(&choice);
     if !kiln.is_file() {
@@ -268,7 +278,7 @@ pub fn run_batch(
     let images = GuestImages::get()?;
     match choice.mode {
         Mode::Direct => direct::run(tests, kiln, &images, workdir),
-        Mode::VirtualHost => vhost::run(tests, kiln, &images, workdir),
+        Mode::VirtualHost => vhost::run(tests, kiln, &images, workdir, pristine),
     }
 }
 

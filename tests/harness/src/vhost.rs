@@ -34,7 +34,7 @@ use crate::outcome::GuestOutcome;
 use crate::process::{shell_exit_code, wait_with_limit};
 use crate::results::{self, VhostReport};
 use crate::vhost_drives::DrivePlan;
-use crate::vhost_stall::{self, cpu_states, crash_reason, Attempt, Interruption};
+use crate::vhost_stall::{self, cpu_states, crash_reason, Attempt, Interruption, PristineImages};
 use crate::HarnessError;
 
 /// The runner's shell functions.
@@ -53,15 +53,26 @@ const STALLED_STATUS: i32 = 125;
 /// Runs the tests in one virtual-host boot; `workdir` receives the payload and the logs. A boot
 /// that stalls or crashes is retried for the tests that did not report (see
 /// [`vhost_stall::run_with_retries`]).
+///
+/// `pristine`: copies of the batch's writable images taken before it (the suite's, which it
+/// also uses for reruns); without them, this takes its own for the boot.
 pub fn run(
     tests: &[GuestTest],
     kiln: &Path,
     images: &GuestImages,
     workdir: &Path,
+    pristine: Option<&PristineImages>,
 ) -> Result<Vec<GuestOutcome>, HarnessError> {
-    vhost_stall::run_with_retries(tests, workdir, |batch, dir| {
-        run_once(batch, kiln, images, dir)
-    })
+    let run_once = |batch: &[GuestTest], dir: &Path| run_once(batch, kiln, images, dir);
+    match pristine {
+        Some(pristine) => vhost_stall::run_with_retries(tests, workdir, pristine, run_once),
+        None => {
+            let own = PristineImages::save(tests, &workdir.join("pristine"));
+            let outcomes = vhost_stall::run_with_retries(tests, workdir, &own, run_once);
+            own.discard();
+            outcomes
+        }
+    }
 }
 
 pub(crate) fn run_once(

@@ -16,7 +16,8 @@ use crate::HarnessError;
 /// Boots of the virtual host one batch may take when it keeps stalling.
 const MAX_BOOTS: usize = 3;
 
-/// Runs the tests through `run_once` (one virtual-host boot each call).
+/// Runs the tests through `run_once` (one virtual-host boot each call); `pristine` holds copies
+/// of their writable images from before the first boot.
 ///
 /// When the virtual host itself stalls (QEMU TCG has been seen to wedge with both CPUs halted and
 /// no interrupt arriving, after boot or while booting; vhost-run stops it and shows the CPUs'
@@ -28,9 +29,9 @@ const MAX_BOOTS: usize = 3;
 pub(crate) fn run_with_retries(
     tests: &[GuestTest],
     workdir: &Path,
+    pristine: &PristineImages,
     run_once: impl Fn(&[GuestTest], &Path) -> Result<Attempt, HarnessError>,
 ) -> Result<Vec<GuestOutcome>, HarnessError> {
-    let pristine = PristineImages::save(tests, &workdir.join("pristine"));
     let first = run_once(tests, workdir)?;
     let mut outcomes = first.outcomes;
     // Indices into `tests` of the batch the last boot ran, and what became of that boot.
@@ -106,7 +107,6 @@ pub(crate) fn run_with_retries(
         batch = rerun;
         last = (attempt.stall, attempt.booted, attempt.unreported);
     }
-    pristine.discard();
     Ok(outcomes)
 }
 

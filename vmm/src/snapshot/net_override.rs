@@ -65,7 +65,8 @@ pub fn apply_net_overrides(
 pub struct NetReplacement {
     /// Which NIC, from 0 (eth0, eth1, ... in the guest).
     pub index: usize,
-    /// The new backend; its `id` and `mac` must be unset (the NIC keeps its own).
+    /// The new backend: its `tap`, `tap_fd`, `user` and `hostfwd` are taken; its `mac`, if
+    /// set, must be the NIC's own; its `id` is not used (the NIC keeps its own).
     pub backend: NetConfig,
 }
 
